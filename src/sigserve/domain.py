@@ -1,0 +1,219 @@
+"""Core types shared by every layer: models, signal definitions, policies and signal batches.
+
+These are plain dataclasses on purpose: they cross the hot path, where a pydantic round-trip per
+bar would cost more than the model itself. Validation of user input happens once, at the edge
+(CLI, HTTP), when a definition is created.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+from .errors import ValidationError
+
+
+class Stage(StrEnum):
+    REGISTERED = "registered"
+    STAGING = "staging"
+    PRODUCTION = "production"
+    RETIRED = "retired"
+    REJECTED = "rejected_by_operator"
+
+
+SERVABLE_STAGES = frozenset({Stage.REGISTERED, Stage.STAGING, Stage.PRODUCTION})
+ALIASES = ("production", "staging")
+
+
+class Task(StrEnum):
+    BINARY = "binary"
+    MULTICLASS = "multiclass"
+    REGRESSION = "regression"
+
+
+class Source(StrEnum):
+    STREAM = "stream"
+    CATCHUP_SCAN = "catchup_scan"
+    HISTORICAL_REPLAY = "historical_replay"
+
+
+# Actions are int8 codes inside vectors, and strings at the edges.
+ACTIONS = ("hold", "buy", "sell", "close_long", "close_short")
+HOLD, BUY, SELL, CLOSE_LONG, CLOSE_SHORT = range(5)
+ACTION_CODE = {name: code for code, name in enumerate(ACTIONS)}
+
+# Position sides, derived from a signal's own history.
+FLAT, LONG, SHORT = 0, 1, -1
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What sigserve knows about one registered model version."""
+
+    name: str
+    version: int
+    flavor: str
+    sha256: str | None
+    artifact_path: str | None  # relative to SIGSERVE_HOME
+    task: Task
+    feature_names: tuple[str, ...]
+    classes: tuple[str, ...]
+    stage: Stage = Stage.REGISTERED
+    runtime: str | None = None  # None: the flavor's own library
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["task"] = str(self.task)
+        data["stage"] = str(self.stage)
+        data["feature_names"] = list(self.feature_names)
+        data["classes"] = list(self.classes)
+        return data
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a prediction becomes a trading signal. Stored as JSON on the signal definition.
+
+    ``threshold`` is p(up) for binary models, the minimum winning probability for multiclass
+    models, and the predicted return for regression models.
+    """
+
+    threshold: float = 0.55
+    class_actions: dict[str, str] = field(default_factory=dict)
+    atr_feature: str | None = None  # None: the first model or row feature named atr*
+    atr_multiplier_sl: float = 1.5
+    atr_multiplier_tp: float = 3.0
+    risk_fraction: float = 0.01
+    equity: float = 100_000.0
+    max_leverage: float = 1.0
+    position_aware: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0.0 <= self.threshold:
+            problems.append("threshold must be >= 0")
+        if not 0.0 < self.risk_fraction <= 1.0:
+            problems.append("risk_fraction must be in (0, 1]")
+        if self.atr_multiplier_sl <= 0 or self.atr_multiplier_tp <= 0:
+            problems.append("ATR multipliers must be > 0")
+        if self.equity <= 0 or self.max_leverage <= 0:
+            problems.append("equity and max_leverage must be > 0")
+        bad = {k: v for k, v in self.class_actions.items() if v not in ACTION_CODE}
+        if bad:
+            problems.append(f"class_actions maps to unknown actions {bad}; use {list(ACTIONS)}")
+        if problems:
+            raise ValidationError("invalid policy: " + "; ".join(problems),
+                                  details={"problems": problems})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | dict[str, Any] | None) -> Policy:
+        data = json.loads(text) if isinstance(text, str) else dict(text or {})
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValidationError(f"unknown policy options {sorted(unknown)}",
+                                  details={"unknown": sorted(unknown)})
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class SignalDefinition:
+    signal_id: str
+    model_name: str
+    model_ref: str  # "@production", "@staging" or a version number as text
+    interval: str
+    symbols: tuple[str, ...]  # empty: every symbol
+    policy: Policy
+    status: str = "active"
+    feature_key: str | None = None  # pinned feature computation; None: newest created_at
+    created_at: str = ""
+
+    @property
+    def active(self) -> bool:
+        return self.status == "active"
+
+
+@dataclass
+class FeatureBatch:
+    """Feature rows for one symbol and interval, in ts order, columns in ``names`` order."""
+
+    symbol: str
+    interval: str
+    ts: np.ndarray  # datetime64[us], sorted, unique
+    values: np.ndarray  # float64 (n, len(names))
+    names: tuple[str, ...]
+    feature_keys: np.ndarray  # object array of str, one per row
+    close: np.ndarray  # float64 (n,), NaN where no candle
+
+    def __len__(self) -> int:
+        return int(self.ts.shape[0])
+
+
+@dataclass
+class SignalBatch:
+    """Signals for one signal definition and symbol: a column per field of ``signal_history``."""
+
+    signal_id: str
+    symbol: str
+    interval: str
+    model_name: str
+    model_version: int
+    model_sha256: str
+    source: str
+    ts: np.ndarray
+    action: np.ndarray  # int8 codes into ACTIONS
+    confidence: np.ndarray
+    raw_output: np.ndarray  # float64 (n, k): probabilities per class, or the regression value
+    entry_price: np.ndarray
+    stop_loss: np.ndarray
+    take_profit: np.ndarray
+    recommended_size: np.ndarray
+    feature_keys: np.ndarray
+    latency_ms: np.ndarray
+    flags: np.ndarray  # object array of str ('' when none)
+    shadow: bool = False
+
+    def __len__(self) -> int:
+        return int(self.ts.shape[0])
+
+    def row(self, i: int) -> dict[str, Any]:
+        """One signal as a plain dict (for the CLI and the HTTP edge)."""
+        from .timeutil import format_ts
+
+        def num(x: float) -> float | None:
+            return None if np.isnan(x) else float(x)
+
+        return {
+            "signal_id": self.signal_id,
+            "symbol": self.symbol,
+            "interval": self.interval,
+            "ts": format_ts(self.ts[i]),
+            "action": ACTIONS[int(self.action[i])],
+            "confidence": float(self.confidence[i]),
+            "entry_price": num(self.entry_price[i]),
+            "stop_loss": num(self.stop_loss[i]),
+            "take_profit": num(self.take_profit[i]),
+            "recommended_size": num(self.recommended_size[i]),
+            "raw_output": [float(v) for v in self.raw_output[i]],
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "model_sha256": self.model_sha256,
+            "feature_key": str(self.feature_keys[i]),
+            "source": self.source,
+            "latency_ms": float(self.latency_ms[i]),
+            "flags": str(self.flags[i]),
+        }

@@ -1,0 +1,115 @@
+"""LightGBM runtime: ``lightgbm.Booster`` for batches, the C single-row fast API for one row.
+
+One row goes through ``LGBM_BoosterPredictForMatSingleRowFast`` (about twice as fast as
+``Booster.predict`` on one row), prepared once at load. It runs the same predictor over the same
+trees in the same order as a batch predict, so its answer is bit-identical to that row's answer in
+a batch (tests/unit/test_runtimes.py proves it). Should the fast API be unavailable, one row goes
+through ``Booster.predict`` instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..domain import Task
+from ..errors import ValidationError
+from . import as_matrix, output_width, to_output
+
+_PREDICT_NORMAL = 0  # C_API_PREDICT_NORMAL
+_DTYPE_FLOAT64 = 1  # C_API_DTYPE_FLOAT64
+_SMALL_BATCH = 2048  # below this many rows, one thread is faster than starting OpenMP workers
+
+
+class _SingleRow:
+    """A prepared ``FastConfig`` for one-row predictions (float64, all iterations, one thread)."""
+
+    def __init__(self, booster: Any, n_features: int, width: int) -> None:
+        from lightgbm.basic import _LIB, _c_str, _safe_call
+
+        self._lib = _LIB
+        self._safe_call = _safe_call
+        self._booster = booster  # keeps the handle alive for as long as the config lives
+        self._config = ctypes.c_void_p()
+        _safe_call(
+            _LIB.LGBM_BoosterPredictForMatSingleRowFastInit(
+                booster._handle,
+                ctypes.c_int(_PREDICT_NORMAL),
+                ctypes.c_int(0),
+                ctypes.c_int(-1),
+                ctypes.c_int(_DTYPE_FLOAT64),
+                ctypes.c_int32(n_features),
+                _c_str("num_threads=1"),
+                ctypes.byref(self._config),
+            )
+        )
+        self._width = width
+        self._out_len = ctypes.c_int64()
+        self._lock = threading.Lock()
+
+    def predict(self, row: np.ndarray) -> np.ndarray:
+        out = np.empty(self._width, dtype=np.float64)
+        with self._lock:
+            self._safe_call(
+                self._lib.LGBM_BoosterPredictForMatSingleRowFast(
+                    self._config,
+                    row.ctypes.data_as(ctypes.c_void_p),
+                    ctypes.byref(self._out_len),
+                    out.ctypes.data_as(ctypes.POINTER(ctypes.c_double)),
+                )
+            )
+            n = self._out_len.value
+        if n != self._width:
+            raise ValidationError(f"LightGBM gave {n} values for one row, expected {self._width}")
+        return out
+
+    def __del__(self) -> None:
+        config = getattr(self, "_config", None)
+        if config is not None and config.value:
+            try:
+                self._lib.LGBM_FastConfigFree(config)
+            except Exception:  # pragma: no cover - interpreter shutdown
+                pass
+            config.value = None
+
+
+class LightGBMRuntime:
+    name = "lightgbm"
+
+    def __init__(self, path: Path, task: Task, *, threads: int = 2) -> None:
+        import lightgbm
+
+        try:
+            self._booster = lightgbm.Booster(model_file=str(path))
+        except Exception as exc:
+            raise ValidationError(
+                f"LightGBM could not load {Path(path).name}: {exc}", details={"path": str(path)}
+            ) from exc
+        self.task = task
+        self.threads = threads
+        self.n_features: int | None = int(self._booster.num_feature())
+        self._k = int(self._booster.num_model_per_iteration())
+        self._raw_width = self._k  # values LightGBM gives per row
+        self.width = output_width(task, self._k)
+        self._single: _SingleRow | None
+        try:
+            self._single = _SingleRow(self._booster, self.n_features, self._raw_width)
+        except Exception:  # pragma: no cover - the fast API is missing or refused this model
+            self._single = None
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        x = as_matrix(features, self.n_features)
+        n = x.shape[0]
+        if n == 0:
+            return np.empty((0, self.width), dtype=np.float64)
+        if n == 1 and self._single is not None:
+            raw = self._single.predict(x[0])
+        else:
+            raw = self._booster.predict(
+                x, num_iteration=-1, num_threads=1 if n < _SMALL_BATCH else self.threads
+            )
+        return to_output(raw, self.task, n, self.width)

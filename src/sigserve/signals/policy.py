@@ -1,0 +1,185 @@
+"""Signal policy: model output -> action, confidence, levels, size. Vectorised over bars.
+
+The same functions run for one bar (a matrix of height 1) and for a backfill chunk, which is what
+makes a single prediction and its backfill row agree bit for bit.
+
+Usage::
+
+    plan = PolicyPlan.build(policy, card)            # once per signal definition and model
+    raw, confidence = plan.decide(model_output)      # int8 action codes, float64 in [0, 1]
+    actions, side = resolve_positions(raw, start_side)
+    entry, stop, take, size, valid = plan.levels(actions, close, atr)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..domain import (
+    ACTION_CODE,
+    BUY,
+    CLOSE_LONG,
+    CLOSE_SHORT,
+    FLAT,
+    HOLD,
+    LONG,
+    SELL,
+    SHORT,
+    ModelCard,
+    Policy,
+    Task,
+)
+from ..errors import ValidationError
+
+_BUY_WORDS = {"buy", "long", "up", "bull", "bullish", "+1"}
+_SELL_WORDS = {"sell", "short", "down", "bear", "bearish", "-1"}
+_HOLD_WORDS = {"hold", "flat", "neutral", "sideways", "none"}
+
+
+def default_class_actions(classes: tuple[str, ...]) -> dict[str, str]:
+    """Map class labels to actions by their names, or refuse when the names say nothing."""
+    mapping: dict[str, str] = {}
+    labels = {c.strip().lower() for c in classes}
+    numeric = labels == {"-1", "0", "1"}
+    for cls in classes:
+        word = cls.strip().lower()
+        if word in _BUY_WORDS or (numeric and word == "1"):
+            mapping[cls] = "buy"
+        elif word in _SELL_WORDS:
+            mapping[cls] = "sell"
+        elif word in _HOLD_WORDS or (numeric and word == "0"):
+            mapping[cls] = "hold"
+        else:
+            raise ValidationError(
+                f"cannot tell which action class {cls!r} means: give a class -> action map"
+                " (--class-action CLASS=buy|sell|hold)",
+                details={"classes": list(classes)})
+    return mapping
+
+
+@dataclass(frozen=True)
+class PolicyPlan:
+    """A policy prepared for one model: class codes and the ATR column resolved once."""
+
+    policy: Policy
+    task: Task
+    class_codes: np.ndarray  # int8 action per class (multiclass)
+    atr_column: int | None  # index of the ATR feature in the read names, if any
+
+    @classmethod
+    def build(cls, policy: Policy, card: ModelCard, read_names: tuple[str, ...]) -> PolicyPlan:
+        if card.task is Task.BINARY and not 0.5 <= policy.threshold < 1.0:
+            raise ValidationError("a binary model's threshold is p(up) and must be in [0.5, 1)",
+                                  details={"threshold": policy.threshold})
+        if card.task is Task.MULTICLASS and not 0.0 <= policy.threshold <= 1.0:
+            raise ValidationError("a multiclass threshold is a probability in [0, 1]",
+                                  details={"threshold": policy.threshold})
+        codes = np.zeros(0, dtype=np.int8)
+        if card.task is Task.MULTICLASS:
+            mapping = policy.class_actions or default_class_actions(card.classes)
+            missing = [c for c in card.classes if c not in mapping]
+            if missing:
+                raise ValidationError(f"the class -> action map lacks classes {missing}",
+                                      details={"classes": list(card.classes)})
+            codes = np.array([ACTION_CODE[mapping[c]] for c in card.classes], dtype=np.int8)
+            if np.any((codes != BUY) & (codes != SELL) & (codes != HOLD)):
+                raise ValidationError("classes map to buy, sell or hold only")
+        atr_name = policy.atr_feature or next(
+            (n for n in read_names if n.lower().startswith("atr")), None)
+        atr_column = read_names.index(atr_name) if atr_name in read_names else None
+        return cls(policy, card.task, codes, atr_column)
+
+    def decide(self, output: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw actions (buy/sell/hold codes) and confidence from the runtime's output."""
+        threshold = self.policy.threshold
+        if self.task is Task.BINARY:
+            p_up = output[:, 1]
+            action = np.full(p_up.shape[0], HOLD, dtype=np.int8)
+            action[p_up > threshold] = BUY
+            action[p_up < 1.0 - threshold] = SELL
+            confidence = np.maximum(p_up, 1.0 - p_up)
+        elif self.task is Task.MULTICLASS:
+            winner = np.argmax(output, axis=1)
+            confidence = output[np.arange(output.shape[0]), winner]
+            action = self.class_codes[winner]
+            action = np.where(confidence >= threshold, action, HOLD).astype(np.int8)
+        else:
+            value = output[:, 0]
+            action = np.full(value.shape[0], HOLD, dtype=np.int8)
+            action[value > threshold] = BUY
+            action[value < -threshold] = SELL
+            # A regression has no probability: confidence is 0.5 at the threshold, 1 at twice it.
+            scale = 2.0 * threshold if threshold > 0 else 1.0
+            confidence = np.abs(value) / scale
+        confidence = np.clip(np.nan_to_num(confidence, nan=0.0), 0.0, 1.0)
+        return action, confidence
+
+    def levels(self, actions: np.ndarray, close: np.ndarray,
+               atr: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                                np.ndarray]:
+        """Entry, stop, take-profit and size for buy/sell bars; NaN elsewhere.
+
+        Returns also ``invalid``: bars that wanted levels but failed validation (a long's stop
+        must sit below its entry and its target above, the reverse for a short, all > 0).
+        """
+        n = actions.shape[0]
+        nan = np.full(n, np.nan)
+        is_long = actions == BUY
+        is_short = actions == SELL
+        entering = is_long | is_short
+        if atr is None or not entering.any():
+            return nan, nan.copy(), nan.copy(), nan.copy(), np.zeros(n, dtype=bool)
+        p = self.policy
+        direction = np.where(is_long, 1.0, np.where(is_short, -1.0, np.nan))
+        entry = np.where(entering, close, np.nan)
+        stop = entry - direction * p.atr_multiplier_sl * atr
+        take = entry + direction * p.atr_multiplier_tp * atr
+        with np.errstate(invalid="ignore"):
+            valid = (
+                np.isfinite(entry) & np.isfinite(stop) & np.isfinite(take)
+                & (entry > 0) & (stop > 0) & (take > 0) & (atr > 0)
+                & np.where(is_long, (stop < entry) & (entry < take), (take < entry) & (entry < stop))
+            )
+        valid &= entering
+        invalid = entering & ~valid
+        entry = np.where(valid, entry, np.nan)
+        stop = np.where(valid, stop, np.nan)
+        take = np.where(valid, take, np.nan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            risk_units = p.equity * p.risk_fraction / np.abs(entry - stop)
+            cap_units = p.equity * p.max_leverage / entry
+        size = np.where(valid, np.minimum(risk_units, cap_units), np.nan)
+        return entry, stop, take, size, invalid
+
+
+def resolve_positions(raw: np.ndarray, side: int) -> tuple[np.ndarray, int]:
+    """Turn raw buy/sell into close_short/close_long when the open side is the opposite.
+
+    ``side`` is the position before the first bar (LONG, SHORT or FLAT). A buy while short closes
+    the short (and leaves the position flat); a sell while long closes the long; otherwise a buy
+    opens or keeps a long, a sell a short. Only the first bar of each run of equal actions can
+    change, so the loop runs over runs of entries, not over bars.
+    """
+    actions = raw.copy()
+    entries = np.flatnonzero((raw == BUY) | (raw == SELL))
+    if entries.size == 0:
+        return actions, side
+    kinds = raw[entries]
+    run_starts = np.flatnonzero(np.r_[True, kinds[1:] != kinds[:-1]])
+    run_lengths = np.diff(np.r_[run_starts, kinds.size])
+    for start, length in zip(run_starts.tolist(), run_lengths.tolist(), strict=True):
+        if kinds[start] == BUY:
+            if side == SHORT:
+                actions[entries[start]] = CLOSE_SHORT
+                side = LONG if length > 1 else FLAT
+            else:
+                side = LONG
+        else:
+            if side == LONG:
+                actions[entries[start]] = CLOSE_LONG
+                side = SHORT if length > 1 else FLAT
+            else:
+                side = SHORT
+    return actions, side

@@ -1,0 +1,145 @@
+"""The Store protocol: everything sigserve persists, behind one async interface.
+
+Every implementation (DuckDB now, PostgreSQL next) passes the same contract suite in
+``tests/contract/store_contract.py``. The rules that suite holds every store to:
+
+- Writes are idempotent upserts on natural keys: features on (symbol, interval, ts, feature_key),
+  candles on (symbol, interval, ts), signals on (signal_id, model_version, symbol, interval, ts).
+- A batch is written whole or not at all (one transaction).
+- A feature read at a ts returns that ts's row only: the pinned ``feature_key``, or else the row
+  with the newest ``created_at``.
+- Timestamps are ``datetime64[us]`` meaning UTC.
+- Driver exceptions are translated to :mod:`sigserve.errors` (``store_unavailable`` when the
+  database cannot be reached).
+
+Usage::
+
+    store = open_store(settings.store_url)      # sigserve.stores.open_store
+    await store.open()                          # connect + apply migrations
+    batch = await store.read_features("BTC", "1h", names, start=a, end=b)
+    await store.write_signals(signals)
+    await store.close()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..domain import FeatureBatch, ModelCard, SignalBatch, SignalDefinition, Stage
+
+
+@dataclass(frozen=True)
+class FeatureRead:
+    """A feature read: rows that carry every requested name, and the count of rows that did not."""
+
+    batch: FeatureBatch
+    incomplete: int
+
+
+@dataclass(frozen=True)
+class Candles:
+    ts: np.ndarray
+    open: np.ndarray
+    high: np.ndarray
+    low: np.ndarray
+    close: np.ndarray
+    volume: np.ndarray
+
+
+class Store(Protocol):
+    url: str
+
+    async def open(self) -> None:
+        """Connect and apply pending schema migrations."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise ``StoreUnavailable`` when the store cannot answer."""
+
+    # --- model registry -------------------------------------------------------------------
+    async def insert_model(self, card: ModelCard) -> ModelCard:
+        """Insert a new version; the store assigns ``version`` = last version + 1 atomically."""
+
+    async def get_model(self, name: str, version: int) -> ModelCard | None: ...
+
+    async def list_models(self, name: str | None = None) -> list[ModelCard]: ...
+
+    async def set_model_stage(self, name: str, version: int, stage: Stage, actor: str) -> None:
+        """Move a version to ``stage`` and record the event. Promoting to staging or production
+        demotes the version that held that stage to ``registered``, in the same transaction."""
+
+    async def update_model_extra(self, name: str, version: int, runtime: str | None,
+                                 extra: dict[str, Any]) -> None: ...
+
+    async def model_events(self, name: str) -> list[dict[str, Any]]: ...
+
+    # --- feature registry and values ------------------------------------------------------
+    async def register_features(self, names: list[str]) -> list[str]:
+        """Register unknown names; return the newly registered ones. Known names keep their status."""
+
+    async def feature_statuses(self, names: list[str]) -> dict[str, str]:
+        """Status per known name (``registered`` or ``deprecated``); unknown names are absent."""
+
+    async def set_feature_status(self, name: str, status: str) -> None: ...
+
+    async def list_features(self) -> list[dict[str, Any]]: ...
+
+    async def write_features(self, interval: str, feature_key: str, names: tuple[str, ...],
+                             symbols: np.ndarray, ts: np.ndarray, values: np.ndarray) -> int:
+        """Upsert feature rows (one transaction). A feature_key's names never change."""
+
+    async def read_features(self, symbol: str, interval: str, names: tuple[str, ...], *,
+                            start: np.datetime64 | None = None, end: np.datetime64 | None = None,
+                            ts: np.ndarray | None = None,
+                            feature_key: str | None = None) -> FeatureRead:
+        """Rows in [start, end] (or exactly at ``ts``), columns in ``names`` order, ts ascending."""
+
+    async def feature_window_stats(self, symbol: str, interval: str, start: np.datetime64 | None,
+                                   end: np.datetime64 | None) -> tuple[int, np.datetime64 | None,
+                                                                        np.datetime64 | None]:
+        """(distinct bars with features, first ts, last ts) in the window."""
+
+    # --- candles --------------------------------------------------------------------------
+    async def write_candles(self, symbol: str, interval: str, candles: Candles) -> int: ...
+
+    async def read_candles(self, symbol: str, interval: str, start: np.datetime64 | None = None,
+                           end: np.datetime64 | None = None) -> Candles: ...
+
+    async def bars_missing_features(self, interval: str, symbol: str | None = None,
+                                    start: np.datetime64 | None = None,
+                                    end: np.datetime64 | None = None,
+                                    limit: int = 20) -> tuple[int, list[tuple[str, np.datetime64]]]:
+        """Count of candle bars without any feature row, and the first ``limit`` of them."""
+
+    # --- signal definitions ---------------------------------------------------------------
+    async def create_signal(self, definition: SignalDefinition) -> None:
+        """Insert; ``ValidationError`` when the id exists."""
+
+    async def get_signal(self, signal_id: str) -> SignalDefinition | None: ...
+
+    async def list_signals(self) -> list[SignalDefinition]: ...
+
+    async def set_signal_status(self, signal_id: str, status: str) -> None: ...
+
+    # --- signal history -------------------------------------------------------------------
+    async def write_signals(self, batch: SignalBatch) -> int:
+        """Upsert on (signal_id, model_version, symbol, interval, ts), one transaction."""
+
+    async def position_sides(self, signal_id: str, symbol: str, interval: str,
+                             before: np.ndarray) -> np.ndarray:
+        """For each ts in ``before``: the side (LONG/SHORT/FLAT) after the newest non-hold,
+        non-shadow signal of that signal+symbol strictly before it."""
+
+    async def last_signal_ts(self, signal_id: str, symbol: str,
+                             interval: str) -> np.datetime64 | None: ...
+
+    async def read_signals(self, signal_id: str, symbol: str | None = None,
+                           interval: str | None = None, start: np.datetime64 | None = None,
+                           end: np.datetime64 | None = None,
+                           limit: int | None = None) -> list[dict[str, Any]]: ...
+
+    async def signal_action_counts(self, signal_id: str) -> dict[str, int]: ...

@@ -1,0 +1,97 @@
+"""Intervals and timestamps.
+
+All timestamps in sigserve are UTC. Internally a bar's ts is a ``numpy.datetime64[us]`` without a
+zone (DuckDB ``TIMESTAMP``), meaning UTC. Input strings with an offset are converted to UTC; a naive
+string is read as UTC.
+
+>>> parse_ts("2024-01-02T03:00:00+01:00")
+numpy.datetime64('2024-01-02T02:00:00.000000')
+>>> interval_us("1h")
+3600000000
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+import numpy as np
+
+from .errors import ValidationError
+
+_UNIT_US = {"s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000,
+            "w": 7 * 86_400_000_000}
+_INTERVAL_RE = re.compile(r"^([1-9][0-9]{0,3})([smhdw])$")
+
+TS_DTYPE = np.dtype("datetime64[us]")
+
+
+def interval_us(interval: str) -> int:
+    """Length of an interval such as ``1m``, ``5m``, ``1h``, ``1d`` in microseconds."""
+    match = _INTERVAL_RE.match(interval or "")
+    if not match:
+        raise ValidationError(
+            f"unknown interval {interval!r}: use a count and a unit, such as 1m, 5m, 1h, 4h, 1d",
+            details={"interval": interval},
+        )
+    return int(match.group(1)) * _UNIT_US[match.group(2)]
+
+
+def validate_interval(interval: str) -> str:
+    interval_us(interval)
+    return interval
+
+
+def parse_ts(value: str | datetime | np.datetime64 | int | float, *, field: str = "ts") -> np.datetime64:
+    """Parse one timestamp to UTC ``datetime64[us]``. Naive input is UTC; epoch numbers are seconds
+    (or milliseconds when larger than 1e11)."""
+    try:
+        if isinstance(value, np.datetime64):
+            return value.astype(TS_DTYPE)
+        if isinstance(value, datetime):
+            return _from_datetime(value)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = value / 1000 if abs(value) > 1e11 else value
+            return np.datetime64(int(round(seconds * 1_000_000)), "us")
+        text = str(value).strip()
+        if re.fullmatch(r"-?\d+(\.\d+)?", text):
+            return parse_ts(float(text), field=field)
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "T", 1))
+        return _from_datetime(dt)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ValidationError(
+            f"malformed timestamp for {field}: {value!r} (use ISO 8601, e.g. 2024-01-31T14:00:00Z)",
+            details={"field": field, "value": str(value)},
+        ) from exc
+
+
+def _from_datetime(dt: datetime) -> np.datetime64:
+    if dt.tzinfo is not None:
+        dt = dt.astimezone(UTC).replace(tzinfo=None)
+    return np.datetime64(dt, "us")
+
+
+def format_ts(ts: np.datetime64 | datetime) -> str:
+    """ISO 8601 with a ``Z``: the one way sigserve prints a timestamp."""
+    if isinstance(ts, datetime):
+        ts = _from_datetime(ts)
+    return str(np.datetime_as_string(ts.astype(TS_DTYPE), unit="s")) + "Z"
+
+
+def to_datetime(ts: np.datetime64) -> datetime:
+    """A timezone-aware UTC ``datetime``."""
+    micros = int(ts.astype(TS_DTYPE).astype(np.int64))
+    return datetime.fromtimestamp(micros / 1_000_000, tz=UTC).replace(microsecond=micros % 1_000_000)
+
+
+def check_window(start: np.datetime64, end: np.datetime64) -> None:
+    if end < start:
+        raise ValidationError(
+            f"end {format_ts(end)} is before start {format_ts(start)}",
+            details={"start": format_ts(start), "end": format_ts(end)},
+        )
+
+
+def align_to_interval(ts: np.datetime64, interval: str) -> bool:
+    """True when ts is a bar open time of this interval (epoch-aligned)."""
+    return int(ts.astype(TS_DTYPE).astype(np.int64)) % interval_us(interval) == 0

@@ -1,0 +1,258 @@
+"""Model flavor detection and inspection (sigserve.registry.flavors) on tiny real models."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from sigserve.domain import Task
+from sigserve.errors import ValidationError
+from sigserve.registry.flavors import ModelInspection, inspect_model
+from tests.fixtures import models as fx
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# (id, trainer, flavor, ext)
+FORMATS: list[tuple[str, Callable[[Path, str], Path], str, str]] = [
+    ("lightgbm", lambda d, t: fx.train_lightgbm(d, t), "lightgbm", ".txt"),
+    ("xgboost-json", lambda d, t: fx.train_xgboost(d, t, "json"), "xgboost", ".json"),
+    ("xgboost-ubj", lambda d, t: fx.train_xgboost(d, t, "ubj"), "xgboost", ".ubj"),
+    ("onnx-lightgbm", lambda d, t: fx.train_onnx(d, t), "onnx", ".onnx"),
+    ("onnx-sklearn", lambda d, t: fx.train_onnx(d, t, source="sklearn"), "onnx", ".onnx"),
+    ("sklearn-skops", lambda d, t: fx.train_sklearn(d, t, "skops"), "sklearn", ".skops"),
+    ("sklearn-pkl", lambda d, t: fx.train_sklearn(d, t, "pkl"), "sklearn", ".pkl"),
+]
+EXPECTED_CLASSES = {"binary": ("0", "1"), "multiclass": ("0", "1", "2"), "regression": ()}
+
+
+@pytest.mark.parametrize("task", fx.TASKS)
+@pytest.mark.parametrize(("trainer", "flavor", "ext"), [f[1:] for f in FORMATS],
+                         ids=[f[0] for f in FORMATS])
+def test_every_format_is_recognised_and_described(
+    tmp_path: Path, trainer: Callable[[Path, str], Path], flavor: str, ext: str, task: str
+) -> None:
+    path = trainer(tmp_path, task)
+    info = inspect_model(path, trust_pickle=True)
+    assert isinstance(info, ModelInspection)
+    assert info.flavor == flavor
+    assert info.ext == ext
+    assert info.task == Task(task)
+    assert info.classes == EXPECTED_CLASSES[task]
+    assert info.n_features == 8
+    assert info.feature_names == tuple(f"f{i}" for i in range(8))
+    assert "library_version" in info.extra
+
+
+@pytest.mark.parametrize(
+    "trainer",
+    [
+        lambda d, names: fx.train_lightgbm(d, "binary", n_features=3, feature_names=names),
+        lambda d, names: fx.train_xgboost(d, "binary", "ubj", n_features=3, feature_names=names),
+        lambda d, names: fx.train_onnx(d, "binary", n_features=3, feature_names=names),
+        lambda d, names: fx.train_sklearn(d, "binary", n_features=3, feature_names=names),
+    ],
+    ids=["lightgbm", "xgboost", "onnx", "sklearn"],
+)
+def test_feature_names_come_from_the_model_in_order(
+    tmp_path: Path, trainer: Callable[[Path, list[str]], Path]
+) -> None:
+    names = ["rsi_14", "atr_14", "ret_1"]
+    info = inspect_model(trainer(tmp_path, names))
+    assert info.feature_names == tuple(names)
+    assert info.n_features == 3
+
+
+def test_lightgbm_header_facts(tmp_path: Path) -> None:
+    info = inspect_model(fx.train_lightgbm(tmp_path, "multiclass", n_trees=7))
+    assert info.extra["objective"].startswith("multiclass")
+    assert info.extra["num_class"] == 3
+    assert info.extra["num_trees"] == 21  # 7 rounds x 3 classes
+    assert info.extra["format_version"] == "v4"
+
+
+def test_xgboost_objective_and_rounds(tmp_path: Path) -> None:
+    info = inspect_model(fx.train_xgboost(tmp_path, "regression", "json", n_trees=5))
+    assert info.extra["objective"] == "reg:squarederror"
+    assert info.extra["num_boosted_rounds"] == 5
+
+
+def test_onnx_facts(tmp_path: Path) -> None:
+    info = inspect_model(fx.train_onnx(tmp_path, "multiclass"))
+    assert info.extra["input_dtype"] == "float32"
+    assert "TreeEnsembleClassifier" in info.extra["ops"]
+    assert "ZipMap" not in info.extra["ops"]
+
+
+def test_sklearn_facts(tmp_path: Path) -> None:
+    info = inspect_model(fx.train_sklearn(tmp_path, "binary", "skops"))
+    assert info.extra["estimator"].endswith("HistGradientBoostingClassifier")
+
+
+@pytest.mark.parametrize(
+    ("trainer", "new_name", "flavor"),
+    [
+        (lambda d: fx.train_lightgbm(d), "model.bin", "lightgbm"),
+        (lambda d: fx.train_xgboost(d, fmt="json"), "model.bin", "xgboost"),
+        (lambda d: fx.train_xgboost(d, fmt="ubj"), "model.json", "xgboost"),
+        (lambda d: fx.train_onnx(d), "model.bin", "onnx"),
+        (lambda d: fx.train_sklearn(d, fmt="skops"), "model.zip", "sklearn"),
+    ],
+    ids=["lightgbm", "xgboost-json", "xgboost-ubj", "onnx", "skops"],
+)
+def test_detection_is_by_content_not_extension(
+    tmp_path: Path, trainer: Callable[[Path], Path], new_name: str, flavor: str
+) -> None:
+    renamed = trainer(tmp_path).rename(tmp_path / new_name)
+    info = inspect_model(renamed)
+    assert info.flavor == flavor
+    assert info.task is Task.BINARY
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("empty.txt", b""),
+        ("bars.csv", b"ts,open,high,low,close\n2024-01-01,1,2,0.5,1.5\n"),
+        ("noise.bin", bytes(range(256)) * 8),
+        ("config.json", b'{"objective": "binary", "trees": []}'),
+        ("archive.zip", None),
+    ],
+)
+def test_unknown_formats_are_refused(tmp_path: Path, name: str, content: bytes | None) -> None:
+    path = tmp_path / name
+    if content is None:
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("readme.txt", "not a model")
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValidationError, match="unknown model format") as err:
+        inspect_model(path)
+    assert err.value.code == "validation_error"
+
+
+def test_missing_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="not found"):
+        inspect_model(tmp_path / "nope.txt")
+
+
+@pytest.mark.parametrize(
+    "trainer",
+    [
+        lambda d: fx.train_lightgbm(d),
+        lambda d: fx.train_xgboost(d, fmt="ubj"),
+        lambda d: fx.train_onnx(d),
+        lambda d: fx.train_sklearn(d, fmt="skops"),
+    ],
+    ids=["lightgbm", "xgboost-ubj", "onnx", "skops"],
+)
+def test_corrupt_files_are_refused_at_inspection(
+    tmp_path: Path, trainer: Callable[[Path], Path]
+) -> None:
+    path = trainer(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated upload
+    with pytest.raises(ValidationError):
+        inspect_model(path)
+
+
+class _Bomb:
+    """Unpickling this touches a marker file: proof that a pickle was (not) executed."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (Path.touch, (str(self.marker),))  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("name", ["model.pkl", "model.joblib", "model.pickle", "model.bin"])
+def test_pickle_is_refused_without_trust_and_never_executed(tmp_path: Path, name: str) -> None:
+    marker = tmp_path / "executed"
+    path = tmp_path / name
+    path.write_bytes(pickle.dumps(_Bomb(marker), protocol=4))
+    with pytest.raises(ValidationError, match="--trust-pickle") as err:
+        inspect_model(path)
+    assert err.value.code == "validation_error"
+    assert not marker.exists()
+
+
+def test_trusted_pickle_must_hold_an_estimator(tmp_path: Path) -> None:
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps({"not": "a model"}))
+    with pytest.raises(ValidationError, match="not a fitted scikit-learn estimator"):
+        inspect_model(path, trust_pickle=True)
+
+
+def test_trusted_pickle_loads(tmp_path: Path) -> None:
+    info = inspect_model(fx.train_sklearn(tmp_path, "multiclass", "pkl"), trust_pickle=True)
+    assert (info.flavor, info.ext, info.task) == ("sklearn", ".pkl", Task.MULTICLASS)
+
+
+def test_skops_with_foreign_types_needs_trust(tmp_path: Path) -> None:
+    import lightgbm
+    import skops.io
+
+    x, y = fx.synthetic("binary")
+    model = lightgbm.LGBMClassifier(n_estimators=3, verbose=-1).fit(x, y)
+    path = tmp_path / "lgbm.skops"
+    skops.io.dump(model, path)
+    with pytest.raises(ValidationError, match="--trust-pickle") as err:
+        inspect_model(path)
+    assert "lightgbm.sklearn.LGBMClassifier" in err.value.details["untrusted_types"]
+    info = inspect_model(path, trust_pickle=True)
+    assert (info.flavor, info.task, info.classes) == ("sklearn", Task.BINARY, ("0", "1"))
+
+
+@pytest.mark.parametrize(
+    ("module", "extra", "trainer"),
+    [
+        ("xgboost", "xgboost", lambda d: fx.train_xgboost(d)),
+        ("onnx", "onnx", lambda d: fx.train_onnx(d)),
+        ("skops.io", "sklearn", lambda d: fx.train_sklearn(d)),
+    ],
+)
+def test_missing_library_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, extra: str,
+    trainer: Callable[[Path], Path],
+) -> None:
+    path = trainer(tmp_path)
+    monkeypatch.setitem(sys.modules, module, None)  # import now raises ImportError
+    with pytest.raises(ValidationError, match=rf"sigserve\[{extra}\]") as err:
+        inspect_model(path)
+    assert err.value.details["extra"] == extra
+
+
+def test_custom_objective_leaves_the_task_open(tmp_path: Path) -> None:
+    src = fx.train_lightgbm(tmp_path, "regression")
+    text = src.read_text().replace("objective=regression", "objective=custom", 1)
+    path = tmp_path / "custom.txt"
+    path.write_text(text)
+    info = inspect_model(path)
+    assert info.task is None and info.classes is None
+
+
+def test_importing_flavors_and_runtimes_loads_no_heavy_library() -> None:
+    code = (
+        "import sys, sigserve.registry.flavors, sigserve.runtimes;"
+        "heavy = {'lightgbm', 'xgboost', 'onnx', 'onnxruntime', 'sklearn', 'skops', 'lleaves'};"
+        "print(sorted(heavy & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT,
+                         env={"PYTHONPATH": f"{ROOT / 'src'}", "PATH": "/usr/bin:/bin"})
+    assert out.stdout.strip() == "[]"
+
+
+def test_inspection_leaves_the_file_alone(tmp_path: Path) -> None:
+    path = fx.train_lightgbm(tmp_path)
+    copy = tmp_path / "copy.txt"
+    shutil.copy(path, copy)
+    inspect_model(path)
+    assert path.read_bytes() == copy.read_bytes()
