@@ -8,9 +8,9 @@ Usage::
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from .config import Settings
 from .engine import Engine

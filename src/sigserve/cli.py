@@ -25,9 +25,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError as SettingsError
-from typer.exceptions import Abort, Exit, TyperException
 from rich.console import Console
 from rich.table import Table
+from typer.exceptions import Abort, Exit, TyperException
 
 from .config import Settings
 from .domain import Policy, SignalDefinition, Source, Stage
@@ -106,7 +106,7 @@ def _model_ref(text: str) -> tuple[str, int]:
 def models_register(
     file: Annotated[Path, typer.Argument(help="Model file: LightGBM .txt, XGBoost .json/.ubj, ONNX, skops, pickle.")],
     name: Annotated[str, typer.Option(help="Model name.")],
-    features: Annotated[list[str] | None, typer.Option(help="Ordered feature names (a,b,c), when the file lacks them.")] = None,
+    features: Annotated[list[str] | None, typer.Option(help="Feature names in model order (a,b,c).")] = None,
     classes: Annotated[list[str] | None, typer.Option(help="Class labels in model order.")] = None,
     task: Annotated[str | None, typer.Option(help="binary | multiclass | regression.")] = None,
     metric: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, repeatable.")] = None,
@@ -328,7 +328,7 @@ def signals_create(
     model: Annotated[str, typer.Option(help="NAME, NAME@alias or NAME:VERSION.")],
     interval: Annotated[str, typer.Option()],
     symbols: Annotated[list[str] | None, typer.Option(help="Symbols (a,b); none: any symbol.")] = None,
-    threshold: Annotated[float, typer.Option(help="p(up) (binary), min prob (multiclass), return (regression).")] = 0.55,
+    threshold: Annotated[float, typer.Option(help="p(up), min class prob, or return.")] = 0.55,
     class_action: Annotated[list[str] | None, typer.Option(help="CLASS=buy|sell|hold, repeatable.")] = None,
     atr_feature: Annotated[str | None, typer.Option(help="ATR feature for levels (default: first atr*).")] = None,
     atr_sl: Annotated[float, typer.Option(help="Stop-loss distance in ATRs.")] = 1.5,

@@ -101,7 +101,7 @@ class Policy:
 
     def __post_init__(self) -> None:
         problems = []
-        if not 0.0 <= self.threshold:
+        if not self.threshold >= 0.0:
             problems.append("threshold must be >= 0")
         if not 0.0 < self.risk_fraction <= 1.0:
             problems.append("risk_fraction must be in (0, 1]")

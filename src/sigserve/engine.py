@@ -194,9 +194,10 @@ class Engine:
                           source: str = Source.HISTORICAL_REPLAY,
                           write: bool = True) -> dict[str, Any]:
         """One bar, end to end; refuses with ``feature_value_missing`` when it has no row."""
+        prepared = await self.prepare(signal_id)  # one-time model load is not bar latency
         started = time.perf_counter()
         result = await self.run_bars(signal_id, symbol, interval, np.array([ts], dtype=TS_DTYPE),
-                                     source=source, write=False)
+                                     source=source, prepared=prepared, write=False)
         if len(result.batch) == 0:
             raise FeatureValueMissing(
                 f"no complete feature row for {symbol} {interval} at {format_ts(ts)}:"

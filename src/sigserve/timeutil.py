@@ -52,7 +52,7 @@ def parse_ts(value: str | datetime | np.datetime64 | int | float, *, field: str 
             return _from_datetime(value)
         if isinstance(value, int | float) and not isinstance(value, bool):
             seconds = value / 1000 if abs(value) > 1e11 else value
-            return np.datetime64(int(round(seconds * 1_000_000)), "us")
+            return np.datetime64(round(seconds * 1_000_000), "us")
         text = str(value).strip()
         if re.fullmatch(r"-?\d+(\.\d+)?", text):
             return parse_ts(float(text), field=field)

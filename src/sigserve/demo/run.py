@@ -51,10 +51,11 @@ async def _run_demo(settings: Settings, console: Console, bars: int) -> dict[str
     t0 = time.perf_counter()
     markets = {s: generate_ohlcv(s, INTERVAL, "2023-01-01", bars) for s in SYMBOLS}
     candle_files = {s: write_csv(data_dir / f"{s}_{INTERVAL}.csv", m) for s, m in markets.items()}
-    feature_parts, names = [], ()
+    feature_parts: list[pa.Table] = []
+    names: tuple[str, ...] = ()
     for symbol, market in markets.items():
         matrix, names = compute_features(market)
-        columns = {"symbol": pa.array([symbol] * len(market["ts"])), "ts": pa.array(market["ts"])}
+        columns: dict[str, Any] = {"symbol": pa.array([symbol] * len(market["ts"])), "ts": pa.array(market["ts"])}
         columns.update({n: matrix[:, i] for i, n in enumerate(names)})
         feature_parts.append(pa.table(columns))
     feature_file = data_dir / f"features_{INTERVAL}.parquet"

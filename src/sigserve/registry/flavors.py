@@ -215,8 +215,10 @@ def _xgboost_task(objective: str) -> Task | None:
 
 def _inspect_xgboost(path: Path, ext: str) -> ModelInspection:
     xgboost = _import("xgboost", "xgboost")
+    from ..runtimes.xgboost_rt import load_booster
+
     try:
-        booster = xgboost.Booster(model_file=str(path))
+        booster = load_booster(path)
         config = json.loads(booster.save_config())
     except Exception as exc:
         raise _refuse_load("xgboost", path, exc) from exc

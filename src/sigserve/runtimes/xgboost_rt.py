@@ -18,13 +18,22 @@ from ..errors import ValidationError
 from . import as_matrix, import_optional, output_width, to_output
 
 
+def load_booster(path: Path) -> Any:
+    """An ``xgboost.Booster`` from a JSON or UBJ file, whatever its extension: loading from a
+    buffer lets XGBoost read the format from the content (from a path it guesses by extension)."""
+    xgboost = import_optional("xgboost", "xgboost")
+    booster = xgboost.Booster()
+    booster.load_model(bytearray(Path(path).read_bytes()))
+    return booster
+
+
 class XGBoostRuntime:
     name = "xgboost"
 
     def __init__(self, path: Path, task: Task, *, threads: int = 2) -> None:
-        xgboost = import_optional("xgboost", "xgboost")
+        import_optional("xgboost", "xgboost")
         try:
-            booster = xgboost.Booster(model_file=str(path))
+            booster = load_booster(path)
         except Exception as exc:
             raise ValidationError(
                 f"XGBoost could not load {Path(path).name}: {exc}", details={"path": str(path)}

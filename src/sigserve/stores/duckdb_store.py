@@ -19,7 +19,7 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -114,6 +114,11 @@ MIGRATIONS: list[tuple[int, str]] = [
 _SIDE_OF_ACTION = {"buy": LONG, "sell": SHORT, "close_long": FLAT, "close_short": FLAT}
 
 
+def _first(rows: list[Any]) -> Any:
+    """The first row or None. (DuckDB wants every result read to its end before the next.)"""
+    return rows[0] if rows else None
+
+
 def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
@@ -121,8 +126,8 @@ def _now() -> datetime:
 def _ts_py(ts: np.datetime64 | None) -> datetime | None:
     if ts is None:
         return None
-    micros = int(np.datetime64(ts, "us").astype(np.int64))
-    return datetime(1970, 1, 1) + np.timedelta64(micros, "us").item()
+    micros = int(np.asarray(ts, dtype=TS_DTYPE).astype(np.int64))
+    return datetime(1970, 1, 1) + timedelta(microseconds=micros)
 
 
 def _np_ts(value: Any) -> np.datetime64 | None:
@@ -282,10 +287,10 @@ class DuckDBStore:
     async def insert_model(self, card: ModelCard) -> ModelCard:
         def work(con: Any) -> ModelCard:
             def txn() -> ModelCard:
-                row = con.execute(
+                row = _first(con.execute(
                     "SELECT coalesce(max(version), 0) + 1 FROM model_registry WHERE name = ?",
                     [card.name],
-                ).fetchone()
+                ).fetchall())
                 version = int(row[0])
                 now = _now()
                 con.execute(
@@ -297,10 +302,10 @@ class DuckDBStore:
                 )
                 con.execute("INSERT INTO model_events VALUES (?, ?, NULL, ?, 'register', ?)",
                             [card.name, version, str(card.stage), now])
-                got = con.execute(
+                got = _first(con.execute(
                     f"SELECT {self._MODEL_COLUMNS} FROM model_registry WHERE name=? AND version=?",
                     [card.name, version],
-                ).fetchone()
+                ).fetchall())
                 return self._card(got)
 
             return self._transaction(con, txn)
@@ -310,10 +315,10 @@ class DuckDBStore:
 
     async def get_model(self, name: str, version: int) -> ModelCard | None:
         with self._guard():
-            row = self._con.execute(
+            row = _first(self._con.execute(
                 f"SELECT {self._MODEL_COLUMNS} FROM model_registry WHERE name=? AND version=?",
                 [name, version],
-            ).fetchone()
+            ).fetchall())
         return self._card(row) if row else None
 
     async def list_models(self, name: str | None = None) -> list[ModelCard]:
@@ -329,8 +334,8 @@ class DuckDBStore:
         def work(con: Any) -> None:
             def txn() -> None:
                 now = _now()
-                row = con.execute("SELECT stage FROM model_registry WHERE name=? AND version=?",
-                                  [name, version]).fetchone()
+                row = _first(con.execute("SELECT stage FROM model_registry WHERE name=? AND version=?",
+                                  [name, version]).fetchall())
                 if row is None:
                     raise ValidationError(f"no model {name}:{version}")
                 if stage in (Stage.STAGING, Stage.PRODUCTION):
@@ -394,9 +399,9 @@ class DuckDBStore:
 
     async def set_feature_status(self, name: str, status: str) -> None:
         with self._guard():
-            row = self._con.execute(
+            row = _first(self._con.execute(
                 "UPDATE feature_registry SET status=?, updated_at=? WHERE name=? RETURNING name",
-                [status, _now(), name]).fetchone()
+                [status, _now(), name]).fetchall())
         if row is None:
             raise ValidationError(f"no registered feature named {name!r}", details={"name": name})
 
@@ -411,8 +416,8 @@ class DuckDBStore:
     def _names_of(self, con: Any, feature_key: str) -> tuple[str, ...] | None:
         names = self._feature_sets.get(feature_key)
         if names is None:
-            row = con.execute("SELECT names FROM feature_sets WHERE feature_key=?",
-                              [feature_key]).fetchone()
+            row = _first(con.execute("SELECT names FROM feature_sets WHERE feature_key=?",
+                              [feature_key]).fetchall())
             if row is None:
                 return None
             names = tuple(row[0])
@@ -433,9 +438,9 @@ class DuckDBStore:
         def work(con: Any) -> int:
             con.register("incoming_features", table)
             try:
-                dup = con.execute(
+                dup = _first(con.execute(
                     "SELECT symbol, ts FROM incoming_features GROUP BY ALL HAVING count(*) > 1 LIMIT 1"
-                ).fetchone()
+                ).fetchall())
                 if dup:
                     raise ValidationError(
                         f"duplicate feature rows for (symbol, ts) = ({dup[0]}, {dup[1]}Z)",
@@ -574,12 +579,12 @@ class DuckDBStore:
                                    end: np.datetime64 | None) -> tuple[int, np.datetime64 | None,
                                                                         np.datetime64 | None]:
         with self._guard():
-            row = self._con.execute(
+            row = _first(self._con.execute(
                 "SELECT count(DISTINCT ts), min(ts), max(ts) FROM feature_values"
                 " WHERE symbol=$s AND interval=$i AND ($a IS NULL OR ts >= $a)"
                 " AND ($b IS NULL OR ts <= $b)",
                 {"s": symbol, "i": interval, "a": _ts_py(start), "b": _ts_py(end)},
-            ).fetchone()
+            ).fetchall())
         return int(row[0]), _np_ts(row[1]), _np_ts(row[2])
 
     # --- candles --------------------------------------------------------------------------
@@ -594,9 +599,9 @@ class DuckDBStore:
         def work(con: Any) -> int:
             con.register("incoming_candles", table)
             try:
-                dup = con.execute(
+                dup = _first(con.execute(
                     "SELECT ts FROM incoming_candles GROUP BY ts HAVING count(*) > 1 LIMIT 1"
-                ).fetchone()
+                ).fetchall())
                 if dup:
                     raise ValidationError(f"duplicate candles for ts {dup[0].isoformat()}Z",
                                           details={"ts": f"{dup[0].isoformat()}Z"})
@@ -643,7 +648,7 @@ class DuckDBStore:
         )
         params = {"i": interval, "s": symbol, "a": _ts_py(start), "b": _ts_py(end)}
         with self._guard():
-            count = self._con.execute(f"SELECT count(*) {sql}", params).fetchone()[0]
+            count = _first(self._con.execute(f"SELECT count(*) {sql}", params).fetchall())[0]
             rows = self._con.execute(
                 f"SELECT c.symbol, c.ts {sql} ORDER BY c.symbol, c.ts LIMIT {int(limit)}", params
             ).fetchall()
@@ -662,8 +667,8 @@ class DuckDBStore:
 
     async def create_signal(self, definition: SignalDefinition) -> None:
         with self._guard(), self._lock:
-            exists = self._con.execute("SELECT 1 FROM signal_definitions WHERE signal_id=?",
-                                       [definition.signal_id]).fetchone()
+            exists = _first(self._con.execute("SELECT 1 FROM signal_definitions WHERE signal_id=?",
+                                       [definition.signal_id]).fetchall())
             if exists:
                 raise ValidationError(f"signal {definition.signal_id!r} already exists",
                                       details={"signal_id": definition.signal_id})
@@ -676,9 +681,9 @@ class DuckDBStore:
 
     async def get_signal(self, signal_id: str) -> SignalDefinition | None:
         with self._guard():
-            row = self._con.execute(
+            row = _first(self._con.execute(
                 f"SELECT {self._SIGNAL_COLUMNS} FROM signal_definitions WHERE signal_id=?",
-                [signal_id]).fetchone()
+                [signal_id]).fetchall())
         return self._definition(row) if row else None
 
     async def list_signals(self) -> list[SignalDefinition]:
@@ -690,9 +695,9 @@ class DuckDBStore:
 
     async def set_signal_status(self, signal_id: str, status: str) -> None:
         with self._guard():
-            row = self._con.execute(
+            row = _first(self._con.execute(
                 "UPDATE signal_definitions SET status=?, updated_at=? WHERE signal_id=?"
-                " RETURNING signal_id", [status, _now(), signal_id]).fetchone()
+                " RETURNING signal_id", [status, _now(), signal_id]).fetchall())
         if row is None:
             from ..errors import SignalNotFound
 
@@ -758,8 +763,8 @@ class DuckDBStore:
         if before.size == 1:
             params["t"] = _ts_py(before[0])
             with self._guard():
-                row = self._con.execute(f"SELECT action {base} AND ts < $t ORDER BY ts DESC LIMIT 1",
-                                        params).fetchone()
+                row = _first(self._con.execute(f"SELECT action {base} AND ts < $t ORDER BY ts DESC LIMIT 1",
+                                        params).fetchall())
             if row:
                 sides[0] = _SIDE_OF_ACTION[row[0]]
             return sides
@@ -783,9 +788,9 @@ class DuckDBStore:
     async def last_signal_ts(self, signal_id: str, symbol: str,
                              interval: str) -> np.datetime64 | None:
         with self._guard():
-            row = self._con.execute(
+            row = _first(self._con.execute(
                 "SELECT max(ts) FROM signal_history WHERE signal_id=? AND symbol=? AND interval=?"
-                " AND NOT shadow", [signal_id, symbol, interval]).fetchone()
+                " AND NOT shadow", [signal_id, symbol, interval]).fetchall())
         return _np_ts(row[0]) if row else None
 
     async def read_signals(self, signal_id: str, symbol: str | None = None,
