@@ -124,16 +124,14 @@ async def run_backfill(engine: Engine, request: BackfillRequest, *, max_rows: in
             raise _too_large(count, max_rows)
         report.start = start if start is not None else first
         report.end = end if end is not None else newest
-        missing, _ = await store.bars_missing_features(
-            request.interval, request.symbol, report.start, report.end, limit=0)
-        report.rows_skipped_missing_features += missing
-        if count and first is not None and newest is not None:
+        lo, hi = report.start, report.end
+        if lo is not None and hi is not None and (count or request.mode == "window"):
             side: int | None = None
             span = step * chunk_rows
-            chunk_start = first
+            chunk_start = lo
             done = 0
-            while chunk_start <= newest:
-                chunk_end = min(chunk_start + span - np.timedelta64(1, "us"), newest)
+            while chunk_start <= hi:
+                chunk_end = min(chunk_start + span - np.timedelta64(1, "us"), hi)
                 result = await engine.run_window(
                     request.signal_id, request.symbol, request.interval, chunk_start, chunk_end,
                     source=request.source, prepared=prepared, start_side=side)
@@ -142,7 +140,7 @@ async def run_backfill(engine: Engine, request: BackfillRequest, *, max_rows: in
                 report.rows_skipped_missing_features += result.rows_skipped_missing_features
                 report.chunks += 1
                 actions += np.bincount(result.batch.action, minlength=5)
-                done += len(result.batch) + result.rows_skipped_missing_features
+                done += len(result.batch)
                 if progress:
                     progress(min(done, count), count)
                 chunk_start = chunk_end + np.timedelta64(1, "us")

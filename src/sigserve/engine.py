@@ -168,7 +168,7 @@ class Engine:
                     signal_id, symbol, interval, features.ts[:1]))[0])
         batch, end_side = self.compute(prepared, features, start_side, str(Source(source)))
         written = await self.store.write_signals(batch) if write else 0
-        return RunResult(batch, written, read.incomplete, end_side)
+        return RunResult(batch, written, read.incomplete + read.missing, end_side)
 
     async def run_bars(self, signal_id: str, symbol: str, interval: str, ts: np.ndarray, *,
                        source: str = Source.HISTORICAL_REPLAY, prepared: Prepared | None = None,

@@ -70,14 +70,21 @@ def _timestamps(column: pa.ChunkedArray, path: Path) -> np.ndarray:
         raise ValidationError(f"{path.name}: column ts has empty values", details={"column": "ts"})
     if pa.types.is_timestamp(array.type):
         # A zoned timestamp stores UTC instants already; a naive one is read as UTC.
-        return np.asarray(array.cast(pa.timestamp("us", tz=array.type.tz)).cast(
-            pa.timestamp("us")).to_numpy(zero_copy_only=False), dtype=TS_DTYPE)
+        # Nanosecond inputs (pandas' default) are truncated to microseconds, not refused.
+        as_us = array.cast(pa.timestamp("us", tz=array.type.tz), safe=array.type.unit != "ns")
+        return np.asarray(as_us.cast(pa.timestamp("us")).to_numpy(zero_copy_only=False), dtype=TS_DTYPE)
     if pa.types.is_date(array.type):
         return np.asarray(array.cast(pa.timestamp("us")).to_numpy(zero_copy_only=False), TS_DTYPE)
     if pa.types.is_integer(array.type) or pa.types.is_floating(array.type):
         numbers = np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.float64)
         scale = np.where(np.abs(numbers) > 1e11, 1_000.0, 1_000_000.0)
-        return (numbers * scale).round().astype(np.int64).astype(TS_DTYPE)
+        micros = (numbers * scale).round()
+        bad = ~(np.abs(micros) < 9e18)  # NaN, inf, or beyond datetime64[us]: never a silent NaT
+        if bad.any():
+            value = float(numbers[np.flatnonzero(bad)[0]])
+            raise ValidationError(f"{path.name}: column ts holds an invalid epoch value {value!r}",
+                                  details={"column": "ts", "value": str(value)})
+        return micros.astype(np.int64).astype(TS_DTYPE)
     texts = array.cast(pa.string())
     try:
         parsed = pc.strptime(pc.replace_substring(texts, "Z", "+0000"), format="%Y-%m-%dT%H:%M:%S%z",

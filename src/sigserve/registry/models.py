@@ -64,7 +64,7 @@ class ModelRegistry:
         self.store = store
         self.settings = settings
         self.artifacts = LocalArtifactSource(settings.home)
-        self._runtimes: OrderedDict[tuple[str, str | None], Runtime] = OrderedDict()
+        self._runtimes: OrderedDict[tuple[str, str | None, str, tuple[str, ...]], Runtime] = OrderedDict()
         self._cache_size = cache_size
 
     # --- registration ---------------------------------------------------------------------
@@ -167,7 +167,9 @@ class ModelRegistry:
     async def runtime(self, card: ModelCard) -> Runtime:
         """A loaded runtime for a servable card: sha verified on every load from disk, cached."""
         self.check_servable(card)
-        key = (card.sha256 or "", card.runtime)
+        # The runtime was checked against this card's task and classes: the same bytes under
+        # another card (re-registered with --task/--classes) get their own checked runtime.
+        key = (card.sha256 or "", card.runtime, str(card.task), card.classes)
         cached = self._runtimes.get(key)
         if cached is not None:
             self._runtimes.move_to_end(key)
@@ -187,7 +189,7 @@ class ModelRegistry:
             compiled = self.artifacts.verified_path(card.extra.get("compiled_sha256"),
                                                     card.extra.get("compiled_path"))
             card = replace(card, extra={**card.extra, "compiled_path": str(compiled)})
-        return load_runtime(card, path)
+        return load_runtime(card, path, threads=self.settings.predict_threads)
 
     def forget(self, sha256: str | None = None) -> None:
         """Drop cached runtimes (all, or those of one artifact), so the next use re-verifies."""

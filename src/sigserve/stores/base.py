@@ -33,10 +33,13 @@ from ..domain import FeatureBatch, ModelCard, SignalBatch, SignalDefinition, Sta
 
 @dataclass(frozen=True)
 class FeatureRead:
-    """A feature read: rows that carry every requested name, and the count of rows that did not."""
+    """A feature read: the rows that carry every requested name, plus two counts of bars left
+    out: ``incomplete`` (a row exists but its feature_key lacks a requested name) and
+    ``missing`` (a candle bar in the window or list has no feature row at all)."""
 
     batch: FeatureBatch
     incomplete: int
+    missing: int = 0
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,19 @@ MIGRATIONS: list[tuple[int, str]] = [
     ),
 ]
 
+MIGRATIONS.append((
+    2,
+    """
+    CREATE TABLE feature_coverage (
+        symbol VARCHAR NOT NULL, interval VARCHAR NOT NULL, feature_key VARCHAR NOT NULL,
+        first_ts TIMESTAMP NOT NULL, last_ts TIMESTAMP NOT NULL,
+        PRIMARY KEY (symbol, interval, feature_key)
+    );
+    INSERT INTO feature_coverage
+        SELECT symbol, interval, feature_key, min(ts), max(ts) FROM feature_values GROUP BY ALL;
+    """,
+))
+
 _SIDE_OF_ACTION = {"buy": LONG, "sell": SHORT, "close_long": FLAT, "close_short": FLAT}
 
 
@@ -149,6 +162,22 @@ def _float_column(table: pa.Table, name: str) -> np.ndarray:
     if column.num_chunks == 0:
         return np.empty(0, dtype=np.float64)
     return np.asarray(column.combine_chunks().to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def _check_signals(batch: SignalBatch) -> None:
+    """Refuse a batch that would store a bad signal; the whole batch, before any write."""
+    confidence = np.asarray(batch.confidence, dtype=np.float64)
+    bad = ~((confidence >= 0.0) & (confidence <= 1.0))
+    actions = np.asarray(batch.action)
+    bad |= (actions < 0) | (actions >= len(ACTIONS))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValidationError(
+            f"refusing {int(bad.sum())} invalid signal rows (first at ts {batch.ts[i]}Z: action code"
+            f" {int(actions[i])}, confidence {confidence[i]!r}); nothing was written",
+            details={"bad_rows": int(bad.sum())})
+    if batch.source not in ("stream", "catchup_scan", "historical_replay"):
+        raise ValidationError(f"unknown source {batch.source!r}", details={"source": batch.source})
 
 
 def _list_array(values: np.ndarray) -> pa.Array:
@@ -466,6 +495,12 @@ class DuckDBStore:
                         "INSERT INTO feature_values SELECT symbol, $interval, ts, $key, vals, $now"
                         " FROM incoming_features",
                         {"interval": interval, "key": feature_key, "now": _now()})
+                    con.execute(
+                        "INSERT INTO feature_coverage SELECT symbol, $interval, $key, min(ts), max(ts)"
+                        " FROM incoming_features GROUP BY symbol ON CONFLICT DO UPDATE SET"
+                        " first_ts = least(first_ts, excluded.first_ts),"
+                        " last_ts = greatest(last_ts, excluded.last_ts)",
+                        {"interval": interval, "key": feature_key})
                     return n
 
                 return self._transaction(con, txn)
@@ -484,107 +519,151 @@ class DuckDBStore:
                             ts: np.ndarray | None = None,
                             feature_key: str | None = None) -> FeatureRead:
         params: dict[str, Any] = {"symbol": symbol, "interval": interval}
-        where = ["f.symbol = $symbol", "f.interval = $interval"]
-        if feature_key is not None:
-            where.append("f.feature_key = $key")
-            params["key"] = feature_key
+        where = ["symbol = $symbol", "interval = $interval"]
         query_ts: pa.Table | None = None
         if ts is not None:
-            query_ts = pa.table({"ts": pa.array(np.unique(np.asarray(ts, dtype=TS_DTYPE)))})
-            if len(ts) == 1:
-                where.append("f.ts = $ts")
-                params["ts"] = _ts_py(np.asarray(ts, dtype=TS_DTYPE)[0])
-                query_ts = None
+            wanted = np.unique(np.asarray(ts, dtype=TS_DTYPE))
+            if wanted.size == 1:
+                where.append("ts = $ts")
+                params["ts"] = _ts_py(wanted[0])
             else:
-                where.append("f.ts IN (SELECT ts FROM query_ts)")
+                query_ts = pa.table({"ts": pa.array(wanted)})
+                where.append("ts IN (SELECT ts FROM query_ts)")
+            rows_hint = int(wanted.size)
         else:
             if start is not None:
-                where.append("f.ts >= $start")
+                where.append("ts >= $start")
                 params["start"] = _ts_py(start)
             if end is not None:
-                where.append("f.ts <= $end")
+                where.append("ts <= $end")
                 params["end"] = _ts_py(end)
-        newest = "" if feature_key is not None else (
-            " QUALIFY row_number() OVER (PARTITION BY f.ts ORDER BY f.created_at DESC,"
-            " f.feature_key DESC) = 1")
-        sql = (
-            "SELECT f.ts, f.feature_key, f.vals, c.close FROM feature_values f"
-            " LEFT JOIN candles c ON c.symbol = f.symbol AND c.interval = f.interval AND c.ts = f.ts"
-            f" WHERE {' AND '.join(where)}{newest} ORDER BY f.ts"
-        )
-        rows_hint = len(ts) if ts is not None else _BULK_ROWS
+            rows_hint = _BULK_ROWS
+        bar_filter = " AND ".join(where)
+        feature_params = dict(params)
+        key_filter = ""
+        if feature_key is not None:
+            key_filter = " AND feature_key = $key"
+            feature_params["key"] = feature_key
 
         def work(con: Any) -> FeatureRead:
             if query_ts is not None:
                 con.register("query_ts", query_ts)
             try:
-                table = con.sql(sql, params=params).to_arrow_table()
-                return self._assemble(con, table, symbol, interval, names)
+                newest = ""
+                if feature_key is None and self._keys_overlap(con, symbol, interval, start, end, ts) > 1:
+                    # Several computations cover these bars: the newest created_at wins per ts.
+                    newest = (" QUALIFY row_number() OVER (PARTITION BY ts ORDER BY created_at DESC,"
+                              " feature_key DESC) = 1")
+                table = con.sql(
+                    f"SELECT ts, feature_key, vals FROM feature_values WHERE {bar_filter}{key_filter}"
+                    f"{newest}", params=feature_params).to_arrow_table()
+                candles = con.sql(f"SELECT ts, close FROM candles WHERE {bar_filter}",
+                                  params=params).to_arrow_table()
+                return self._assemble(con, table, candles, symbol, interval, names)
             finally:
                 if query_ts is not None:
                     con.unregister("query_ts")
 
         return await self._bulk(rows_hint, work)
 
-    def _assemble(self, con: Any, table: pa.Table, symbol: str, interval: str,
+    @staticmethod
+    def _keys_overlap(con: Any, symbol: str, interval: str, start: np.datetime64 | None,
+                      end: np.datetime64 | None, ts: np.ndarray | None) -> int:
+        """How many feature_keys hold rows in the window: a tiny table, not a scan."""
+        if ts is not None:
+            wanted = np.asarray(ts, dtype=TS_DTYPE)
+            start, end = wanted.min(), wanted.max()
+        row = _first(con.execute(
+            "SELECT count(*) FROM feature_coverage WHERE symbol=$s AND interval=$i"
+            " AND ($a IS NULL OR last_ts >= $a) AND ($b IS NULL OR first_ts <= $b)",
+            {"s": symbol, "i": interval, "a": _ts_py(start), "b": _ts_py(end)}).fetchall())
+        return int(row[0]) if row else 0
+
+    def _assemble(self, con: Any, table: pa.Table, candles: pa.Table, symbol: str, interval: str,
                   names: tuple[str, ...]) -> FeatureRead:
         n = table.num_rows
         k = len(names)
+        candle_ts = _ts_column(candles, "ts")
         if n == 0:
             empty = FeatureBatch(symbol, interval, np.empty(0, TS_DTYPE), np.empty((0, k)), names,
                                  np.empty(0, dtype=object), np.empty(0))
-            return FeatureRead(empty, 0)
+            return FeatureRead(empty, 0, int(candle_ts.size))
+        ts_all = _ts_column(table, "ts")
+        order: np.ndarray | None = None
+        if n > 1 and not bool(np.all(ts_all[1:] > ts_all[:-1])):
+            order = np.argsort(ts_all, kind="stable")
+            ts_all = ts_all[order]
         keys_col = table.column("feature_key").combine_chunks().dictionary_encode()
         key_codes = keys_col.indices.to_numpy(zero_copy_only=False)
         key_names = keys_col.dictionary.to_pylist()
-        lists = table.column("vals").combine_chunks()
-        flat = np.asarray(lists.flatten().to_numpy(zero_copy_only=False), dtype=np.float64)
-        offsets = lists.offsets.to_numpy()[:-1].astype(np.int64)
+        column = table.column("vals")
+        flat = np.concatenate([np.asarray(chunk.flatten().to_numpy(zero_copy_only=False),
+                                          dtype=np.float64) for chunk in column.chunks])
+        lengths = np.concatenate([chunk.value_lengths().to_numpy(zero_copy_only=False)
+                                  for chunk in column.chunks]).astype(np.int64)
+        offsets = np.zeros(n, dtype=np.int64)
+        np.cumsum(lengths[:-1], out=offsets[1:])
+        if order is not None:
+            key_codes, offsets, lengths = key_codes[order], offsets[order], lengths[order]
         keep = np.ones(n, dtype=bool)
-        column_index = np.empty((n, k), dtype=np.int64) if len(key_names) > 1 else None
-        single_index: np.ndarray | None = None
+        index = np.empty((len(key_names), k), dtype=np.int64)
         for code, key in enumerate(key_names):
-            stored = self._names_of(con, key) or ()
-            position = {name: i for i, name in enumerate(stored)}
-            rows = key_codes == code
+            position = {name: i for i, name in enumerate(self._names_of(con, key) or ())}
             if any(name not in position for name in names):
-                keep &= ~rows
-                continue
-            idx = np.fromiter((position[name] for name in names), dtype=np.int64, count=k)
-            if column_index is None:
-                single_index = idx
+                keep &= key_codes != code
+                index[code] = 0
             else:
-                column_index[rows] = idx
-        kept = np.flatnonzero(keep)
-        if column_index is None:
-            assert single_index is not None or kept.size == 0
-            idx = single_index if single_index is not None else np.arange(k)
-            width = int(offsets[1] - offsets[0]) if n > 1 else len(self._names_of(con, key_names[0]) or ())
-            if kept.size == n and np.array_equal(idx, np.arange(width)) and flat.size == n * width:
-                values = flat.reshape(n, width)
-            else:
-                values = flat[offsets[kept, None] + idx[None, :]]
+                index[code] = [position[name] for name in names]
+        kept = np.flatnonzero(keep) if not keep.all() else None
+        if kept is not None:
+            ts_all, key_codes, offsets, lengths = (ts_all[kept], key_codes[kept], offsets[kept],
+                                                   lengths[kept])
+        rows = ts_all.size
+        if len(key_names) == 1:
+            idx = index[0]
+            width = int(lengths[0]) if rows else k
+            contiguous = (order is None and kept is None and flat.size == rows * width
+                          and np.array_equal(idx, np.arange(width)))
+            values = flat.reshape(rows, width) if contiguous else flat[offsets[:, None] + idx[None, :]]
         else:
-            values = flat[offsets[kept, None] + column_index[kept]]
-        ts_all = _ts_column(table, "ts")
-        close_all = _float_column(table, "close")
-        key_all = np.asarray(key_names, dtype=object)[key_codes]
-        if kept.size != n:
-            ts_all, close_all, key_all = ts_all[kept], close_all[kept], key_all[kept]
+            values = flat[offsets[:, None] + index[key_codes]]
+        close = np.full(rows, np.nan)
+        matched = 0
+        if candle_ts.size:
+            candle_close = _float_column(candles, "close")
+            corder = np.argsort(candle_ts, kind="stable")
+            candle_ts, candle_close = candle_ts[corder], candle_close[corder]
+            at = np.minimum(np.searchsorted(candle_ts, ts_all), candle_ts.size - 1)
+            hit = candle_ts[at] == ts_all
+            close[hit] = candle_close[at[hit]]
+            matched = int(np.count_nonzero(hit))
+            if kept is not None:
+                # bars whose row was incomplete are counted there, not as missing
+                all_ts = _ts_column(table, "ts")
+                at_all = np.minimum(np.searchsorted(candle_ts, all_ts), candle_ts.size - 1)
+                matched = int(np.count_nonzero(candle_ts[at_all] == all_ts))
+        key_array = np.asarray(key_names, dtype=object)[key_codes]
         batch = FeatureBatch(symbol, interval, ts_all, np.ascontiguousarray(values), names,
-                             key_all, close_all)
-        return FeatureRead(batch, int(n - kept.size))
+                             key_array, close)
+        return FeatureRead(batch, int(n - rows), int(candle_ts.size - matched))
 
     async def feature_window_stats(self, symbol: str, interval: str, start: np.datetime64 | None,
                                    end: np.datetime64 | None) -> tuple[int, np.datetime64 | None,
                                                                         np.datetime64 | None]:
+        where = ["symbol=$s", "interval=$i"]
+        params: dict[str, Any] = {"s": symbol, "i": interval}
+        if start is not None:
+            where.append("ts >= $a")
+            params["a"] = _ts_py(start)
+        if end is not None:
+            where.append("ts <= $b")
+            params["b"] = _ts_py(end)
         with self._guard():
+            keys = self._keys_overlap(self._con, symbol, interval, start, end, None)
+            counted = "count(DISTINCT ts)" if keys > 1 else "count(*)"
             row = _first(self._con.execute(
-                "SELECT count(DISTINCT ts), min(ts), max(ts) FROM feature_values"
-                " WHERE symbol=$s AND interval=$i AND ($a IS NULL OR ts >= $a)"
-                " AND ($b IS NULL OR ts <= $b)",
-                {"s": symbol, "i": interval, "a": _ts_py(start), "b": _ts_py(end)},
-            ).fetchall())
+                f"SELECT {counted}, min(ts), max(ts) FROM feature_values WHERE {' AND '.join(where)}",
+                params).fetchall())
         return int(row[0]), _np_ts(row[1]), _np_ts(row[2])
 
     # --- candles --------------------------------------------------------------------------
@@ -708,8 +787,8 @@ class DuckDBStore:
         n = len(batch)
         if n == 0:
             return 0
-        keys = pa.array(np.asarray(batch.feature_keys, dtype=object), pa.string())
-        table = pa.table({
+        _check_signals(batch)
+        columns: dict[str, Any] = {
             "ts": pa.array(np.asarray(batch.ts, dtype=TS_DTYPE)),
             "action": pa.array(np.asarray(batch.action, dtype=np.int8)),
             "confidence": batch.confidence,
@@ -718,16 +797,27 @@ class DuckDBStore:
             "stop_loss": pa.array(batch.stop_loss, from_pandas=True),
             "take_profit": pa.array(batch.take_profit, from_pandas=True),
             "recommended_size": pa.array(batch.recommended_size, from_pandas=True),
-            "feature_key": keys,
             "latency_ms": batch.latency_ms,
-            "flags": pa.array(np.asarray(batch.flags, dtype=object), pa.string()),
-        })
-        params = {
+        }
+        params: dict[str, Any] = {
             "sid": batch.signal_id, "ver": batch.model_version, "sym": batch.symbol,
             "itv": batch.interval, "name": batch.model_name, "sha": batch.model_sha256,
             "src": batch.source, "shadow": batch.shadow, "now": _now(),
             "actions": list(ACTIONS),
         }
+        # Most batches carry one feature_key and no flags: send those once, not per row.
+        keys, flags = batch.feature_keys, batch.flags
+        if keys[0] == keys[-1] and all(k == keys[0] for k in keys):
+            params["fkey"], key_sql = keys[0], "$fkey"
+        else:
+            columns["feature_key"], key_sql = pa.array(np.asarray(keys, dtype=object), pa.string()), "feature_key"
+        if not any(flags):
+            params["flags"], flags_sql = "", "$flags"
+        else:
+            columns["flags"], flags_sql = pa.array(np.asarray(flags, dtype=object), pa.string()), "flags"
+        table = pa.table(columns)
+        key_params = {k: params[k] for k in ("sid", "ver", "sym", "itv")}
+        key_params.update(lo=_ts_py(batch.ts.min()), hi=_ts_py(batch.ts.max()))
 
         def work(con: Any) -> int:
             con.register("incoming_signals", table)
@@ -735,14 +825,13 @@ class DuckDBStore:
                 def txn() -> int:
                     con.execute(
                         "DELETE FROM signal_history WHERE signal_id=$sid AND model_version=$ver"
-                        " AND symbol=$sym AND interval=$itv"
-                        " AND ts IN (SELECT ts FROM incoming_signals)",
-                        {k: params[k] for k in ("sid", "ver", "sym", "itv")})
+                        " AND symbol=$sym AND interval=$itv AND ts BETWEEN $lo AND $hi"
+                        " AND ts IN (SELECT ts FROM incoming_signals)", key_params)
                     con.execute(
                         "INSERT INTO signal_history SELECT $sid, $ver, $sym, $itv, ts,"
                         " $actions[action + 1], confidence, raw_output, entry_price, stop_loss,"
-                        " take_profit, recommended_size, $name, $sha, feature_key, $src,"
-                        " latency_ms, flags, $shadow, $now FROM incoming_signals", params)
+                        f" take_profit, recommended_size, $name, $sha, {key_sql}, $src,"
+                        f" latency_ms, {flags_sql}, $shadow, $now FROM incoming_signals", params)
                     return n
 
                 return self._transaction(con, txn)

@@ -1,0 +1,760 @@
+"""The Store contract: every implementation passes this suite unchanged.
+
+Only Store protocol methods are used here (no SQL), so a new backend joins by adding a factory to
+``STORE_FACTORIES`` in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sigserve.domain import (
+    ACTION_CODE,
+    FLAT,
+    LONG,
+    SHORT,
+    ModelCard,
+    Policy,
+    SignalBatch,
+    SignalDefinition,
+    Stage,
+    Task,
+)
+from sigserve.errors import SigserveError, SignalNotFound, ValidationError
+from sigserve.stores import Candles, Store
+
+from .conftest import REOPENABLE, STORE_FACTORIES
+
+T0 = np.datetime64("2024-01-01T00:00:00", "us")
+HOUR = np.timedelta64(3_600_000_000, "us")
+NAT = np.datetime64("NaT", "us")
+
+
+def t(i: int) -> np.datetime64:
+    return T0 + i * HOUR
+
+
+def ts_array(*hours: int) -> np.ndarray:
+    return np.array([t(i) for i in hours], dtype="datetime64[us]")
+
+
+def as_ts(value: Any) -> np.datetime64:
+    """A timestamp as the store returned it (datetime, aware or naive UTC, or datetime64)."""
+    if isinstance(value, datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        return np.datetime64(value, "us")
+    return np.datetime64(value, "us")
+
+
+# --- builders -----------------------------------------------------------------------------------
+
+def card(name: str = "m", **changes: Any) -> ModelCard:
+    fields: dict[str, Any] = {
+        "name": name, "version": 0, "flavor": "lightgbm", "sha256": "ab" * 32,
+        "artifact_path": f"artifacts/ab/{'ab' * 32}.txt", "task": Task.BINARY,
+        "feature_names": ("f0", "f1", "atr_14"), "classes": ("down", "up"),
+        "metrics": {"auc": 0.61}, "extra": {"trained_on": "BTC"},
+    }
+    fields.update(changes)
+    return ModelCard(**fields)
+
+
+async def write_rows(store: Store, key: str, names: tuple[str, ...], hours: list[int],
+                     values: np.ndarray | list[list[float]], *, symbol: str = "BTC",
+                     interval: str = "1h") -> int:
+    return await store.write_features(
+        interval, key, names, np.array([symbol] * len(hours), dtype=object), ts_array(*hours),
+        np.asarray(values, dtype=np.float64))
+
+
+def candles(hours: list[int], close: list[float]) -> Candles:
+    c = np.asarray(close, dtype=np.float64)
+    return Candles(ts_array(*hours), c - 0.5, c + 1.0, c - 1.0, c, np.full(c.shape, 10.0))
+
+
+def batch(hours: list[int], actions: list[str], *, confidence: list[float] | None = None,
+          signal_id: str = "sig", symbol: str = "BTC", interval: str = "1h", version: int = 1,
+          shadow: bool = False, source: str = "historical_replay", price: float = 100.0) -> SignalBatch:
+    n = len(hours)
+    conf = np.asarray(confidence if confidence is not None else [0.7] * n, dtype=np.float64)
+    return SignalBatch(
+        signal_id=signal_id, symbol=symbol, interval=interval, model_name="m",
+        model_version=version, model_sha256="cd" * 32, source=source, ts=ts_array(*hours),
+        action=np.array([ACTION_CODE[a] for a in actions], dtype=np.int8),
+        confidence=conf,
+        raw_output=np.column_stack([1.0 - conf, conf]),
+        entry_price=np.full(n, price),
+        stop_loss=np.full(n, price - 2.0),
+        take_profit=np.full(n, np.nan),
+        recommended_size=np.full(n, 0.5),
+        feature_keys=np.array(["fk1"] * n, dtype=object),
+        latency_ms=np.full(n, 1.25),
+        flags=np.array([""] * n, dtype=object),
+        shadow=shadow,
+    )
+
+
+def definition(signal_id: str = "sig", **changes: Any) -> SignalDefinition:
+    fields: dict[str, Any] = {
+        "signal_id": signal_id, "model_name": "m", "model_ref": "@production", "interval": "1h",
+        "symbols": ("BTC", "ETH"), "policy": Policy(threshold=0.6, atr_feature="atr_14"),
+        "feature_key": "fk1",
+    }
+    fields.update(changes)
+    return SignalDefinition(**fields)
+
+
+# --- lifecycle and migrations ------------------------------------------------------------------
+
+async def test_ping_open_store(store: Store) -> None:
+    await store.ping()
+
+
+@pytest.mark.parametrize("factory", [f for name, f in STORE_FACTORIES if name in REOPENABLE],
+                         ids=[name for name, _ in STORE_FACTORIES if name in REOPENABLE])
+async def test_reopen_applies_migrations_once_and_keeps_data(factory: Any, tmp_path: Path) -> None:
+    first = await factory(tmp_path)
+    try:
+        await first.insert_model(card())
+        await first.register_features(["f0"])
+        await write_rows(first, "fk1", ("f0",), [0, 1], [[1.0], [2.0]])
+        await first.write_signals(batch([0], ["buy"]))
+    finally:
+        await first.close()
+    for reopen in range(2):  # migrations already applied: opening again must neither fail nor reset
+        again = await factory(tmp_path)
+        try:
+            await again.ping()
+            assert [c.version for c in await again.list_models("m")] == list(range(1, reopen + 2))
+            assert (await again.insert_model(card())).version == reopen + 2
+            assert await again.feature_statuses(["f0"]) == {"f0": "registered"}
+            read = await again.read_features("BTC", "1h", ("f0",))
+            assert read.batch.values[:, 0].tolist() == [1.0, 2.0]
+            assert len(await again.read_signals("sig")) == 1
+            # A known feature_key keeps its column set across reopen.
+            with pytest.raises(ValidationError):
+                await write_rows(again, "fk1", ("f1",), [2], [[3.0]])
+        finally:
+            await again.close()
+
+
+# --- model registry ----------------------------------------------------------------------------
+
+async def test_insert_model_assigns_versions_per_name(store: Store) -> None:
+    inserted = [await store.insert_model(card("m")) for _ in range(3)]
+    other = await store.insert_model(card("other", flavor="xgboost"))
+    assert [c.version for c in inserted] == [1, 2, 3]
+    assert other.version == 1
+    assert all(c.stage == Stage.REGISTERED and c.created_at for c in inserted)
+
+
+async def test_get_and_list_models_round_trip(store: Store) -> None:
+    await store.insert_model(card("zeta"))
+    await store.insert_model(card("m"))
+    await store.insert_model(card("m", task=Task.MULTICLASS, classes=("a", "b", "c"),
+                                  feature_names=("x", "y"), metrics={"acc": 0.4},
+                                  extra={"k": [1, 2]}, sha256=None, artifact_path=None))
+    got = await store.get_model("m", 2)
+    assert got is not None
+    assert (got.name, got.version, got.flavor, got.task) == ("m", 2, "lightgbm", Task.MULTICLASS)
+    assert got.feature_names == ("x", "y")
+    assert got.classes == ("a", "b", "c")
+    assert got.sha256 is None and got.artifact_path is None
+    assert got.metrics == {"acc": 0.4}
+    assert got.extra == {"k": [1, 2]}
+    first = await store.get_model("m", 1)
+    assert first is not None and first.sha256 == "ab" * 32 and first.feature_names == ("f0", "f1", "atr_14")
+    assert await store.get_model("m", 3) is None
+    assert await store.get_model("nope", 1) is None
+    assert [(c.name, c.version) for c in await store.list_models("m")] == [("m", 1), ("m", 2)]
+    assert [(c.name, c.version) for c in await store.list_models()] == [("m", 1), ("m", 2), ("zeta", 1)]
+    assert await store.list_models("nope") == []
+
+
+async def stages(store: Store, name: str) -> dict[int, Stage]:
+    return {c.version: c.stage for c in await store.list_models(name)}
+
+
+async def test_set_model_stage_demotes_previous_holder(store: Store) -> None:
+    for _ in range(3):
+        await store.insert_model(card("m"))
+    await store.insert_model(card("other"))
+    await store.set_model_stage("other", 1, Stage.PRODUCTION, "ops")
+    await store.set_model_stage("m", 1, Stage.PRODUCTION, "alice")
+    await store.set_model_stage("m", 2, Stage.STAGING, "alice")
+    assert await stages(store, "m") == {1: Stage.PRODUCTION, 2: Stage.STAGING, 3: Stage.REGISTERED}
+
+    await store.set_model_stage("m", 2, Stage.PRODUCTION, "bob")
+    assert await stages(store, "m") == {1: Stage.REGISTERED, 2: Stage.PRODUCTION, 3: Stage.REGISTERED}
+    await store.set_model_stage("m", 3, Stage.STAGING, "bob")
+    assert await stages(store, "m") == {1: Stage.REGISTERED, 2: Stage.PRODUCTION, 3: Stage.STAGING}
+    # Another model's holder is untouched.
+    assert await stages(store, "other") == {1: Stage.PRODUCTION}
+
+    # Retiring demotes nobody.
+    await store.set_model_stage("m", 2, Stage.RETIRED, "carol")
+    assert await stages(store, "m") == {1: Stage.REGISTERED, 2: Stage.RETIRED, 3: Stage.STAGING}
+
+    events = await store.model_events("m")
+    moves = [(e["version"], e["from"], e["to"], e["actor"]) for e in events]
+    assert moves.count((1, None, "registered", "register")) == 1
+    assert len([m for m in moves if m[3] == "register"]) == 3
+    assert (1, "registered", "production", "alice") in moves
+    assert (2, "registered", "staging", "alice") in moves
+    assert (1, "production", "registered", "bob") in moves  # the demotion, by the promoter
+    assert (2, "staging", "production", "bob") in moves
+    assert (3, "registered", "staging", "bob") in moves
+    assert (2, "production", "retired", "carol") in moves
+    assert len(moves) == 3 + 6
+    assert all(e["at"] for e in events)
+    assert all(e["version"] == 1 for e in await store.model_events("other"))
+    assert await store.model_events("nope") == []
+
+
+async def test_set_model_stage_unknown_version_changes_nothing(store: Store) -> None:
+    await store.insert_model(card("m"))
+    await store.set_model_stage("m", 1, Stage.PRODUCTION, "alice")
+    before = await store.model_events("m")
+    with pytest.raises(SigserveError):
+        await store.set_model_stage("m", 7, Stage.PRODUCTION, "bob")
+    assert await stages(store, "m") == {1: Stage.PRODUCTION}
+    assert await store.model_events("m") == before
+
+
+async def test_update_model_extra(store: Store) -> None:
+    await store.insert_model(card("m"))
+    await store.insert_model(card("m"))
+    await store.update_model_extra("m", 2, "lleaves", {"compiled": "cache/x.so", "n": 3})
+    updated = await store.get_model("m", 2)
+    untouched = await store.get_model("m", 1)
+    assert updated is not None and untouched is not None
+    assert updated.runtime == "lleaves"
+    assert updated.extra == {"compiled": "cache/x.so", "n": 3}
+    assert updated.metrics == {"auc": 0.61}
+    assert untouched.runtime is None and untouched.extra == {"trained_on": "BTC"}
+    await store.update_model_extra("m", 2, None, {})
+    reset = await store.get_model("m", 2)
+    assert reset is not None and reset.runtime is None and reset.extra == {}
+
+
+# --- feature registry --------------------------------------------------------------------------
+
+async def test_feature_registry(store: Store) -> None:
+    assert await store.register_features(["a", "b"]) == ["a", "b"]
+    assert await store.register_features(["b", "c", "c", "a"]) == ["c"]
+    assert await store.register_features([]) == []
+    assert await store.feature_statuses(["a", "c", "zzz"]) == {"a": "registered", "c": "registered"}
+    assert await store.feature_statuses([]) == {}
+
+    await store.set_feature_status("a", "deprecated")
+    assert await store.feature_statuses(["a", "b"]) == {"a": "deprecated", "b": "registered"}
+    assert await store.register_features(["a", "d"]) == ["d"]  # a known name keeps its status
+    assert await store.feature_statuses(["a"]) == {"a": "deprecated"}
+
+    listed = await store.list_features()
+    assert [(f["name"], f["status"]) for f in listed] == [
+        ("a", "deprecated"), ("b", "registered"), ("c", "registered"), ("d", "registered")]
+    assert all(f["created_at"] for f in listed)
+
+    await store.set_feature_status("a", "registered")
+    assert await store.feature_statuses(["a"]) == {"a": "registered"}
+
+
+async def test_feature_status_refusals(store: Store) -> None:
+    await store.register_features(["a"])
+    with pytest.raises(ValidationError) as info:
+        await store.set_feature_status("nope", "deprecated")
+    assert info.value.code == "validation_error"
+    assert await store.feature_statuses(["nope"]) == {}
+    with pytest.raises(ValidationError):
+        await store.set_feature_status("a", "bogus")
+    assert await store.feature_statuses(["a"]) == {"a": "registered"}
+
+
+# --- feature values ----------------------------------------------------------------------------
+
+NAMES = ("a", "b", "c")
+
+
+def grid(hours: list[int], scale: float = 1.0) -> np.ndarray:
+    """Row i, column j holds scale * (100 * hour + j): every cell tells where it came from."""
+    return np.array([[scale * (100 * h + j) for j in range(3)] for h in hours],
+                    dtype=np.float64).reshape(-1, 3)
+
+
+async def test_write_features_upsert_is_idempotent(store: Store) -> None:
+    assert await write_rows(store, "k", NAMES, [0, 1, 2], grid([0, 1, 2])) == 3
+    await write_rows(store, "k", NAMES, [0, 1, 2], grid([0, 1, 2]))
+    await write_rows(store, "k", NAMES, [1, 2, 3], grid([1, 2, 3], scale=-1.0))
+    pinned = await store.read_features("BTC", "1h", NAMES, feature_key="k")
+    assert pinned.batch.ts.tolist() == ts_array(0, 1, 2, 3).tolist()  # one row per key
+    np.testing.assert_array_equal(pinned.batch.values, np.vstack([grid([0]), grid([1, 2, 3], -1.0)]))
+    latest = await store.read_features("BTC", "1h", NAMES)
+    np.testing.assert_array_equal(latest.batch.values, pinned.batch.values)
+    assert await store.feature_window_stats("BTC", "1h", None, None) == (4, t(0), t(3))
+
+
+async def test_read_at_ts_returns_only_that_ts(store: Store) -> None:
+    await write_rows(store, "k", NAMES, [0, 1, 2, 3, 4], grid([0, 1, 2, 3, 4]))
+    one = await store.read_features("BTC", "1h", NAMES, ts=ts_array(2))
+    assert one.batch.ts.tolist() == [t(2)]
+    np.testing.assert_array_equal(one.batch.values, grid([2]))
+    missing = await store.read_features("BTC", "1h", NAMES, ts=np.array([t(2) + HOUR // 2]))
+    assert len(missing.batch) == 0 and missing.incomplete == 0
+    assert missing.batch.values.shape == (0, 3)
+    after = await store.read_features("BTC", "1h", NAMES, ts=ts_array(9))
+    assert len(after.batch) == 0
+    several = await store.read_features("BTC", "1h", NAMES, ts=ts_array(3, 1, 7, 3))
+    assert several.batch.ts.tolist() == [t(1), t(3)]
+    np.testing.assert_array_equal(several.batch.values, grid([1, 3]))
+    other_symbol = await store.read_features("ETH", "1h", NAMES, ts=ts_array(2))
+    assert len(other_symbol.batch) == 0
+    nothing = await store.read_features("BTC", "1h", NAMES, ts=np.array([], dtype="datetime64[us]"))
+    assert len(nothing.batch) == 0 and nothing.batch.values.shape == (0, 3)
+
+
+async def test_pinned_key_versus_newest_created_at(store: Store) -> None:
+    # The older key sorts last alphabetically, so only created_at can make the newer one win.
+    await write_rows(store, "zz-old", NAMES, [0, 1], grid([0, 1]))
+    await asyncio.sleep(0.01)
+    await write_rows(store, "aa-new", NAMES, [0], grid([0], scale=-1.0))
+
+    latest = await store.read_features("BTC", "1h", NAMES)
+    assert latest.batch.ts.tolist() == [t(0), t(1)]
+    assert latest.batch.feature_keys.tolist() == ["aa-new", "zz-old"]
+    np.testing.assert_array_equal(latest.batch.values, np.vstack([grid([0], -1.0), grid([1])]))
+
+    at0 = await store.read_features("BTC", "1h", NAMES, ts=ts_array(0))
+    assert at0.batch.feature_keys.tolist() == ["aa-new"]
+    np.testing.assert_array_equal(at0.batch.values, grid([0], -1.0))
+
+    pinned_old = await store.read_features("BTC", "1h", NAMES, feature_key="zz-old")
+    assert pinned_old.batch.feature_keys.tolist() == ["zz-old", "zz-old"]
+    np.testing.assert_array_equal(pinned_old.batch.values, grid([0, 1]))
+    pinned_old_at0 = await store.read_features("BTC", "1h", NAMES, ts=ts_array(0), feature_key="zz-old")
+    np.testing.assert_array_equal(pinned_old_at0.batch.values, grid([0]))
+
+    pinned_new = await store.read_features("BTC", "1h", NAMES, feature_key="aa-new")
+    assert pinned_new.batch.ts.tolist() == [t(0)]
+    unknown = await store.read_features("BTC", "1h", NAMES, feature_key="never-written")
+    assert len(unknown.batch) == 0
+
+
+async def test_columns_follow_requested_names(store: Store) -> None:
+    await write_rows(store, "k1", NAMES, [0, 1], grid([0, 1]))
+    # Same features stored in another order under another key, at other bars.
+    await write_rows(store, "k2", ("c", "a", "b"), [2], grid([2])[:, [2, 0, 1]])
+    subset = await store.read_features("BTC", "1h", ("c", "a"), ts=ts_array(0))
+    assert subset.batch.names == ("c", "a")
+    np.testing.assert_array_equal(subset.batch.values, grid([0])[:, [2, 0]])
+
+    mixed = await store.read_features("BTC", "1h", ("b", "c", "a"))
+    assert mixed.batch.ts.tolist() == [t(0), t(1), t(2)]
+    assert mixed.batch.feature_keys.tolist() == ["k1", "k1", "k2"]
+    np.testing.assert_array_equal(mixed.batch.values, grid([0, 1, 2])[:, [1, 2, 0]])
+    assert mixed.incomplete == 0
+
+    only_k2 = await store.read_features("BTC", "1h", NAMES, feature_key="k2")
+    np.testing.assert_array_equal(only_k2.batch.values, grid([2]))
+    single = await store.read_features("BTC", "1h", ("b",), start=t(1), end=t(2))
+    np.testing.assert_array_equal(single.batch.values, grid([1, 2])[:, [1]])
+
+
+async def test_rows_lacking_a_requested_name_are_incomplete(store: Store) -> None:
+    await write_rows(store, "full", ("a", "b"), [0, 2], [[0.0, 1.0], [2.0, 3.0]])
+    await write_rows(store, "partial", ("a",), [1, 3, 4], [[10.0], [30.0], [40.0]])
+    both = await store.read_features("BTC", "1h", ("a", "b"))
+    assert both.batch.ts.tolist() == [t(0), t(2)]
+    assert both.incomplete == 3
+    np.testing.assert_array_equal(both.batch.values, [[0.0, 1.0], [2.0, 3.0]])
+    assert len(both.batch.close) == 2 and len(both.batch.feature_keys) == 2
+
+    only_a = await store.read_features("BTC", "1h", ("a",))
+    assert only_a.incomplete == 0
+    assert only_a.batch.values[:, 0].tolist() == [0.0, 10.0, 2.0, 30.0, 40.0]
+
+    none = await store.read_features("BTC", "1h", ("a", "b"), feature_key="partial")
+    assert len(none.batch) == 0 and none.incomplete == 3
+    assert none.batch.values.shape == (0, 2)
+    unknown = await store.read_features("BTC", "1h", ("zzz",), ts=ts_array(0))
+    assert len(unknown.batch) == 0 and unknown.incomplete == 1
+
+
+async def test_nan_feature_values_round_trip(store: Store) -> None:
+    await write_rows(store, "k", ("a", "b"), [0, 1], [[math.nan, 1.0], [2.0, math.nan]])
+    read = await store.read_features("BTC", "1h", ("b", "a"))
+    assert read.incomplete == 0
+    np.testing.assert_array_equal(read.batch.values, [[1.0, math.nan], [math.nan, 2.0]])
+
+
+async def test_duplicate_symbol_ts_in_batch_writes_nothing(store: Store) -> None:
+    with pytest.raises(ValidationError) as info:
+        await store.write_features("1h", "k", ("a",), np.array(["BTC", "ETH", "BTC"], dtype=object),
+                                   ts_array(0, 0, 0), np.array([[1.0], [2.0], [3.0]]))
+    assert info.value.code == "validation_error"
+    for symbol in ("BTC", "ETH"):
+        read = await store.read_features(symbol, "1h", ("a",))
+        assert len(read.batch) == 0 and read.incomplete == 0
+    assert await store.feature_window_stats("ETH", "1h", None, None) == (0, None, None)
+    # The key was not claimed either: another column set may still use it.
+    await write_rows(store, "k", ("x", "y"), [0], [[5.0, 6.0]])
+    # The same ts for different symbols is fine.
+    await store.write_features("1h", "k2", ("a",), np.array(["BTC", "ETH"], dtype=object),
+                               ts_array(0, 0), np.array([[1.0], [2.0]]))
+    assert (await store.read_features("ETH", "1h", ("a",))).batch.values.tolist() == [[2.0]]
+
+
+async def test_feature_key_names_never_change(store: Store) -> None:
+    await write_rows(store, "k", ("a", "b"), [0], [[1.0, 2.0]])
+    for names in (("a", "c"), ("b", "a"), ("a",), ("a", "b", "c")):
+        with pytest.raises(ValidationError) as info:
+            await write_rows(store, "k", names, [0, 5], np.full((2, len(names)), 9.0))
+        assert info.value.code == "validation_error"
+    read = await store.read_features("BTC", "1h", ("a", "b"), feature_key="k")
+    assert read.batch.ts.tolist() == [t(0)]
+    assert read.batch.values.tolist() == [[1.0, 2.0]]
+    # The original column set still writes.
+    await write_rows(store, "k", ("a", "b"), [1], [[3.0, 4.0]])
+    assert len((await store.read_features("BTC", "1h", ("a", "b"), feature_key="k")).batch) == 2
+
+
+async def test_feature_matrix_shape_mismatch_refused(store: Store) -> None:
+    with pytest.raises(ValidationError):
+        await write_rows(store, "k", ("a", "b"), [0, 1], [[1.0], [2.0]])
+    assert len((await store.read_features("BTC", "1h", ("a",))).batch) == 0
+
+
+async def test_window_reads_and_isolation(store: Store) -> None:
+    await write_rows(store, "k", NAMES, [0, 1, 2, 3, 4, 5], grid([0, 1, 2, 3, 4, 5]))
+    await write_rows(store, "k", NAMES, [2, 3], grid([2, 3], scale=7.0), symbol="ETH")
+    await write_rows(store, "k4", NAMES, [0, 4], grid([0, 4], scale=3.0), interval="4h")
+
+    async def hours(**kwargs: Any) -> list[int]:
+        read = await store.read_features("BTC", "1h", NAMES, **kwargs)
+        np.testing.assert_array_equal(read.batch.values, grid([int((x - T0) // HOUR) for x in read.batch.ts]))
+        assert read.batch.symbol == "BTC" and read.batch.interval == "1h"
+        return [int((x - T0) // HOUR) for x in read.batch.ts]
+
+    assert await hours() == [0, 1, 2, 3, 4, 5]
+    assert await hours(start=t(1), end=t(3)) == [1, 2, 3]  # inclusive on both ends
+    assert await hours(start=t(1) + HOUR // 2, end=t(3) - 1) == [2]
+    assert await hours(start=t(4)) == [4, 5]
+    assert await hours(end=t(1)) == [0, 1]
+    assert await hours(start=t(9)) == []
+    eth = await store.read_features("ETH", "1h", NAMES)
+    np.testing.assert_array_equal(eth.batch.values, grid([2, 3], scale=7.0))
+    four = await store.read_features("BTC", "4h", NAMES, start=t(0), end=t(4))
+    np.testing.assert_array_equal(four.batch.values, grid([0, 4], scale=3.0))
+
+
+async def test_close_price_joined_from_candles(store: Store) -> None:
+    await write_rows(store, "k", NAMES, [0, 1, 2], grid([0, 1, 2]))
+    await store.write_candles("BTC", "1h", candles([0, 1], [100.0, 101.0]))
+    await store.write_candles("BTC", "4h", candles([2], [555.0]))
+    await store.write_candles("ETH", "1h", candles([2], [777.0]))
+    read = await store.read_features("BTC", "1h", NAMES)
+    assert read.batch.close[:2].tolist() == [100.0, 101.0]
+    assert math.isnan(read.batch.close[2])
+    at = await store.read_features("BTC", "1h", NAMES, ts=ts_array(1), feature_key="k")
+    assert at.batch.close.tolist() == [101.0]
+
+
+async def test_feature_window_stats(store: Store) -> None:
+    assert await store.feature_window_stats("BTC", "1h", None, None) == (0, None, None)
+    await write_rows(store, "k1", ("a",), [1, 2, 3], [[1.0], [2.0], [3.0]])
+    await write_rows(store, "k2", ("a",), [2, 3, 5], [[1.0], [2.0], [3.0]])
+    await write_rows(store, "k1", ("a",), [0, 9], [[1.0], [2.0]], symbol="ETH")
+    count, first, last = await store.feature_window_stats("BTC", "1h", None, None)
+    assert (count, first, last) == (4, t(1), t(5))  # distinct bars, not rows
+    assert isinstance(first, np.datetime64) and first.dtype == np.dtype("datetime64[us]")
+    assert await store.feature_window_stats("BTC", "1h", t(2), t(3)) == (2, t(2), t(3))
+    assert await store.feature_window_stats("BTC", "1h", t(4), None) == (1, t(5), t(5))
+    assert await store.feature_window_stats("BTC", "1h", None, t(1)) == (1, t(1), t(1))
+    assert await store.feature_window_stats("BTC", "1h", t(6), t(8)) == (0, None, None)
+    assert await store.feature_window_stats("BTC", "4h", None, None) == (0, None, None)
+
+
+async def test_bulk_feature_round_trip(store: Store) -> None:
+    """Large batches may take another code path (worker thread, COPY): same results."""
+    n = 6_000
+    ts = T0 + np.arange(n) * HOUR
+    values = np.column_stack([np.arange(n, dtype=np.float64), -np.arange(n, dtype=np.float64)])
+    symbols = np.array(["BTC"] * n, dtype=object)
+    await store.write_features("1h", "k", ("a", "b"), symbols, ts, values)
+    await store.write_features("1h", "k", ("a", "b"), symbols, ts, values + 0.5)
+    await store.write_candles("BTC", "1h", Candles(ts, *(np.full(n, 50.0) for _ in range(4)), np.ones(n)))
+    read = await store.read_features("BTC", "1h", ("b", "a"))
+    assert read.batch.ts.tolist() == ts.tolist()
+    np.testing.assert_array_equal(read.batch.values, (values + 0.5)[:, ::-1])
+    assert (read.batch.close == 50.0).all()
+    query = ts[::-1][: n - 1]
+    at = await store.read_features("BTC", "1h", ("a",), ts=query)
+    assert at.batch.ts.tolist() == np.sort(query).tolist()
+    np.testing.assert_array_equal(at.batch.values[:, 0], np.arange(1, n) + 0.5)
+    assert await store.feature_window_stats("BTC", "1h", None, None) == (n, ts[0], ts[-1])
+    got = await store.read_candles("BTC", "1h")
+    assert got.ts.shape == (n,)
+
+
+# --- candles -----------------------------------------------------------------------------------
+
+def candle_rows(c: Candles) -> list[tuple[Any, ...]]:
+    return list(zip(c.ts.tolist(), c.open.tolist(), c.high.tolist(), c.low.tolist(), c.close.tolist(),
+                    c.volume.tolist(), strict=True))
+
+
+async def test_candles_write_read_upsert(store: Store) -> None:
+    empty = await store.read_candles("BTC", "1h")
+    assert empty.ts.shape == (0,) and empty.ts.dtype == np.dtype("datetime64[us]")
+    assert await store.write_candles("BTC", "1h", candles([0, 1, 2], [100.0, 101.0, 102.0])) == 3
+    await store.write_candles("BTC", "1h", candles([0, 1, 2], [100.0, 101.0, 102.0]))
+    await store.write_candles("BTC", "1h", candles([2, 3], [202.0, 203.0]))
+    await store.write_candles("ETH", "1h", candles([1], [9.0]))
+    await store.write_candles("BTC", "4h", candles([0], [8.0]))
+    got = await store.read_candles("BTC", "1h")
+    assert candle_rows(got) == candle_rows(candles([0, 1, 2, 3], [100.0, 101.0, 202.0, 203.0]))
+    assert got.ts.dtype == np.dtype("datetime64[us]") and got.close.dtype == np.float64
+    window = await store.read_candles("BTC", "1h", start=t(1), end=t(2))
+    assert window.ts.tolist() == [t(1), t(2)]
+    assert (await store.read_candles("BTC", "1h", start=t(3))).close.tolist() == [203.0]
+    assert (await store.read_candles("BTC", "1h", end=t(0))).close.tolist() == [100.0]
+    assert (await store.read_candles("ETH", "1h")).close.tolist() == [9.0]
+
+
+async def test_candles_nan_volume_and_duplicate_refusal(store: Store) -> None:
+    c = candles([0, 1], [10.0, 11.0])
+    await store.write_candles("BTC", "1h", Candles(c.ts, c.open, c.high, c.low, c.close,
+                                                   np.array([np.nan, 3.0])))
+    got = await store.read_candles("BTC", "1h")
+    assert math.isnan(got.volume[0]) and got.volume[1] == 3.0
+    with pytest.raises(ValidationError):
+        await store.write_candles("BTC", "1h", candles([2, 3, 2], [1.0, 2.0, 3.0]))
+    assert (await store.read_candles("BTC", "1h")).ts.tolist() == [t(0), t(1)]
+
+
+async def test_bars_missing_features(store: Store) -> None:
+    await store.write_candles("BTC", "1h", candles([0, 1, 2, 3, 4], [1.0, 2.0, 3.0, 4.0, 5.0]))
+    await store.write_candles("ETH", "1h", candles([0, 1], [1.0, 2.0]))
+    await store.write_candles("BTC", "4h", candles([0], [1.0]))
+    await write_rows(store, "k", ("a",), [1, 3], [[1.0], [2.0]])
+    await write_rows(store, "k", ("a",), [0], [[1.0]], interval="4h")
+    await write_rows(store, "k", ("a",), [0], [[1.0]], symbol="SOL")  # features without a candle
+
+    count, rows = await store.bars_missing_features("1h")
+    assert count == 5
+    assert rows == [("BTC", t(0)), ("BTC", t(2)), ("BTC", t(4)), ("ETH", t(0)), ("ETH", t(1))]
+    count, rows = await store.bars_missing_features("1h", limit=2)
+    assert count == 5 and rows == [("BTC", t(0)), ("BTC", t(2))]
+    assert await store.bars_missing_features("1h", symbol="ETH") == (2, [("ETH", t(0)), ("ETH", t(1))])
+    assert await store.bars_missing_features("1h", "BTC", t(2), t(3)) == (1, [("BTC", t(2))])
+    assert await store.bars_missing_features("1h", start=t(1)) == (3, [("BTC", t(2)), ("BTC", t(4)),
+                                                                        ("ETH", t(1))])
+    assert await store.bars_missing_features("4h") == (0, [])
+    await write_rows(store, "other", ("z",), [0, 2, 4], [[1.0], [2.0], [3.0]])
+    assert (await store.bars_missing_features("1h", symbol="BTC"))[0] == 0
+
+
+# --- signal definitions ------------------------------------------------------------------------
+
+async def test_signal_definitions(store: Store) -> None:
+    await store.create_signal(definition("sig-b"))
+    await store.create_signal(definition("sig-a", model_ref="3", symbols=(), feature_key=None,
+                                         policy=Policy(class_actions={"up": "buy", "down": "sell"})))
+    got = await store.get_signal("sig-b")
+    assert got is not None
+    assert (got.signal_id, got.model_name, got.model_ref, got.interval) == ("sig-b", "m", "@production", "1h")
+    assert got.symbols == ("BTC", "ETH")
+    assert got.policy == Policy(threshold=0.6, atr_feature="atr_14")
+    assert got.status == "active" and got.active and got.feature_key == "fk1" and got.created_at
+    other = await store.get_signal("sig-a")
+    assert other is not None
+    assert other.symbols == () and other.feature_key is None and other.model_ref == "3"
+    assert other.policy.class_actions == {"up": "buy", "down": "sell"}
+    assert await store.get_signal("nope") is None
+    assert [d.signal_id for d in await store.list_signals()] == ["sig-a", "sig-b"]
+
+
+async def test_duplicate_signal_refused_and_status(store: Store) -> None:
+    await store.create_signal(definition("sig"))
+    with pytest.raises(ValidationError) as info:
+        await store.create_signal(definition("sig", model_name="other", interval="4h"))
+    assert info.value.code == "validation_error"
+    kept = await store.get_signal("sig")
+    assert kept is not None and kept.model_name == "m" and kept.interval == "1h"
+    assert len(await store.list_signals()) == 1
+
+    await store.set_signal_status("sig", "retired")
+    retired = await store.get_signal("sig")
+    assert retired is not None and retired.status == "retired" and not retired.active
+    await store.set_signal_status("sig", "active")
+    assert (await store.get_signal("sig")).active  # type: ignore[union-attr]
+    with pytest.raises(ValidationError):
+        await store.set_signal_status("sig", "paused")
+    assert (await store.get_signal("sig")).status == "active"  # type: ignore[union-attr]
+    with pytest.raises(SignalNotFound) as missing:
+        await store.set_signal_status("nope", "retired")
+    assert missing.value.code == "signal_not_found"
+
+
+# --- signal history ----------------------------------------------------------------------------
+
+def by_ts(rows: list[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+    return {as_ts(r["ts"]): r for r in rows}
+
+
+async def test_write_signals_round_trip_and_upsert(store: Store) -> None:
+    assert await store.write_signals(batch([0, 1, 2], ["buy", "hold", "sell"],
+                                           confidence=[0.9, 0.5, 0.8])) == 3
+    rows = await store.read_signals("sig")
+    assert [as_ts(r["ts"]) for r in rows] == [t(0), t(1), t(2)]
+    first = rows[0]
+    assert first["signal_id"] == "sig" and first["symbol"] == "BTC" and first["interval"] == "1h"
+    assert first["action"] == "buy" and first["confidence"] == pytest.approx(0.9)
+    assert first["model_name"] == "m" and first["model_version"] == 1
+    assert first["model_sha256"] == "cd" * 32 and first["source"] == "historical_replay"
+    assert list(first["raw_output"]) == pytest.approx([0.1, 0.9])
+    assert first["entry_price"] == 100.0 and first["stop_loss"] == 98.0
+    assert first["take_profit"] is None or math.isnan(first["take_profit"])
+    assert first["recommended_size"] == 0.5 and first["feature_key"] == "fk1"
+    assert first["latency_ms"] == 1.25 and first["flags"] == "" and first["shadow"] is False
+
+    # Same key again: one row per key, values replaced.
+    await store.write_signals(batch([1, 2], ["sell", "close_short"], confidence=[0.6, 0.65], price=200.0,
+                                    source="stream"))
+    rows = by_ts(await store.read_signals("sig"))
+    assert len(rows) == 3
+    assert [rows[t(i)]["action"] for i in range(3)] == ["buy", "sell", "close_short"]
+    assert rows[t(1)]["confidence"] == pytest.approx(0.6)
+    assert rows[t(2)]["entry_price"] == 200.0 and rows[t(2)]["source"] == "stream"
+    assert rows[t(0)]["entry_price"] == 100.0
+
+    # Another model version at the same ts is another key.
+    await store.write_signals(batch([1], ["buy"], version=2))
+    rows_all = await store.read_signals("sig")
+    assert len(rows_all) == 4
+    assert sorted((as_ts(r["ts"]), r["model_version"]) for r in rows_all if as_ts(r["ts"]) == t(1)) == [
+        (t(1), 1), (t(1), 2)]
+    assert await store.write_signals(batch([], [])) == 0
+    assert len(await store.read_signals("sig")) == 4
+
+
+@pytest.mark.parametrize("bad", [1.5, math.nan, -0.1], ids=["above-one", "nan", "negative"])
+async def test_write_signals_batch_is_atomic(store: Store, bad: float) -> None:
+    await store.write_signals(batch([0, 1], ["buy", "sell"], confidence=[0.9, 0.8]))
+    before = await store.read_signals("sig")
+    with pytest.raises(SigserveError):
+        await store.write_signals(batch([0, 1, 5, 6], ["sell", "buy", "buy", "buy"],
+                                        confidence=[0.6, 0.6, 0.6, bad]))
+    after = await store.read_signals("sig")
+    assert after == before
+    assert [r["action"] for r in after] == ["buy", "sell"]
+    assert await store.signal_action_counts("sig") == {"buy": 1, "sell": 1}
+    # The store still works after the refused batch.
+    await store.write_signals(batch([5], ["hold"]))
+    assert len(await store.read_signals("sig")) == 3
+
+
+async def test_position_sides(store: Store) -> None:
+    # t0 buy, t1 hold, t2 sell, t3 close_short, t5 buy, t6 close_long; a shadow sell at t4.
+    await store.write_signals(batch([0, 1, 2, 3, 5, 6],
+                                    ["buy", "hold", "sell", "close_short", "buy", "close_long"]))
+    await store.write_signals(batch([4], ["sell"], version=2, shadow=True))
+    await store.write_signals(batch([0, 1], ["sell", "hold"], symbol="ETH"))
+    await store.write_signals(batch([3], ["sell"], signal_id="other"))
+    await store.write_signals(batch([3], ["sell"], interval="4h"))
+
+    query = ts_array(0, 1, 2, 3, 4, 5, 6, 7)
+    expected = [FLAT, LONG, LONG, SHORT, FLAT, FLAT, LONG, FLAT]
+    sides = await store.position_sides("sig", "BTC", "1h", query)
+    assert sides.tolist() == expected
+    assert np.issubdtype(sides.dtype, np.integer)
+    for ts, side in zip(query, expected, strict=True):  # one-ts queries agree with the vector
+        assert (await store.position_sides("sig", "BTC", "1h", np.array([ts]))).tolist() == [side]
+    # Strictly before: a query between bars sees the bar before it.
+    assert (await store.position_sides("sig", "BTC", "1h", np.array([t(2) + 1]))).tolist() == [SHORT]
+    unsorted = await store.position_sides("sig", "BTC", "1h", ts_array(7, 0, 3, 3, 1))
+    assert unsorted.tolist() == [FLAT, FLAT, SHORT, SHORT, LONG]
+    assert (await store.position_sides("sig", "ETH", "1h", ts_array(1, 2))).tolist() == [SHORT, SHORT]
+    assert (await store.position_sides("sig", "SOL", "1h", ts_array(1, 2))).tolist() == [FLAT, FLAT]
+    assert (await store.position_sides("sig", "BTC", "1h", np.array([], dtype="datetime64[us]"))).shape == (0,)
+
+
+async def test_position_sides_bulk(store: Store) -> None:
+    await store.write_signals(batch([10, 20], ["buy", "sell"]))
+    query = T0 + np.arange(6_000) * HOUR
+    sides = await store.position_sides("sig", "BTC", "1h", query)
+    expected = np.full(6_000, FLAT)
+    expected[11:21] = LONG
+    expected[21:] = SHORT
+    np.testing.assert_array_equal(sides, expected)
+
+
+async def test_last_signal_ts(store: Store) -> None:
+    assert await store.last_signal_ts("sig", "BTC", "1h") is None
+    await store.write_signals(batch([0, 3, 1], ["buy", "hold", "sell"]))
+    await store.write_signals(batch([9], ["sell"], version=2, shadow=True))
+    await store.write_signals(batch([7], ["sell"], symbol="ETH"))
+    await store.write_signals(batch([8], ["sell"], interval="4h"))
+    last = await store.last_signal_ts("sig", "BTC", "1h")
+    assert last == t(3)
+    assert isinstance(last, np.datetime64)
+    assert await store.last_signal_ts("sig", "ETH", "1h") == t(7)
+    assert await store.last_signal_ts("other", "BTC", "1h") is None
+
+
+async def test_read_signals_filters(store: Store) -> None:
+    await store.write_signals(batch([0, 1, 2, 3], ["buy", "hold", "sell", "hold"]))
+    await store.write_signals(batch([1, 2], ["sell", "buy"], symbol="ETH"))
+    await store.write_signals(batch([2], ["buy"], interval="4h"))
+    await store.write_signals(batch([2], ["buy"], signal_id="other"))
+    await store.write_signals(batch([3], ["buy"], version=2, shadow=True))
+
+    def keys(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return [(as_ts(r["ts"]), r["symbol"], r["interval"], r["model_version"]) for r in rows]
+
+    everything = await store.read_signals("sig")
+    assert len(everything) == 8
+    assert [as_ts(r["ts"]) for r in everything] == sorted(as_ts(r["ts"]) for r in everything)
+    assert {r["signal_id"] for r in everything} == {"sig"}
+    assert keys(await store.read_signals("sig", symbol="ETH")) == [(t(1), "ETH", "1h", 1), (t(2), "ETH", "1h", 1)]
+    assert keys(await store.read_signals("sig", "BTC", "4h")) == [(t(2), "BTC", "4h", 1)]
+    btc = await store.read_signals("sig", "BTC", "1h", start=t(1), end=t(3))
+    assert keys(btc) == [(t(1), "BTC", "1h", 1), (t(2), "BTC", "1h", 1), (t(3), "BTC", "1h", 1),
+                         (t(3), "BTC", "1h", 2)]
+    shadow_rows = [r for r in btc if r["shadow"]]
+    assert len(shadow_rows) == 1 and shadow_rows[0]["model_version"] == 2
+    assert keys(await store.read_signals("sig", "BTC", "1h", start=t(3))) == [(t(3), "BTC", "1h", 1),
+                                                                             (t(3), "BTC", "1h", 2)]
+    assert keys(await store.read_signals("sig", "BTC", "1h", end=t(0))) == [(t(0), "BTC", "1h", 1)]
+    limited = await store.read_signals("sig", "BTC", "1h", limit=2)
+    assert keys(limited) == [(t(0), "BTC", "1h", 1), (t(1), "BTC", "1h", 1)]
+    assert await store.read_signals("nope") == []
+
+
+async def test_signal_action_counts(store: Store) -> None:
+    assert await store.signal_action_counts("sig") == {}
+    await store.write_signals(batch([0, 1, 2, 3, 4], ["buy", "hold", "hold", "sell", "close_long"]))
+    await store.write_signals(batch([0], ["buy"], symbol="ETH"))
+    await store.write_signals(batch([5, 6], ["sell", "sell"], version=2, shadow=True))
+    await store.write_signals(batch([0], ["close_short"], signal_id="other"))
+    assert await store.signal_action_counts("sig") == {"buy": 2, "hold": 2, "sell": 1, "close_long": 1}
+    await store.write_signals(batch([1, 2], ["buy", "buy"]))  # upsert changes the counts
+    assert await store.signal_action_counts("sig") == {"buy": 4, "sell": 1, "close_long": 1}
+    assert await store.signal_action_counts("other") == {"close_short": 1}
+
+
+async def test_duplicate_ts_in_signal_batch_writes_nothing(store: Store) -> None:
+    await store.write_signals(batch([0], ["buy"]))
+    with pytest.raises(ValidationError) as info:
+        await store.write_signals(batch([0, 1, 1], ["sell", "buy", "sell"]))
+    assert info.value.code == "validation_error"
+    rows = await store.read_signals("sig")
+    assert [(as_ts(r["ts"]), r["action"]) for r in rows] == [(t(0), "buy")]
