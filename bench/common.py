@@ -97,8 +97,9 @@ async def prepare_home(services: Services, bars: int, *, compiled: bool) -> tupl
     if not model_path.exists():
         data = data or make_data(bars)
         train_model(data, model_path)
-    cards = [c for c in await store.list_models("bench") if c.stage == Stage.PRODUCTION]
-    card = cards[0] if cards else await registry.register(model_path, name="bench")
+    name = "bench" if compiled else "bench-native"  # one model file, two versions: two runtimes
+    cards = [c for c in await store.list_models(name) if c.stage == Stage.PRODUCTION]
+    card = cards[0] if cards else await registry.register(model_path, name=name)
     if not cards:
         card = await registry.promote(card.name, card.version, Stage.PRODUCTION, actor="bench")
     if compiled and card.runtime != "lleaves":
@@ -106,7 +107,7 @@ async def prepare_home(services: Services, bars: int, *, compiled: bool) -> tupl
         card = await registry.compile(card.name, card.version)
     signal_id = f"bench-{'lleaves' if compiled else 'lightgbm'}"
     if await store.get_signal(signal_id) is None:
-        await store.create_signal(SignalDefinition(signal_id, "bench", str(card.version), INTERVAL, (SYMBOL,),
+        await store.create_signal(SignalDefinition(signal_id, name, str(card.version), INTERVAL, (SYMBOL,),
                                                    Policy(threshold=0.52, atr_feature="atr_14")))
     return card, signal_id
 

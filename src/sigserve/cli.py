@@ -32,7 +32,7 @@ from typer.exceptions import Abort, Exit, TyperException
 from .config import Settings
 from .domain import Policy, SignalDefinition, Source, Stage
 from .errors import SigserveError, ValidationError
-from .timeutil import format_ts, parse_ts, validate_interval
+from .timeutil import check_window, format_ts, parse_ts, validate_interval
 
 T = TypeVar("T")
 
@@ -449,6 +449,8 @@ def backfill_cmd(
     a = parse_ts(start, field="start") if start else None
     b = parse_ts(end, field="end") if end else None
     ts_list = tuple(parse_ts(t) for t in _split(ts))
+    if a is not None and b is not None:
+        check_window(a, b)  # refuse a bad window before opening the store and loading the model
 
     async def work(s: Any) -> list[dict[str, Any]]:
         symbols = _split(symbol)

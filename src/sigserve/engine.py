@@ -134,10 +134,11 @@ class Engine:
         if invalid.any():
             flags[invalid] = "levels_invalid"
         if latency_ms is None:
-            elapsed_ms = (time.perf_counter() - started) * 1000.0
-            latency = np.full(n, elapsed_ms / max(n, 1))
+            latency = np.full(n, (time.perf_counter() - started) * 1000.0 / max(n, 1))
+        elif isinstance(latency_ms, float):
+            latency = np.full(n, latency_ms)
         else:
-            latency = np.broadcast_to(np.asarray(latency_ms, dtype=np.float64), (n,)).copy()
+            latency = np.array(latency_ms, dtype=np.float64)
         definition, card = prepared.definition, prepared.card
         batch = SignalBatch(
             signal_id=definition.signal_id, symbol=features.symbol, interval=features.interval,

@@ -27,14 +27,13 @@ from sigserve.domain import (
     Stage,
     Task,
 )
-from sigserve.errors import SigserveError, SignalNotFound, ValidationError
+from sigserve.errors import SignalNotFound, SigserveError, ValidationError
 from sigserve.stores import Candles, Store
 
 from .conftest import REOPENABLE, STORE_FACTORIES
 
 T0 = np.datetime64("2024-01-01T00:00:00", "us")
 HOUR = np.timedelta64(3_600_000_000, "us")
-NAT = np.datetime64("NaT", "us")
 
 
 def t(i: int) -> np.datetime64:
@@ -467,6 +466,29 @@ async def test_close_price_joined_from_candles(store: Store) -> None:
     assert at.batch.close.tolist() == [101.0]
 
 
+async def test_missing_counts_candle_bars_without_feature_rows(store: Store) -> None:
+    await store.write_candles("BTC", "1h", candles([0, 1, 2, 3, 4], [1.0, 2.0, 3.0, 4.0, 5.0]))
+    await store.write_candles("ETH", "1h", candles([5, 6], [1.0, 2.0]))
+    await write_rows(store, "full", ("a", "b"), [1, 2, 7], [[1.0, 1.0], [2.0, 2.0], [7.0, 7.0]])
+    await write_rows(store, "partial", ("a",), [3], [[3.0]])
+
+    window = await store.read_features("BTC", "1h", ("a", "b"))
+    assert window.batch.ts.tolist() == [t(1), t(2), t(7)]  # a row without a candle is still read
+    assert window.batch.close[:2].tolist() == [2.0, 3.0] and math.isnan(window.batch.close[2])
+    assert (window.incomplete, window.missing) == (1, 2)  # t3 incomplete; t0 and t4 have no row
+    narrow = await store.read_features("BTC", "1h", ("a", "b"), start=t(1), end=t(3))
+    assert (narrow.incomplete, narrow.missing) == (1, 0)
+    listed = await store.read_features("BTC", "1h", ("a", "b"), ts=ts_array(0, 2, 6))
+    assert listed.batch.ts.tolist() == [t(2)]
+    assert (listed.incomplete, listed.missing) == (0, 1)  # t6 has neither a candle nor a row
+    one = await store.read_features("BTC", "1h", ("a",), ts=ts_array(4))
+    assert (len(one.batch), one.incomplete, one.missing) == (0, 0, 1)
+    pinned = await store.read_features("BTC", "1h", ("a",), feature_key="partial")
+    assert pinned.batch.ts.tolist() == [t(3)] and pinned.missing == 4
+    none = await store.read_features("ETH", "1h", ("a",))
+    assert (len(none.batch), none.missing) == (0, 2)
+
+
 async def test_feature_window_stats(store: Store) -> None:
     assert await store.feature_window_stats("BTC", "1h", None, None) == (0, None, None)
     await write_rows(store, "k1", ("a",), [1, 2, 3], [[1.0], [2.0], [3.0]])
@@ -644,6 +666,16 @@ async def test_write_signals_round_trip_and_upsert(store: Store) -> None:
         (t(1), 1), (t(1), 2)]
     assert await store.write_signals(batch([], [])) == 0
     assert len(await store.read_signals("sig")) == 4
+
+
+async def test_write_signals_per_row_keys_and_flags(store: Store) -> None:
+    mixed = batch([0, 1, 2], ["buy", "hold", "sell"])
+    mixed.feature_keys = np.array(["fk1", "fk2", "fk1"], dtype=object)
+    mixed.flags = np.array(["", "stale_features", "risk:max_leverage"], dtype=object)
+    await store.write_signals(mixed)
+    rows = await store.read_signals("sig")
+    assert [(r["feature_key"], r["flags"]) for r in rows] == [
+        ("fk1", ""), ("fk2", "stale_features"), ("fk1", "risk:max_leverage")]
 
 
 @pytest.mark.parametrize("bad", [1.5, math.nan, -0.1], ids=["above-one", "nan", "negative"])

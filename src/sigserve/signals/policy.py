@@ -113,7 +113,8 @@ class PolicyPlan:
             # A regression has no probability: confidence is 0.5 at the threshold, 1 at twice it.
             scale = 2.0 * threshold if threshold > 0 else 1.0
             confidence = np.abs(value) / scale
-        confidence = np.clip(np.nan_to_num(confidence, nan=0.0), 0.0, 1.0)
+        confidence = np.clip(confidence, 0.0, 1.0)
+        confidence[np.isnan(confidence)] = 0.0
         return action, confidence
 
     def levels(self, actions: np.ndarray, close: np.ndarray,
@@ -123,34 +124,28 @@ class PolicyPlan:
 
         Returns also ``invalid``: bars that wanted levels but failed validation (a long's stop
         must sit below its entry and its target above, the reverse for a short, all > 0).
+        The arithmetic runs on the entering bars only, the same formulas for one bar or many.
         """
         n = actions.shape[0]
-        nan = np.full(n, np.nan)
-        is_long = actions == BUY
-        is_short = actions == SELL
-        entering = is_long | is_short
-        if atr is None or not entering.any():
-            return nan, nan.copy(), nan.copy(), nan.copy(), np.zeros(n, dtype=bool)
+        entry, stop, take, size = (np.full(n, np.nan) for _ in range(4))
+        invalid = np.zeros(n, dtype=bool)
+        rows = np.flatnonzero((actions == BUY) | (actions == SELL))
+        if atr is None or rows.size == 0:
+            return entry, stop, take, size, invalid
         p = self.policy
-        direction = np.where(is_long, 1.0, np.where(is_short, -1.0, np.nan))
-        entry = np.where(entering, close, np.nan)
-        stop = entry - direction * p.atr_multiplier_sl * atr
-        take = entry + direction * p.atr_multiplier_tp * atr
-        with np.errstate(invalid="ignore"):
-            valid = (
-                np.isfinite(entry) & np.isfinite(stop) & np.isfinite(take)
-                & (entry > 0) & (stop > 0) & (take > 0) & (atr > 0)
-                & np.where(is_long, (stop < entry) & (entry < take), (take < entry) & (entry < stop))
-            )
-        valid &= entering
-        invalid = entering & ~valid
-        entry = np.where(valid, entry, np.nan)
-        stop = np.where(valid, stop, np.nan)
-        take = np.where(valid, take, np.nan)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            risk_units = p.equity * p.risk_fraction / np.abs(entry - stop)
-            cap_units = p.equity * p.max_leverage / entry
-        size = np.where(valid, np.minimum(risk_units, cap_units), np.nan)
+        direction = np.where(actions[rows] == BUY, 1.0, -1.0)
+        e = close[rows]
+        a = atr[rows]
+        sl = e - direction * (p.atr_multiplier_sl * a)
+        tp = e + direction * (p.atr_multiplier_tp * a)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ok = ((a > 0) & (e > 0) & (sl > 0) & (tp > 0) & np.isfinite(tp)
+                  & (direction * (e - sl) > 0) & (direction * (tp - e) > 0))
+            qty = np.minimum(p.equity * p.risk_fraction / np.abs(e - sl),
+                             p.equity * p.max_leverage / e)
+        good, bad = rows[ok], rows[~ok]
+        entry[good], stop[good], take[good], size[good] = e[ok], sl[ok], tp[ok], qty[ok]
+        invalid[bad] = True
         return entry, stop, take, size, invalid
 
 
@@ -167,8 +162,11 @@ def resolve_positions(raw: np.ndarray, side: int) -> tuple[np.ndarray, int]:
     if entries.size == 0:
         return actions, side
     kinds = raw[entries]
-    run_starts = np.flatnonzero(np.r_[True, kinds[1:] != kinds[:-1]])
-    run_lengths = np.diff(np.r_[run_starts, kinds.size])
+    if kinds.size == 1:
+        run_starts, run_lengths = np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64)
+    else:
+        run_starts = np.flatnonzero(np.concatenate(([True], kinds[1:] != kinds[:-1])))
+        run_lengths = np.diff(np.append(run_starts, kinds.size))
     for start, length in zip(run_starts.tolist(), run_lengths.tolist(), strict=True):
         if kinds[start] == BUY:
             if side == SHORT:

@@ -176,6 +176,13 @@ def _check_signals(batch: SignalBatch) -> None:
             f"refusing {int(bad.sum())} invalid signal rows (first at ts {batch.ts[i]}Z: action code"
             f" {int(actions[i])}, confidence {confidence[i]!r}); nothing was written",
             details={"bad_rows": int(bad.sum())})
+    ts = np.asarray(batch.ts, dtype=TS_DTYPE)
+    if ts.size > 1 and not bool(np.all(ts[1:] > ts[:-1])):  # sorted unique: the usual, cheap case
+        uniq, counts = np.unique(ts, return_counts=True)
+        if (counts > 1).any():
+            dup = uniq[counts > 1][0]
+            raise ValidationError(f"duplicate signals for ts {dup}Z in one batch; nothing was written",
+                                  details={"ts": f"{dup}Z"})
     if batch.source not in ("stream", "catchup_scan", "historical_replay"):
         raise ValidationError(f"unknown source {batch.source!r}", details={"source": batch.source})
 
@@ -572,6 +579,8 @@ class DuckDBStore:
         """How many feature_keys hold rows in the window: a tiny table, not a scan."""
         if ts is not None:
             wanted = np.asarray(ts, dtype=TS_DTYPE)
+            if wanted.size == 0:
+                return 0
             start, end = wanted.min(), wanted.max()
         row = _first(con.execute(
             "SELECT count(*) FROM feature_coverage WHERE symbol=$s AND interval=$i"
