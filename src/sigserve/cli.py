@@ -20,6 +20,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -413,8 +414,9 @@ def signals_history(
         return rows[-limit:]
 
     rows = _run(work)
-    if as_json:
-        _print_json(rows)
+    if as_json:  # timestamps as everywhere else: ISO 8601 UTC (the store's are naive UTC)
+        _print_json([{**r, "ts": format_ts(r["ts"]),
+                      "created_at": r["created_at"].replace(tzinfo=UTC).isoformat()} for r in rows])
         return
     table = Table("ts", "symbol", "action", "confidence", "entry", "stop", "take", "size", "model")
     for r in rows:

@@ -390,7 +390,7 @@ async def test_invalid_levels_are_flagged_not_sent(services: Services,
             assert row["flags"] == ""
             assert (row["entry_price"] is not None) == entering
     assert len(flagged) > 20
-    await parity(services, "sig", flagged[:3] + [flagged[-1]])
+    await parity(services, "sig", [*flagged[:3], flagged[-1]])
 
 
 # --- no lookahead ---------------------------------------------------------------------------------
@@ -634,8 +634,9 @@ async def test_ts_list_mode(ready: Services, models: ModelFactory) -> None:
     await add_signal(ready, models, signal_id="whole")
     await backfill(ready, "whole")
     whole = {ts_of(r): r for r in await history(ready, "whole")}
-    picked = (bar(900), bar(30), bar(500), bar(501), bar(5), bar(500))  # unsorted, a repeat,
-    report = await backfill(ready, mode="ts-list", ts=picked)  # and bar 5 has no features
+    # unsorted, with a repeat, and bar 5 has no features
+    picked = (bar(900), bar(30), bar(500), bar(501), bar(5), bar(500))
+    report = await backfill(ready, mode="ts-list", ts=picked)
     assert report.rows_written == 4
     assert report.rows_skipped_missing_features == 1
     assert report.start == bar(5) and report.end == bar(900)
@@ -645,9 +646,8 @@ async def test_ts_list_mode(ready: Services, models: ModelFactory) -> None:
         reference = whole[ts_of(row)]
         assert row["raw_output"] == reference["raw_output"]
         assert row["confidence"] == reference["confidence"]
-    raw = action_codes(rows)
-    raw[raw == CLOSE_SHORT], raw[raw == CLOSE_LONG] = BUY, SELL
-    assert resolve_positions(raw, FLAT)[0].tolist() == action_codes(rows).tolist()
+    # positions carry through the listed bars, in ts order
+    assert resolve_positions(raw_of(rows), FLAT)[0].tolist() == action_codes(rows).tolist()
     again = await backfill(ready, mode="ts-list", ts=picked)
     assert again.rows_written == 4
     assert stable(await history(ready)) == stable(rows)
