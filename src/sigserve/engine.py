@@ -166,7 +166,7 @@ class Engine:
             start_side = FLAT
             if len(features):
                 start_side = int((await self.store.position_sides(
-                    signal_id, symbol, interval, features.ts[:1]))[0])
+                    signal_id, prepared.card.version, symbol, interval, features.ts[:1]))[0])
         batch, end_side = self.compute(prepared, features, start_side, str(Source(source)))
         written = await self.store.write_signals(batch) if write else 0
         return RunResult(batch, written, read.incomplete + read.missing, end_side)
@@ -186,7 +186,7 @@ class Engine:
         start_side = FLAT
         if len(features):
             start_side = int((await self.store.position_sides(
-                signal_id, symbol, interval, features.ts[:1]))[0])
+                signal_id, prepared.card.version, symbol, interval, features.ts[:1]))[0])
         batch, end_side = self.compute(prepared, features, start_side, str(Source(source)))
         written = await self.store.write_signals(batch) if write else 0
         return RunResult(batch, written, missing, end_side)

@@ -741,7 +741,7 @@ async def test_chunking_changes_nothing(services: Services, models: ModelFactory
 
     # reading the sides from the store, as a later chunk of another run would, agrees too
     ts = np.array([ts_of(r) for r in single], dtype=TS_DTYPE)
-    sides = await services.store.position_sides("one", BTC, INTERVAL, ts)
+    sides = await services.store.position_sides("one", single[0]["model_version"], BTC, INTERVAL, ts)
     expected = np.zeros(len(single), dtype=np.int8)
     side = FLAT
     for i, code in enumerate(action_codes(single).tolist()):

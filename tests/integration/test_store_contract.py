@@ -705,24 +705,24 @@ async def test_position_sides(store: Store) -> None:
 
     query = ts_array(0, 1, 2, 3, 4, 5, 6, 7)
     expected = [FLAT, LONG, LONG, SHORT, FLAT, FLAT, LONG, FLAT]
-    sides = await store.position_sides("sig", "BTC", "1h", query)
+    sides = await store.position_sides("sig", 1, "BTC", "1h", query)
     assert sides.tolist() == expected
     assert np.issubdtype(sides.dtype, np.integer)
     for ts, side in zip(query, expected, strict=True):  # one-ts queries agree with the vector
-        assert (await store.position_sides("sig", "BTC", "1h", np.array([ts]))).tolist() == [side]
+        assert (await store.position_sides("sig", 1, "BTC", "1h", np.array([ts]))).tolist() == [side]
     # Strictly before: a query between bars sees the bar before it.
-    assert (await store.position_sides("sig", "BTC", "1h", np.array([t(2) + 1]))).tolist() == [SHORT]
-    unsorted = await store.position_sides("sig", "BTC", "1h", ts_array(7, 0, 3, 3, 1))
+    assert (await store.position_sides("sig", 1, "BTC", "1h", np.array([t(2) + 1]))).tolist() == [SHORT]
+    unsorted = await store.position_sides("sig", 1, "BTC", "1h", ts_array(7, 0, 3, 3, 1))
     assert unsorted.tolist() == [FLAT, FLAT, SHORT, SHORT, LONG]
-    assert (await store.position_sides("sig", "ETH", "1h", ts_array(1, 2))).tolist() == [SHORT, SHORT]
-    assert (await store.position_sides("sig", "SOL", "1h", ts_array(1, 2))).tolist() == [FLAT, FLAT]
-    assert (await store.position_sides("sig", "BTC", "1h", np.array([], dtype="datetime64[us]"))).shape == (0,)
+    assert (await store.position_sides("sig", 1, "ETH", "1h", ts_array(1, 2))).tolist() == [SHORT, SHORT]
+    assert (await store.position_sides("sig", 1, "SOL", "1h", ts_array(1, 2))).tolist() == [FLAT, FLAT]
+    assert (await store.position_sides("sig", 1, "BTC", "1h", np.array([], dtype="datetime64[us]"))).shape == (0,)
 
 
 async def test_position_sides_bulk(store: Store) -> None:
     await store.write_signals(batch([10, 20], ["buy", "sell"]))
     query = T0 + np.arange(6_000) * HOUR
-    sides = await store.position_sides("sig", "BTC", "1h", query)
+    sides = await store.position_sides("sig", 1, "BTC", "1h", query)
     expected = np.full(6_000, FLAT)
     expected[11:21] = LONG
     expected[21:] = SHORT

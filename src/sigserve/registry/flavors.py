@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
+import subprocess
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +39,7 @@ from typing import Any
 from ..domain import Task
 from ..errors import ValidationError, missing_extra
 
-__all__ = ["FLAVORS", "ModelInspection", "inspect_model"]
+__all__ = ["FLAVORS", "ModelInspection", "check_lightgbm_text", "inspect_model", "probe_main"]
 
 FLAVORS = ("lightgbm", "xgboost", "onnx", "sklearn")
 
@@ -70,12 +73,20 @@ class ModelInspection:
     extra: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable facts
 
 
-def inspect_model(path: Path, *, trust_pickle: bool = False) -> ModelInspection:
+def inspect_model(
+    path: Path, *, trust_pickle: bool = False, isolate: bool = True
+) -> ModelInspection:
     """Recognise the model file at ``path``, load it with its library and describe it.
 
     Raises :class:`~sigserve.errors.ValidationError` for an unknown format, a file its library
     refuses, or a pickle (or a skops file with foreign types) when ``trust_pickle`` is False;
     ``missing_extra`` errors name the extra to install for an absent optional library.
+
+    The native loaders (LightGBM, XGBoost UBJ, ...) trust their input and can crash the whole
+    process on a truncated or tampered file. With ``isolate`` (the default) the file is first
+    loaded, and predicted on a few rows, in a child process (about a second, at registration
+    only); a crash there is refused as an invalid file. LightGBM text is also checked for
+    structure (tree offsets, node and feature indices) before LightGBM reads it.
     """
     path = Path(path)
     if not path.is_file():
@@ -85,17 +96,21 @@ def inspect_model(path: Path, *, trust_pickle: bool = False) -> ModelInspection:
     suffix = path.suffix.lower()
 
     if suffix in _PICKLE_EXTS or head[:1] == b"\x80":
-        return _inspect_pickle(path, trust_pickle)
+        return _inspect_pickle(path, trust_pickle, isolate)
     if head.startswith(b"tree") and (b"version=v" in head or b"num_class=" in head):
+        check_lightgbm_text(path.read_bytes())
+        _probe(path, "lightgbm", isolate)
         return _inspect_lightgbm(path)
     if head[:1] == b"{" and head[1:2] in _UBJ_LENGTH_MARKERS and b"learner" in head[:64]:
+        _probe(path, "xgboost", isolate)
         return _inspect_xgboost(path, ".ubj")
     if head.lstrip()[:1] == b"{" and _is_xgboost_json(path, head):
+        _probe(path, "xgboost", isolate)
         return _inspect_xgboost(path, ".json")
     if head.startswith(b"PK\x03\x04") and _is_skops(path):
-        return _inspect_skops(path, trust_pickle)
+        return _inspect_skops(path, trust_pickle, isolate)
     if suffix == ".onnx" or head[:1] == b"\x08":
-        found = _inspect_onnx(path, strict=suffix == ".onnx")
+        found = _inspect_onnx(path, strict=suffix == ".onnx", isolate=isolate)
         if found is not None:
             return found
     raise ValidationError(
@@ -253,7 +268,7 @@ _ONNX_FLOAT = {1: "float32", 11: "float64"}  # onnx.TensorProto.FLOAT / DOUBLE
 _ONNX_LABEL_TYPES = frozenset({6, 7, 8})  # INT32, INT64, STRING
 
 
-def _inspect_onnx(path: Path, *, strict: bool) -> ModelInspection | None:
+def _inspect_onnx(path: Path, *, strict: bool, isolate: bool) -> ModelInspection | None:
     """Describe an ONNX model; None when the file is not ONNX and ``strict`` is False."""
     onnx = _import("onnx", "onnx")
     try:
@@ -267,6 +282,7 @@ def _inspect_onnx(path: Path, *, strict: bool) -> ModelInspection | None:
     if not strict and not graph.node:
         return None
     ort = _import("onnxruntime", "onnx")
+    _probe(path, "onnx", isolate)
     try:
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -369,7 +385,7 @@ def _is_skops(path: Path) -> bool:
         return False
 
 
-def _inspect_skops(path: Path, trust_pickle: bool) -> ModelInspection:
+def _inspect_skops(path: Path, trust_pickle: bool, isolate: bool) -> ModelInspection:
     _import("sklearn", "sklearn")
     sio = _import("skops.io", "sklearn")
     from ..runtimes.sklearn_rt import load_sklearn_model
@@ -385,6 +401,7 @@ def _inspect_skops(path: Path, trust_pickle: bool) -> ModelInspection:
             f"({', '.join(foreign)}); " + _TRUST_HINT,
             details={"path": str(path), "untrusted_types": foreign},
         )
+    _probe(path, "sklearn", isolate)
     try:
         model = load_sklearn_model(path, trusted_types=untrusted)
     except Exception as exc:
@@ -392,7 +409,7 @@ def _inspect_skops(path: Path, trust_pickle: bool) -> ModelInspection:
     return _describe_sklearn(model, ".skops", path)
 
 
-def _inspect_pickle(path: Path, trust_pickle: bool) -> ModelInspection:
+def _inspect_pickle(path: Path, trust_pickle: bool, isolate: bool) -> ModelInspection:
     if not trust_pickle:
         raise ValidationError(
             f"refusing to load the pickle {path.name}: " + _TRUST_HINT,
@@ -401,6 +418,7 @@ def _inspect_pickle(path: Path, trust_pickle: bool) -> ModelInspection:
     _import("sklearn", "sklearn")
     from ..runtimes.sklearn_rt import load_sklearn_model
 
+    _probe(path, "sklearn", isolate)
     try:
         model = load_sklearn_model(path)
     except ValidationError:

@@ -132,10 +132,14 @@ class Store(Protocol):
     async def write_signals(self, batch: SignalBatch) -> int:
         """Upsert on (signal_id, model_version, symbol, interval, ts), one transaction."""
 
-    async def position_sides(self, signal_id: str, symbol: str, interval: str,
+    async def position_sides(self, signal_id: str, model_version: int, symbol: str, interval: str,
                              before: np.ndarray) -> np.ndarray:
         """For each ts in ``before``: the side (LONG/SHORT/FLAT) after the newest non-hold,
-        non-shadow signal of that signal+symbol strictly before it."""
+        non-shadow signal of that signal, model version and symbol strictly before it.
+
+        Scoped by model version so that every version's history is consistent on its own: a new
+        champion starts from its own rows (backfill it to build them), never from a mix.
+        """
 
     async def last_signal_ts(self, signal_id: str, symbol: str,
                              interval: str) -> np.datetime64 | None: ...

@@ -27,8 +27,10 @@ import numpy as np
 import pyarrow as pa
 
 from ..domain import (
+    ACTION_CODE,
     ACTIONS,
     FLAT,
+    HOLD,
     LONG,
     SHORT,
     FeatureBatch,
@@ -125,6 +127,7 @@ MIGRATIONS.append((
 ))
 
 _SIDE_OF_ACTION = {"buy": LONG, "sell": SHORT, "close_long": FLAT, "close_short": FLAT}
+_SIDE_OF_CODE = {ACTION_CODE[a]: side for a, side in _SIDE_OF_ACTION.items()}
 
 
 def _first(rows: list[Any]) -> Any:
@@ -210,6 +213,9 @@ class DuckDBStore:
         self._con: Any = None
         self._lock = threading.RLock()
         self._feature_sets: dict[str, tuple[str, ...]] = {}
+        # newest (ts, side) per (signal_id, model_version, symbol, interval); see _remember_position
+        self._positions: dict[tuple[str, int, str, str], tuple[np.datetime64, int]] = {}
+        self._coverage: dict[tuple[str, str], list[tuple[str, np.datetime64, np.datetime64]]] = {}
 
     # --- lifecycle ------------------------------------------------------------------------
     async def open(self) -> None:
@@ -519,6 +525,9 @@ class DuckDBStore:
         except ValidationError:
             self._feature_sets.pop(feature_key, None)
             raise
+        finally:
+            for symbol in set(np.asarray(symbols, dtype=object).tolist()):
+                self._coverage.pop((symbol, interval), None)
         return result
 
     async def read_features(self, symbol: str, interval: str, names: tuple[str, ...], *,
@@ -573,20 +582,24 @@ class DuckDBStore:
 
         return await self._bulk(rows_hint, work)
 
-    @staticmethod
-    def _keys_overlap(con: Any, symbol: str, interval: str, start: np.datetime64 | None,
+    def _keys_overlap(self, con: Any, symbol: str, interval: str, start: np.datetime64 | None,
                       end: np.datetime64 | None, ts: np.ndarray | None) -> int:
-        """How many feature_keys hold rows in the window: a tiny table, not a scan."""
+        """How many feature_keys hold rows in the window, from the coverage kept in memory
+        (this process is DuckDB's only writer, so it sees every change)."""
         if ts is not None:
             wanted = np.asarray(ts, dtype=TS_DTYPE)
             if wanted.size == 0:
                 return 0
             start, end = wanted.min(), wanted.max()
-        row = _first(con.execute(
-            "SELECT count(*) FROM feature_coverage WHERE symbol=$s AND interval=$i"
-            " AND ($a IS NULL OR last_ts >= $a) AND ($b IS NULL OR first_ts <= $b)",
-            {"s": symbol, "i": interval, "a": _ts_py(start), "b": _ts_py(end)}).fetchall())
-        return int(row[0]) if row else 0
+        spans = self._coverage.get((symbol, interval))
+        if spans is None:
+            rows = con.execute(
+                "SELECT feature_key, first_ts, last_ts FROM feature_coverage WHERE symbol=$s"
+                " AND interval=$i", {"s": symbol, "i": interval}).fetchall()
+            spans = [(r[0], np.datetime64(r[1], "us"), np.datetime64(r[2], "us")) for r in rows]
+            self._coverage[(symbol, interval)] = spans
+        return sum(1 for _, first, last in spans
+                   if (start is None or last >= start) and (end is None or first <= end))
 
     def _assemble(self, con: Any, table: pa.Table, candles: pa.Table, symbol: str, interval: str,
                   names: tuple[str, ...]) -> FeatureRead:
@@ -843,26 +856,33 @@ class DuckDBStore:
                         f" latency_ms, {flags_sql}, $shadow, $now FROM incoming_signals", params)
                     return n
 
-                return self._transaction(con, txn)
+                written = self._transaction(con, txn)
+                self._remember_position(con, batch)
+                return written
             finally:
                 con.unregister("incoming_signals")
 
         return await self._bulk(n, work)
 
-    async def position_sides(self, signal_id: str, symbol: str, interval: str,
+    async def position_sides(self, signal_id: str, model_version: int, symbol: str, interval: str,
                              before: np.ndarray) -> np.ndarray:
         before = np.asarray(before, dtype=TS_DTYPE)
         sides = np.full(before.shape[0], FLAT, dtype=np.int8)
         if before.size == 0:
             return sides
-        base = ("FROM signal_history WHERE signal_id=$sid AND symbol=$sym AND interval=$itv"
-                " AND action <> 'hold' AND NOT shadow")
-        params: dict[str, Any] = {"sid": signal_id, "sym": symbol, "itv": interval}
+        base = ("FROM signal_history WHERE signal_id=$sid AND model_version=$ver AND symbol=$sym"
+                " AND interval=$itv AND action <> 'hold' AND NOT shadow")
+        params: dict[str, Any] = {"sid": signal_id, "ver": model_version, "sym": symbol,
+                                  "itv": interval}
         if before.size == 1:
+            latest = self._positions.get((signal_id, model_version, symbol, interval))
+            if latest is not None and before[0] > latest[0]:
+                sides[0] = latest[1]  # the live case: a bar after everything written so far
+                return sides
             params["t"] = _ts_py(before[0])
             with self._guard():
-                row = _first(self._con.execute(f"SELECT action {base} AND ts < $t ORDER BY ts DESC LIMIT 1",
-                                        params).fetchall())
+                row = _first(self._con.execute(
+                    f"SELECT action {base} AND ts < $t ORDER BY ts DESC LIMIT 1", params).fetchall())
             if row:
                 sides[0] = _SIDE_OF_ACTION[row[0]]
             return sides
@@ -882,6 +902,32 @@ class DuckDBStore:
             if action is not None:
                 sides[i] = _SIDE_OF_ACTION[action]
         return sides
+
+    def _remember_position(self, con: Any, batch: SignalBatch) -> None:
+        """Keep the newest side per (signal, version, symbol, interval) after a committed write.
+
+        DuckDB admits one writing process per file, so this process sees every write. An append
+        (every ts after the remembered one) updates it in memory; any other write recomputes it.
+        """
+        if batch.shadow:
+            return
+        key = (batch.signal_id, batch.model_version, batch.symbol, batch.interval)
+        latest = self._positions.get(key)
+        lo, hi = batch.ts.min(), batch.ts.max()
+        if latest is not None and lo > latest[0]:
+            entries = np.flatnonzero(batch.action != HOLD)
+            side = latest[1] if entries.size == 0 else _SIDE_OF_CODE[int(batch.action[entries[-1]])]
+            self._positions[key] = (hi, side)
+            return
+        row = _first(con.execute(
+            "SELECT max(ts), arg_max(action, ts) FILTER (WHERE action <> 'hold') FROM signal_history"
+            " WHERE signal_id=$sid AND model_version=$ver AND symbol=$sym AND interval=$itv"
+            " AND NOT shadow",
+            {"sid": batch.signal_id, "ver": batch.model_version, "sym": batch.symbol,
+             "itv": batch.interval}).fetchall())
+        if row and row[0] is not None:
+            self._positions[key] = (np.datetime64(row[0], "us"),
+                                    _SIDE_OF_ACTION[row[1]] if row[1] else FLAT)
 
     async def last_signal_ts(self, signal_id: str, symbol: str,
                              interval: str) -> np.datetime64 | None:
