@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +16,8 @@ import pytest
 
 from sigserve.domain import Task
 from sigserve.errors import ValidationError
-from sigserve.registry.flavors import ModelInspection, inspect_model
+from sigserve.registry import flavors
+from sigserve.registry.flavors import ModelInspection, check_lightgbm_text, inspect_model
 from tests.fixtures import models as fx
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,13 +67,13 @@ def test_feature_names_come_from_the_model_in_order(
     tmp_path: Path, trainer: Callable[[Path, list[str]], Path]
 ) -> None:
     names = ["rsi_14", "atr_14", "ret_1"]
-    info = inspect_model(trainer(tmp_path, names))
+    info = inspect_model(trainer(tmp_path, names), isolate=False)
     assert info.feature_names == tuple(names)
     assert info.n_features == 3
 
 
 def test_lightgbm_header_facts(tmp_path: Path) -> None:
-    info = inspect_model(fx.train_lightgbm(tmp_path, "multiclass", n_trees=7))
+    info = inspect_model(fx.train_lightgbm(tmp_path, "multiclass", n_trees=7), isolate=False)
     assert info.extra["objective"].startswith("multiclass")
     assert info.extra["num_class"] == 3
     assert info.extra["num_trees"] == 21  # 7 rounds x 3 classes
@@ -78,20 +81,20 @@ def test_lightgbm_header_facts(tmp_path: Path) -> None:
 
 
 def test_xgboost_objective_and_rounds(tmp_path: Path) -> None:
-    info = inspect_model(fx.train_xgboost(tmp_path, "regression", "json", n_trees=5))
+    info = inspect_model(fx.train_xgboost(tmp_path, "regression", "json", n_trees=5), isolate=False)
     assert info.extra["objective"] == "reg:squarederror"
     assert info.extra["num_boosted_rounds"] == 5
 
 
 def test_onnx_facts(tmp_path: Path) -> None:
-    info = inspect_model(fx.train_onnx(tmp_path, "multiclass"))
+    info = inspect_model(fx.train_onnx(tmp_path, "multiclass"), isolate=False)
     assert info.extra["input_dtype"] == "float32"
     assert "TreeEnsembleClassifier" in info.extra["ops"]
     assert "ZipMap" not in info.extra["ops"]
 
 
 def test_sklearn_facts(tmp_path: Path) -> None:
-    info = inspect_model(fx.train_sklearn(tmp_path, "binary", "skops"))
+    info = inspect_model(fx.train_sklearn(tmp_path, "binary", "skops"), isolate=False)
     assert info.extra["estimator"].endswith("HistGradientBoostingClassifier")
 
 
@@ -110,7 +113,7 @@ def test_detection_is_by_content_not_extension(
     tmp_path: Path, trainer: Callable[[Path], Path], new_name: str, flavor: str
 ) -> None:
     renamed = trainer(tmp_path).rename(tmp_path / new_name)
-    info = inspect_model(renamed)
+    info = inspect_model(renamed)  # the isolated probe loads it by content too
     assert info.flavor == flavor
     assert info.task is Task.BINARY
 
@@ -162,6 +165,84 @@ def test_corrupt_files_are_refused_at_inspection(
         inspect_model(path)
 
 
+@pytest.fixture(scope="module")
+def lgb_text(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return fx.train_lightgbm(tmp_path_factory.mktemp("lgb"), "binary", n_trees=5).read_bytes()
+
+
+def test_lightgbm_structure_check_refuses_every_truncation(lgb_text: bytes) -> None:
+    # LightGBM trusts tree_sizes and reads out of bounds (or aborts) on a truncated file, so
+    # the check must catch every cut before LightGBM sees the text.
+    check_lightgbm_text(lgb_text)
+    end = lgb_text.index(b"end of trees")
+    for cut in range(0, end, max(1, end // 200)):
+        with pytest.raises(ValidationError, match="invalid LightGBM model"):
+            check_lightgbm_text(lgb_text[:cut])
+
+
+def _fix_tree_sizes(text: bytes) -> bytes:
+    """Recompute tree_sizes after an edit, as a careful forger would."""
+    start = text.index(b"\nTree=") + 1
+    end = text.index(b"\nend of trees") + 1
+    starts = [m.start() for m in re.finditer(rb"^Tree=\d+\r?$", text[start:end], re.M)]
+    sizes = [b - a for a, b in itertools.pairwise([*starts, end - start])]
+    line = b"tree_sizes=" + b" ".join(b"%d" % n for n in sizes)
+    return re.sub(rb"^tree_sizes=[0-9 ]*$", line, text, count=1, flags=re.M)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "new", "reason"),
+    [
+        (rb"split_feature=\d+", b"split_feature=99", "uses a feature beyond 8"),
+        (rb"left_child=-?\d+", b"left_child=-9999", "left_child of node 0 is -9999"),
+        (rb"right_child=-?\d+", b"right_child=0", "right_child of node 0 is 0"),
+        (rb"num_leaves=\d+", b"num_leaves=99", "leaf_value does not hold 99"),
+        (rb"decision_type=\d+", b"decision_type=1", "categorical split 0 out of range"),
+        (rb"threshold=\S+ ", b"threshold=", "threshold does not hold"),
+        (rb"max_feature_idx=7", b"max_feature_idx=x", "max_feature_idx"),
+        (rb"tree_sizes=\d+", b"tree_sizes=1", "tree_sizes do not match"),
+    ],
+)
+def test_lightgbm_structure_check_refuses_tampering(
+    tmp_path: Path, lgb_text: bytes, pattern: bytes, new: bytes, reason: str
+) -> None:
+    tampered = re.sub(pattern, new, lgb_text, count=1)
+    assert tampered != lgb_text
+    if not pattern.startswith(b"tree_sizes"):
+        tampered = _fix_tree_sizes(tampered)
+    with pytest.raises(ValidationError, match=reason):
+        check_lightgbm_text(tampered)
+    path = tmp_path / "tampered.txt"
+    path.write_bytes(tampered)
+    with pytest.raises(ValidationError, match="invalid LightGBM model"):
+        inspect_model(path, isolate=False)
+
+
+def test_fixed_tree_sizes_helper_is_faithful(lgb_text: bytes) -> None:
+    assert _fix_tree_sizes(lgb_text) == lgb_text
+
+
+def test_a_library_crash_is_contained_and_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = fx.train_xgboost(tmp_path, fmt="ubj")
+    monkeypatch.setattr(flavors, "_PROBE_CODE",
+                        "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    with pytest.raises(ValidationError, match=r"crashed \(signal 11\)") as err:
+        inspect_model(path)
+    assert err.value.details["signal"] == 11
+
+
+def test_truncated_ubj_never_crashes_the_caller(tmp_path: Path) -> None:
+    # XGBoost's UBJ reader can segfault on a truncated file; the isolated probe takes the hit.
+    data = fx.train_xgboost(tmp_path, fmt="ubj").read_bytes()
+    path = tmp_path / "cut.ubj"
+    for cut in range(64, len(data), len(data) // 8):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValidationError):
+            inspect_model(path)
+
+
 class _Bomb:
     """Unpickling this touches a marker file: proof that a pickle was (not) executed."""
 
@@ -187,11 +268,12 @@ def test_trusted_pickle_must_hold_an_estimator(tmp_path: Path) -> None:
     path = tmp_path / "model.pkl"
     path.write_bytes(pickle.dumps({"not": "a model"}))
     with pytest.raises(ValidationError, match="not a fitted scikit-learn estimator"):
-        inspect_model(path, trust_pickle=True)
+        inspect_model(path, trust_pickle=True, isolate=False)
 
 
 def test_trusted_pickle_loads(tmp_path: Path) -> None:
-    info = inspect_model(fx.train_sklearn(tmp_path, "multiclass", "pkl"), trust_pickle=True)
+    info = inspect_model(fx.train_sklearn(tmp_path, "multiclass", "pkl"), trust_pickle=True,
+                         isolate=False)
     assert (info.flavor, info.ext, info.task) == ("sklearn", ".pkl", Task.MULTICLASS)
 
 
@@ -206,7 +288,7 @@ def test_skops_with_foreign_types_needs_trust(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="--trust-pickle") as err:
         inspect_model(path)
     assert "lightgbm.sklearn.LGBMClassifier" in err.value.details["untrusted_types"]
-    info = inspect_model(path, trust_pickle=True)
+    info = inspect_model(path, trust_pickle=True, isolate=False)
     assert (info.flavor, info.task, info.classes) == ("sklearn", Task.BINARY, ("0", "1"))
 
 
@@ -225,7 +307,7 @@ def test_missing_library_names_the_extra(
     path = trainer(tmp_path)
     monkeypatch.setitem(sys.modules, module, None)  # import now raises ImportError
     with pytest.raises(ValidationError, match=rf"sigserve\[{extra}\]") as err:
-        inspect_model(path)
+        inspect_model(path, isolate=False)
     assert err.value.details["extra"] == extra
 
 
@@ -234,7 +316,7 @@ def test_custom_objective_leaves_the_task_open(tmp_path: Path) -> None:
     text = src.read_text().replace("objective=regression", "objective=custom", 1)
     path = tmp_path / "custom.txt"
     path.write_text(text)
-    info = inspect_model(path)
+    info = inspect_model(path, isolate=False)
     assert info.task is None and info.classes is None
 
 
@@ -254,5 +336,5 @@ def test_inspection_leaves_the_file_alone(tmp_path: Path) -> None:
     path = fx.train_lightgbm(tmp_path)
     copy = tmp_path / "copy.txt"
     shutil.copy(path, copy)
-    inspect_model(path)
+    inspect_model(path, isolate=False)
     assert path.read_bytes() == copy.read_bytes()

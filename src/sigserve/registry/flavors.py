@@ -25,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import os
 import re
@@ -147,7 +148,228 @@ def _class_labels(task: Task | None, n_class: int) -> tuple[str, ...] | None:
     return None
 
 
+# --- isolation probe ---------------------------------------------------------------------------
+
+_PROBE_TIMEOUT_S = 300
+_PROBE_ROWS = 16
+_PROBE_MISSING = 4  # exit status of probe_main for a missing optional library
+_PROBE_CODE = (
+    "import sys; from sigserve.registry.flavors import probe_main; "
+    "sys.exit(probe_main(sys.argv[1], sys.argv[2]))"
+)
+
+
+def _probe(path: Path, flavor: str, isolate: bool) -> None:
+    """Load ``path`` and predict a few rows in a child process; refuse the file if that fails."""
+    if not isolate:
+        return
+    paths = [p or os.getcwd() for p in sys.path]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _PROBE_CODE, flavor, str(path)],
+            capture_output=True, text=True, errors="replace", env=env,
+            timeout=_PROBE_TIMEOUT_S, check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ValidationError(
+            f"loading {path.name} with {flavor} took over {_PROBE_TIMEOUT_S} s",
+            details={"path": str(path), "flavor": flavor},
+        ) from exc
+    if done.returncode == 0:
+        return
+    if done.returncode < 0:
+        raise ValidationError(
+            f"{flavor} crashed (signal {-done.returncode}) loading {path.name}: the file is "
+            "corrupt or was tampered with",
+            details={"path": str(path), "flavor": flavor, "signal": -done.returncode},
+        )
+    lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
+    if done.returncode == _PROBE_MISSING and lines:
+        module, _, extra = lines[-1].partition(" ")
+        raise missing_extra(module, extra)
+    reason = lines[-1] if lines else f"exit status {done.returncode}"
+    raise ValidationError(
+        f"{flavor} could not load and predict with {path.name}: {reason}",
+        details={"path": str(path), "flavor": flavor},
+    )
+
+
+def probe_main(flavor: str, path_text: str) -> int:
+    """The child side of the isolation probe: load the model, predict a few rows, exit 0.
+
+    Exit 3 with the reason on stderr when the library refuses the file; 4 with ``module extra``
+    when an optional library is missing; a native crash ends the process by a signal.
+    """
+    import warnings
+
+    import numpy as np
+
+    warnings.simplefilter("ignore")
+    if flavor in ("lightgbm", "xgboost"):
+        # their optional scikit-learn and pandas integrations cost ~2 s of imports here
+        for optional in ("sklearn", "pandas"):
+            sys.modules.setdefault(optional, None)  # type: ignore[arg-type]
+    path = Path(path_text)
+    rows = np.random.default_rng(0).normal(size=(_PROBE_ROWS, 1))
+    try:
+        if flavor == "lightgbm":
+            import lightgbm
+
+            booster = lightgbm.Booster(model_file=str(path))
+            x = np.resize(rows, (_PROBE_ROWS, booster.num_feature()))
+            booster.predict(x)
+            booster.predict(x[:1])
+        elif flavor == "xgboost":
+            from ..runtimes.xgboost_rt import load_booster
+
+            xgb = load_booster(path)
+            x = np.resize(rows, (_PROBE_ROWS, xgb.num_features()))
+            xgb.inplace_predict(x, validate_features=False)
+        elif flavor == "onnx":
+            ort = _import("onnxruntime", "onnx")
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            inp = session.get_inputs()[0]
+            n = inp.shape[-1] if isinstance(inp.shape[-1], int) else None
+            names = session.get_modelmeta().custom_metadata_map.get("feature_names")
+            n = n or (len(names.split(",")) if names else None)
+            if n:
+                dtype = np.float32 if inp.type == "tensor(float)" else np.float64
+                session.run(None, {inp.name: np.resize(rows, (_PROBE_ROWS, n)).astype(dtype)})
+        else:
+            from ..runtimes.sklearn_rt import load_sklearn_model
+
+            model = load_sklearn_model(path)
+            n = getattr(model, "n_features_in_", None)
+            if n:
+                fn = getattr(model, "predict_proba", None) or model.predict
+                fn(np.resize(rows, (_PROBE_ROWS, int(n))))
+    except ValidationError as exc:
+        if exc.details.get("extra"):
+            print(f"{exc.details['module']} {exc.details['extra']}", file=sys.stderr)
+            return _PROBE_MISSING
+        print(exc.message, file=sys.stderr)
+        return 3
+    except Exception as exc:
+        print(" ".join(f"{type(exc).__name__}: {exc}".split())[:500], file=sys.stderr)
+        return 3
+    return 0
+
+
 # --- LightGBM --------------------------------------------------------------------------------
+
+
+def _invalid_lightgbm(reason: str) -> ValidationError:
+    return ValidationError(f"invalid LightGBM model: {reason}", details={"reason": reason})
+
+
+def _ints(kv: dict[str, str], key: str, count: int, tree: int) -> list[int]:
+    try:
+        values = [int(v) for v in kv.get(key, "").split()]
+    except ValueError as exc:
+        raise _invalid_lightgbm(f"tree {tree}: {key} holds a non-integer") from exc
+    if len(values) != count:
+        raise _invalid_lightgbm(f"tree {tree}: {key} has {len(values)} values, expected {count}")
+    return values
+
+
+def _check_tree(block: str, tree: int, n_features: int) -> None:
+    kv: dict[str, str] = {}
+    for line in block.splitlines()[1:]:
+        key, sep, value = line.partition("=")
+        if sep:
+            kv[key] = value
+    try:
+        num_leaves = int(kv["num_leaves"])
+        num_cat = int(kv.get("num_cat", "0"))
+    except (KeyError, ValueError) as exc:
+        raise _invalid_lightgbm(f"tree {tree}: bad or missing num_leaves/num_cat") from exc
+    if num_leaves < 1 or num_cat < 0:
+        raise _invalid_lightgbm(f"tree {tree}: num_leaves={num_leaves} num_cat={num_cat}")
+    if len(kv.get("leaf_value", "").split()) != num_leaves:
+        raise _invalid_lightgbm(f"tree {tree}: leaf_value does not hold {num_leaves} values")
+    if num_leaves == 1:
+        return
+    n = num_leaves - 1
+    if any(not 0 <= f < n_features for f in _ints(kv, "split_feature", n, tree)):
+        raise _invalid_lightgbm(f"tree {tree}: a split uses a feature beyond {n_features}")
+    thresholds = kv.get("threshold", "").split()
+    if len(thresholds) != n:
+        raise _invalid_lightgbm(f"tree {tree}: threshold does not hold {n} values")
+    decision = _ints(kv, "decision_type", n, tree)
+    for side in ("left_child", "right_child"):
+        for node, child in enumerate(_ints(kv, side, n, tree)):
+            # internal children come after their parent (so no cycles); leaves are ~index
+            if not (node < child < n or -num_leaves <= child <= -1):
+                raise _invalid_lightgbm(f"tree {tree}: {side} of node {node} is {child}")
+    if num_cat:
+        bounds = _ints(kv, "cat_boundaries", num_cat + 1, tree)
+        if bounds[0] != 0 or any(b < a for a, b in itertools.pairwise(bounds)):
+            raise _invalid_lightgbm(f"tree {tree}: cat_boundaries are not increasing from 0")
+        _ints(kv, "cat_threshold", bounds[-1], tree)
+    for node, kind in enumerate(decision):
+        if kind & 1:  # a categorical split: its threshold indexes cat_boundaries
+            try:
+                idx = int(float(thresholds[node]))
+            except ValueError as exc:
+                raise _invalid_lightgbm(f"tree {tree}: bad categorical threshold") from exc
+            if not 0 <= idx < num_cat:
+                raise _invalid_lightgbm(f"tree {tree}: categorical split {node} out of range")
+    if kv.get("is_linear", "0").strip() == "1":
+        try:
+            used = [int(v) for v in kv.get("leaf_features", "").split()]
+        except ValueError as exc:
+            raise _invalid_lightgbm(f"tree {tree}: leaf_features holds a non-integer") from exc
+        if any(not 0 <= f < n_features for f in used):
+            raise _invalid_lightgbm(f"tree {tree}: a linear leaf uses a feature beyond "
+                                    f"{n_features}")
+
+
+def check_lightgbm_text(data: bytes) -> None:
+    """Check a LightGBM text model's structure before LightGBM parses it.
+
+    LightGBM trusts its ``tree_sizes`` offsets and its node and feature indices: a truncated or
+    tampered file makes it read out of bounds or abort the process. This checks that the file
+    reaches ``end of trees``, that every tree lies where ``tree_sizes`` says, and that every split
+    names an existing feature and existing child nodes.
+    """
+    start = data.find(b"\nTree=") + 1
+    end = data.find(b"\nend of trees") + 1
+    if start <= 0 or end <= start:
+        raise _invalid_lightgbm("no trees, or the file is truncated (no 'end of trees')")
+    header: dict[str, str] = {}
+    for line in data[:start].decode("utf-8", errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            header[key.strip()] = value.strip()
+    try:
+        n_features = int(header["max_feature_idx"]) + 1
+    except (KeyError, ValueError) as exc:
+        raise _invalid_lightgbm("bad or missing max_feature_idx") from exc
+    if n_features < 1:
+        raise _invalid_lightgbm(f"max_feature_idx={n_features - 1}")
+    region = data[start:end]
+    blocks: list[bytes] = []
+    if "tree_sizes" in header:
+        try:
+            sizes = [int(v) for v in header["tree_sizes"].split()]
+        except ValueError as exc:
+            raise _invalid_lightgbm("tree_sizes holds a non-integer") from exc
+        if any(size <= 0 for size in sizes) or sum(sizes) != len(region):
+            raise _invalid_lightgbm("tree_sizes do not match the trees in the file")
+        offset = 0
+        for i, size in enumerate(sizes):
+            block = region[offset : offset + size]
+            if not re.match(rb"Tree=%d\r?\n" % i, block):
+                raise _invalid_lightgbm(f"tree {i} is not where tree_sizes puts it")
+            blocks.append(block)
+            offset += size
+    else:
+        blocks = [b"Tree=" + part for part in region.split(b"Tree=")[1:]]
+    for i, block in enumerate(blocks):
+        _check_tree(block.decode("utf-8", errors="replace"), i, n_features)
+
+
 
 
 def _lightgbm_header(path: Path) -> dict[str, str]:

@@ -133,6 +133,17 @@ class ModelRegistry:
                 known = await self.store.list_models(name)
                 if not known:
                     raise ModelNotFound(f"no model named {name!r}", details={"name": name})
+                # The alias's last holder was retired or rejected: that is a lifecycle refusal,
+                # not an unknown model (the signal and the model both exist).
+                holders = [e for e in await self.store.model_events(name) if e["to"] == stage.value]
+                if holders:
+                    last = next(c for c in known if c.version == holders[-1]["version"])
+                    if last.stage not in SERVABLE_STAGES:
+                        raise ModelLifecycleRefused(
+                            f"{name}{ref} was version {last.version}, which is {last.stage}:"
+                            " promote another version", details={"name": name, "alias": ref,
+                                                                 "version": last.version,
+                                                                 "stage": str(last.stage)})
                 raise ModelNotFound(f"no version of {name!r} holds the alias {ref}",
                                     details={"name": name, "alias": ref})
             return versions[-1]

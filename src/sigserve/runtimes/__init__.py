@@ -177,7 +177,7 @@ def load_runtime(card: ModelCard, path: Path, *, threads: int = 2) -> Runtime:
 
         runtime = SklearnRuntime(path, task)
     _check_against_card(runtime, card, task)
-    return runtime  # type: ignore[no-any-return]
+    return runtime
 
 
 def _check_against_card(runtime: Any, card: ModelCard, task: Task) -> None:

@@ -9,6 +9,7 @@ through ``Booster.predict`` instead.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 from pathlib import Path
@@ -70,10 +71,8 @@ class _SingleRow:
     def __del__(self) -> None:
         config = getattr(self, "_config", None)
         if config is not None and config.value:
-            try:
+            with contextlib.suppress(Exception):  # interpreter shutdown
                 self._lib.LGBM_FastConfigFree(config)
-            except Exception:  # pragma: no cover - interpreter shutdown
-                pass
             config.value = None
 
 
@@ -106,6 +105,7 @@ class LightGBMRuntime:
         n = x.shape[0]
         if n == 0:
             return np.empty((0, self.width), dtype=np.float64)
+        raw: Any
         if n == 1 and self._single is not None:
             raw = self._single.predict(x[0])
         else:
