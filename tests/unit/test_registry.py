@@ -243,8 +243,9 @@ async def test_retired_or_rejected_is_never_served(services: Services, model_dir
     assert code_of(err) == "model_lifecycle_refused"
     assert err.value.details["stage"] == str(ended.stage)
     with pytest.raises(SigserveError) as err:
-        await registry.resolve("m", "@production")  # the alias went with it
-    assert code_of(err) == "model_not_found"
+        await registry.resolve("m", "@production")  # its last holder is no longer servable
+    assert code_of(err) == "model_lifecycle_refused"
+    assert err.value.details["version"] == 1
 
     for stage in (Stage.PRODUCTION, Stage.STAGING):
         with pytest.raises(SigserveError) as err:

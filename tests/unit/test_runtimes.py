@@ -152,7 +152,7 @@ def test_lightgbm_matches_booster_predict_exactly(model_dir: Path, task: str) ->
 
     path = fx.train_lightgbm(_subdir(model_dir, "lightgbm"), task)
     runtime = load_runtime(card_for(path), path)
-    raw = lightgbm.Booster(model_file=str(path)).predict(X)
+    raw = np.asarray(lightgbm.Booster(model_file=str(path)).predict(X))
     out = runtime.predict(X)
     if task == "binary":
         assert np.array_equal(out[:, 1], raw) and np.array_equal(out[:, 0], 1.0 - raw)
@@ -186,7 +186,7 @@ def test_xgboost_matches_booster_predict(model_dir: Path, task: str) -> None:
 def test_onnx_agrees_with_lightgbm_to_float32_precision(model_dir: Path, task: str) -> None:
     path = fx.train_onnx(_subdir(model_dir, "onnx-lightgbm"), task)
     runtime = load_runtime(card_for(path), path)
-    session = runtime._session  # type: ignore[attr-defined]
+    session = getattr(runtime, "_session")  # noqa: B009 - a private attribute, on purpose
     assert session.get_session_options().intra_op_num_threads == 1
     out = runtime.predict(X)
     x, y = fx.synthetic(task)
@@ -197,10 +197,11 @@ def test_onnx_agrees_with_lightgbm_to_float32_precision(model_dir: Path, task: s
     params: dict[str, Any] = {"n_estimators": 20, "num_leaves": 7, "min_child_samples": 5,
                               "n_jobs": 1, "random_state": 0, "deterministic": True,
                               "force_row_wise": True, "verbose": -1}
+    ref: np.ndarray
     if task == "regression":
-        ref = lightgbm.LGBMRegressor(**params).fit(x, y).predict(X).reshape(-1, 1)
+        ref = np.asarray(lightgbm.LGBMRegressor(**params).fit(x, y).predict(X)).reshape(-1, 1)
     else:
-        ref = lightgbm.LGBMClassifier(**params).fit(x, y).predict_proba(X)
+        ref = np.asarray(lightgbm.LGBMClassifier(**params).fit(x, y).predict_proba(X))
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
@@ -222,9 +223,10 @@ def test_matrix_product_models_fall_back_to_row_by_row(model_dir: Path, source: 
     trainer = {r[0]: r[1] for r in RUNTIMES}[source]
     path = trainer(_subdir(model_dir, source), "binary")
     runtime = load_runtime(card_for(path), path)
-    assert runtime.row_exact is True  # type: ignore[attr-defined]
+    assert getattr(runtime, "row_exact") is True  # noqa: B009
+    _assert_rows_match_batch(runtime, X_CLEAN)
     tree_path = fx.train_sklearn(_subdir(model_dir, "sklearn-forest"), "binary", kind="forest")
-    assert load_runtime(card_for(tree_path), tree_path).row_exact is False  # type: ignore[attr-defined]
+    assert getattr(load_runtime(card_for(tree_path), tree_path), "row_exact") is False  # noqa: B009
 
 
 @pytest.mark.parametrize(
