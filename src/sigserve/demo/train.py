@@ -176,7 +176,9 @@ def _fit(
     seed: int,
 ) -> tuple[Any, dict[str, Any]]:
     try:
-        import lightgbm as lgb
+        from ..runtimes import import_lightgbm
+
+        lgb = import_lightgbm()
     except ImportError as exc:  # pragma: no cover - lightgbm is a core dependency
         from ..errors import missing_extra
 

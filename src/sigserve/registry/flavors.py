@@ -386,7 +386,9 @@ def _lightgbm_header(path: Path) -> dict[str, str]:
 
 
 def _inspect_lightgbm(path: Path) -> ModelInspection:
-    import lightgbm
+    from ..runtimes import import_lightgbm
+
+    lightgbm = import_lightgbm()
 
     header = _lightgbm_header(path)
     try:

@@ -80,7 +80,9 @@ class LightGBMRuntime:
     name = "lightgbm"
 
     def __init__(self, path: Path, task: Task, *, threads: int = 2) -> None:
-        import lightgbm
+        from . import import_lightgbm
+
+        lightgbm = import_lightgbm()
 
         try:
             self._booster = lightgbm.Booster(model_file=str(path))
