@@ -161,15 +161,8 @@ class Engine:
         read = await self.store.read_features(
             symbol, interval, prepared.read_names, start=start, end=end,
             feature_key=prepared.definition.feature_key)
-        features = read.batch
-        if start_side is None:
-            start_side = FLAT
-            if len(features):
-                start_side = int((await self.store.position_sides(
-                    signal_id, prepared.card.version, symbol, interval, features.ts[:1]))[0])
-        batch, end_side = self.compute(prepared, features, start_side, str(Source(source)))
-        written = await self.store.write_signals(batch) if write else 0
-        return RunResult(batch, written, read.incomplete + read.missing, end_side)
+        return await self._finish(prepared, read.batch, read.incomplete + read.missing, start_side,
+                                  source, write)
 
     async def run_bars(self, signal_id: str, symbol: str, interval: str, ts: np.ndarray, *,
                        source: str = Source.HISTORICAL_REPLAY, prepared: Prepared | None = None,
@@ -181,15 +174,21 @@ class Engine:
         read = await self.store.read_features(
             symbol, interval, prepared.read_names, ts=wanted,
             feature_key=prepared.definition.feature_key)
-        features = read.batch
-        missing = int(wanted.size - len(features))
-        start_side = FLAT
-        if len(features):
-            start_side = int((await self.store.position_sides(
-                signal_id, prepared.card.version, symbol, interval, features.ts[:1]))[0])
+        skipped = int(wanted.size - len(read.batch))
+        return await self._finish(prepared, read.batch, skipped, None, source, write)
+
+    async def _finish(self, prepared: Prepared, features: FeatureBatch, skipped: int,
+                      start_side: int | None, source: str, write: bool) -> RunResult:
+        """Position before the first bar (from the store unless carried) -> compute -> upsert."""
+        if start_side is None:
+            start_side = FLAT
+            if len(features):
+                start_side = int((await self.store.position_sides(
+                    prepared.definition.signal_id, prepared.card.version, features.symbol,
+                    features.interval, features.ts[:1]))[0])
         batch, end_side = self.compute(prepared, features, start_side, str(Source(source)))
         written = await self.store.write_signals(batch) if write else 0
-        return RunResult(batch, written, missing, end_side)
+        return RunResult(batch, written, skipped, end_side)
 
     async def predict_bar(self, signal_id: str, symbol: str, interval: str, ts: np.datetime64, *,
                           source: str = Source.HISTORICAL_REPLAY,

@@ -497,7 +497,8 @@ async def test_production_alias_follows_promotion(services: Services, models: Mo
     assert row["model_version"] == 2
     await services.registry.retire("lightgbm", 2)
     err = await refused(services.engine.predict_bar("sig", BTC, INTERVAL, bar(100)))
-    assert err.code == "model_not_found"
+    assert err.code == "model_lifecycle_refused"  # @production's last holder is retired
+    assert err.details["version"] == 2
 
 
 async def test_refuses_a_missing_artifact(ready: Services) -> None:

@@ -29,3 +29,29 @@ class Runtime(Protocol):
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Predict a C-contiguous float64 matrix ``(n, n_features)``; see the module doc for shape."""
         ...
+
+
+class RowExactPredict:
+    """``predict`` for runtimes whose answer for a row may differ in the last bits between a
+    batch and the row alone (models built on matrix products). ``load_runtime`` probes this once
+    and sets ``row_exact``; a batch is then predicted row by row, so one bar and its backfill row
+    still agree bit for bit. Subclasses implement ``_predict(x, n)``.
+    """
+
+    n_features: int | None
+    width: int
+    row_exact: bool = False
+
+    def _predict(self, x: np.ndarray, n: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        from . import as_matrix
+
+        x = as_matrix(features, self.n_features)
+        n = x.shape[0]
+        if n == 0:
+            return np.empty((0, self.width), dtype=np.float64)
+        if self.row_exact and n > 1:
+            return np.concatenate([self._predict(x[i : i + 1], 1) for i in range(n)])
+        return self._predict(x, n)

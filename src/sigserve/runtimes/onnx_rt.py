@@ -17,7 +17,8 @@ import numpy as np
 
 from ..domain import Task
 from ..errors import ValidationError
-from . import as_matrix, import_optional, output_width, to_output
+from . import import_optional, output_width, to_output
+from .base import RowExactPredict
 
 
 def _pick_output(outputs: Sequence[Any], task: Task) -> tuple[str, bool]:
@@ -41,7 +42,7 @@ def _pick_output(outputs: Sequence[Any], task: Task) -> tuple[str, bool]:
     raise ValidationError("the ONNX classifier has no probability output")
 
 
-class OnnxRuntime:
+class OnnxRuntime(RowExactPredict):
     name = "onnxruntime"
 
     def __init__(self, path: Path, task: Task, *, classes: Sequence[str] = ()) -> None:
@@ -88,15 +89,6 @@ class OnnxRuntime:
         # set by load_runtime when a batch and its single rows disagree (models built on matrix
         # products); batches are then predicted row by row
         self.row_exact = False
-
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        x = as_matrix(features, self.n_features)
-        n = x.shape[0]
-        if n == 0:
-            return np.empty((0, self.width), dtype=np.float64)
-        if self.row_exact and n > 1:
-            return np.concatenate([self._predict(x[i : i + 1], 1) for i in range(n)])
-        return self._predict(x, n)
 
     def _predict(self, x: np.ndarray, n: int) -> np.ndarray:
         feed = x if self._dtype is np.float64 else x.astype(self._dtype)

@@ -21,7 +21,8 @@ import numpy as np
 
 from ..domain import Task
 from ..errors import ValidationError
-from . import as_matrix, import_optional, output_width, to_output
+from . import import_optional, output_width, to_output
+from .base import RowExactPredict
 
 
 def load_sklearn_model(path: Path, *, trusted_types: list[str] | None = None) -> Any:
@@ -53,7 +54,7 @@ def _drop_feature_names(model: Any) -> bool:
     return not hasattr(target, "feature_names_in_")
 
 
-class SklearnRuntime:
+class SklearnRuntime(RowExactPredict):
     name = "sklearn"
 
     def __init__(self, path: Path, task: Task) -> None:
@@ -85,15 +86,6 @@ class SklearnRuntime:
                 )
             self._fn = model.predict_proba
             self.width = output_width(task, len(getattr(model, "classes_", ())))
-
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        x = as_matrix(features, self.n_features)
-        n = x.shape[0]
-        if n == 0:
-            return np.empty((0, self.width), dtype=np.float64)
-        if self.row_exact and n > 1:
-            return np.concatenate([self._predict(x[i : i + 1], 1) for i in range(n)])
-        return self._predict(x, n)
 
     def _predict(self, x: np.ndarray, n: int) -> np.ndarray:
         if self._quiet:
