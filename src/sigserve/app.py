@@ -33,6 +33,6 @@ class Services:
         await store.open()
         try:
             registry = ModelRegistry(store, settings)
-            yield cls(settings, store, registry, Engine(store, registry))
+            yield cls(settings, store, registry, Engine(store, registry, settings.prepared_ttl_s))
         finally:
             await store.close()

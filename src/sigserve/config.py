@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     max_backfill_rows: int = Field(default=5_000_000, gt=0)
     backfill_chunk_rows: int = Field(default=250_000, gt=0)
     predict_threads: int = Field(default=2, gt=0)
+    prepared_ttl_s: float = Field(default=0.0, ge=0, description="how long a server keeps a resolved signal")
     profile: str = "dev"
     auth_token: str = DEV_TOKEN_SENTINEL
 

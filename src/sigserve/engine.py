@@ -67,13 +67,36 @@ class RunResult:
 
 
 class Engine:
-    def __init__(self, store: Store, registry: ModelRegistry) -> None:
+    def __init__(self, store: Store, registry: ModelRegistry, prepared_ttl_s: float = 0.0) -> None:
         self.store = store
         self.registry = registry
+        # A long-running driver keeps each resolved signal this long (0: resolve every call), so
+        # the hot path skips the definition, alias and feature-registry reads. A retire, promote
+        # or deprecate made elsewhere takes effect within the TTL; forget() applies it at once.
+        self.prepared_ttl_s = prepared_ttl_s
+        self._prepared: dict[str, tuple[float, Prepared]] = {}
+
+    def forget(self, signal_id: str | None = None) -> None:
+        """Drop cached resolutions (all, or one signal's)."""
+        if signal_id is None:
+            self._prepared.clear()
+        else:
+            self._prepared.pop(signal_id, None)
 
     # --- resolution -----------------------------------------------------------------------
     async def prepare(self, signal_id: str) -> Prepared:
         """Resolve and check everything that can refuse before a feature is read."""
+        if self.prepared_ttl_s > 0:
+            cached = self._prepared.get(signal_id)
+            now = time.monotonic()
+            if cached is not None and now - cached[0] < self.prepared_ttl_s:
+                return cached[1]
+            prepared = await self._resolve(signal_id)
+            self._prepared[signal_id] = (now, prepared)
+            return prepared
+        return await self._resolve(signal_id)
+
+    async def _resolve(self, signal_id: str) -> Prepared:
         definition = await self.store.get_signal(signal_id)
         if definition is None:
             raise SignalNotFound(f"no signal {signal_id!r}", details={"signal_id": signal_id})

@@ -42,7 +42,7 @@ from ..domain import (
     Task,
 )
 from ..errors import InternalError, SigserveError, StoreUnavailable, ValidationError
-from ..timeutil import TS_DTYPE
+from ..timeutil import TS_DTYPE, interval_us
 from .base import Candles, FeatureRead
 
 T = TypeVar("T")
@@ -214,7 +214,8 @@ class DuckDBStore:
         self._lock = threading.RLock()
         self._feature_sets: dict[str, tuple[str, ...]] = {}
         # newest (ts, side) per (signal_id, model_version, symbol, interval); see _remember_position
-        self._positions: dict[tuple[str, int, str, str], tuple[np.datetime64, int]] = {}
+        self._positions: dict[tuple[str, int, str, str],
+                              tuple[np.datetime64, int, np.datetime64]] = {}
         self._coverage: dict[tuple[str, str], list[tuple[str, np.datetime64, np.datetime64]]] = {}
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -848,7 +849,8 @@ class DuckDBStore:
                     con.execute(
                         "DELETE FROM signal_history WHERE signal_id=$sid AND model_version=$ver"
                         " AND symbol=$sym AND interval=$itv AND ts BETWEEN $lo AND $hi"
-                        " AND ts IN (SELECT ts FROM incoming_signals)", key_params)
+                        + ("" if n == 1 else " AND ts IN (SELECT ts FROM incoming_signals)"),
+                        key_params)
                     con.execute(
                         "INSERT INTO signal_history SELECT $sid, $ver, $sym, $itv, ts,"
                         " $actions[action + 1], confidence, raw_output, entry_price, stop_loss,"
@@ -857,7 +859,7 @@ class DuckDBStore:
                     return n
 
                 written = self._transaction(con, txn)
-                self._remember_position(con, batch)
+                self._remember_position(batch)
                 return written
             finally:
                 con.unregister("incoming_signals")
@@ -875,14 +877,25 @@ class DuckDBStore:
         params: dict[str, Any] = {"sid": signal_id, "ver": model_version, "sym": symbol,
                                   "itv": interval}
         if before.size == 1:
-            latest = self._positions.get((signal_id, model_version, symbol, interval))
-            if latest is not None and before[0] > latest[0]:
-                sides[0] = latest[1]  # the live case: a bar after everything written so far
-                return sides
-            params["t"] = _ts_py(before[0])
             with self._guard():
+                latest = self._latest_position(self._con, (signal_id, model_version, symbol, interval))
+                if latest is None or before[0] > latest[0]:
+                    # the live case: a bar after everything written so far
+                    sides[0] = FLAT if latest is None else latest[1]
+                    return sides
+                # A bar inside history: look back a bounded span first (zone maps skip the rest
+                # of the table), then everything before it.
+                params["t"] = _ts_py(before[0])
+                params["from"] = _ts_py(before[0] - np.timedelta64(1000 * interval_us(interval), "us"))
                 row = _first(self._con.execute(
-                    f"SELECT action {base} AND ts < $t ORDER BY ts DESC LIMIT 1", params).fetchall())
+                    f"SELECT action {base} AND ts < $t AND ts >= $from ORDER BY ts DESC LIMIT 1",
+                    params).fetchall())
+                if row is None and before[0] > latest[2]:
+                    sides[0] = latest[1]  # no event in the span, none after the newest
+                    return sides
+                if row is None:
+                    row = _first(self._con.execute(
+                        f"SELECT action {base} AND ts < $t ORDER BY ts DESC LIMIT 1", params).fetchall())
             if row:
                 sides[0] = _SIDE_OF_ACTION[row[0]]
             return sides
@@ -903,31 +916,47 @@ class DuckDBStore:
                 sides[i] = _SIDE_OF_ACTION[action]
         return sides
 
-    def _remember_position(self, con: Any, batch: SignalBatch) -> None:
-        """Keep the newest side per (signal, version, symbol, interval) after a committed write.
+    def _latest_position(self, con: Any, key: tuple[str, int, str, str]) -> tuple[np.datetime64, int,
+                                                                                 np.datetime64] | None:
+        """(newest ts, side after it, ts of the newest non-hold) of one history, cached.
 
-        DuckDB admits one writing process per file, so this process sees every write. An append
-        (every ts after the remembered one) updates it in memory; any other write recomputes it.
+        DuckDB admits one writing process per file, so this process sees every write and keeps
+        the cache true: see _remember_position. A miss costs one scan of that history.
         """
+        cached = self._positions.get(key)
+        if cached is not None:
+            return cached
+        row = _first(con.execute(
+            "SELECT max(ts), arg_max(action, ts) FILTER (WHERE action <> 'hold'),"
+            " max(ts) FILTER (WHERE action <> 'hold') FROM signal_history"
+            " WHERE signal_id=$sid AND model_version=$ver AND symbol=$sym AND interval=$itv"
+            " AND NOT shadow", dict(zip(("sid", "ver", "sym", "itv"), key, strict=True))).fetchall())
+        if not row or row[0] is None:
+            return None
+        never = np.datetime64("1677-09-22T00:00:00", "us")
+        entry = (np.datetime64(row[0], "us"), _SIDE_OF_ACTION[row[1]] if row[1] else FLAT,
+                 np.datetime64(row[2], "us") if row[2] is not None else never)
+        self._positions[key] = entry
+        return entry
+
+    def _remember_position(self, batch: SignalBatch) -> None:
+        """Update the cached newest position after a committed write (or forget it)."""
         if batch.shadow:
             return
         key = (batch.signal_id, batch.model_version, batch.symbol, batch.interval)
-        latest = self._positions.get(key)
-        lo, hi = batch.ts.min(), batch.ts.max()
-        if latest is not None and lo > latest[0]:
-            entries = np.flatnonzero(batch.action != HOLD)
-            side = latest[1] if entries.size == 0 else _SIDE_OF_CODE[int(batch.action[entries[-1]])]
-            self._positions[key] = (hi, side)
+        cached = self._positions.get(key)
+        if cached is None:
             return
-        row = _first(con.execute(
-            "SELECT max(ts), arg_max(action, ts) FILTER (WHERE action <> 'hold') FROM signal_history"
-            " WHERE signal_id=$sid AND model_version=$ver AND symbol=$sym AND interval=$itv"
-            " AND NOT shadow",
-            {"sid": batch.signal_id, "ver": batch.model_version, "sym": batch.symbol,
-             "itv": batch.interval}).fetchall())
-        if row and row[0] is not None:
-            self._positions[key] = (np.datetime64(row[0], "us"),
-                                    _SIDE_OF_ACTION[row[1]] if row[1] else FLAT)
+        as_of, side, last_event = cached
+        lo, hi = batch.ts.min(), batch.ts.max()
+        if lo > as_of:  # an append: the live case
+            entries = np.flatnonzero(batch.action != HOLD)
+            if entries.size:
+                last = int(entries[-1])
+                side, last_event = _SIDE_OF_CODE[int(batch.action[last])], batch.ts[last]
+            self._positions[key] = (hi, side, last_event)
+        elif hi >= last_event:  # the write may have changed the newest event: recompute on use
+            del self._positions[key]
 
     async def last_signal_ts(self, signal_id: str, symbol: str,
                              interval: str) -> np.datetime64 | None:
