@@ -43,6 +43,7 @@ from ..domain import (
 )
 from ..errors import InternalError, SigserveError, StoreUnavailable, ValidationError
 from ..timeutil import TS_DTYPE, interval_us
+from ._common import check_signals as _check_signals
 from .base import Candles, FeatureRead
 
 T = TypeVar("T")
@@ -165,29 +166,6 @@ def _float_column(table: pa.Table, name: str) -> np.ndarray:
     if column.num_chunks == 0:
         return np.empty(0, dtype=np.float64)
     return np.asarray(column.combine_chunks().to_numpy(zero_copy_only=False), dtype=np.float64)
-
-
-def _check_signals(batch: SignalBatch) -> None:
-    """Refuse a batch that would store a bad signal; the whole batch, before any write."""
-    confidence = np.asarray(batch.confidence, dtype=np.float64)
-    bad = ~((confidence >= 0.0) & (confidence <= 1.0))
-    actions = np.asarray(batch.action)
-    bad |= (actions < 0) | (actions >= len(ACTIONS))
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise ValidationError(
-            f"refusing {int(bad.sum())} invalid signal rows (first at ts {batch.ts[i]}Z: action code"
-            f" {int(actions[i])}, confidence {confidence[i]!r}); nothing was written",
-            details={"bad_rows": int(bad.sum())})
-    ts = np.asarray(batch.ts, dtype=TS_DTYPE)
-    if ts.size > 1 and not bool(np.all(ts[1:] > ts[:-1])):  # sorted unique: the usual, cheap case
-        uniq, counts = np.unique(ts, return_counts=True)
-        if (counts > 1).any():
-            dup = uniq[counts > 1][0]
-            raise ValidationError(f"duplicate signals for ts {dup}Z in one batch; nothing was written",
-                                  details={"ts": f"{dup}Z"})
-    if batch.source not in ("stream", "catchup_scan", "historical_replay"):
-        raise ValidationError(f"unknown source {batch.source!r}", details={"source": batch.source})
 
 
 def _list_array(values: np.ndarray) -> pa.Array:
@@ -894,6 +872,7 @@ class DuckDBStore:
                     sides[0] = latest[1]  # no event in the span, none after the newest
                     return sides
                 if row is None:
+                    del params["from"]
                     row = _first(self._con.execute(
                         f"SELECT action {base} AND ts < $t ORDER BY ts DESC LIMIT 1", params).fetchall())
             if row:
