@@ -1,7 +1,7 @@
 """The Store protocol: everything sigserve persists, behind one async interface.
 
 Every implementation (DuckDB now, PostgreSQL next) passes the same contract suite in
-``tests/contract/store_contract.py``. The rules that suite holds every store to:
+``tests/integration/test_store_contract.py``. The rules that suite holds every store to:
 
 - Writes are idempotent upserts on natural keys: features on (symbol, interval, ts, feature_key),
   candles on (symbol, interval, ts), signals on (signal_id, model_version, symbol, interval, ts).
