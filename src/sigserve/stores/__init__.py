@@ -12,9 +12,14 @@ __all__ = ["Candles", "DuckDBStore", "FeatureRead", "Store", "open_store"]
 
 
 def open_store(url: str) -> Store:
-    """A Store for ``url``: ``duckdb:///path``, ``duckdb://:memory:``, or a path ending .duckdb."""
+    """A Store for ``url``: ``duckdb:///path``, ``duckdb://:memory:``, a path ending .duckdb, or
+    ``postgresql://user@host:5432/db?schema=NAME&pool_max=10`` (needs the ``postgres`` extra)."""
     from ..errors import ValidationError
 
+    if url.startswith(("postgresql://", "postgres://")):
+        from .postgres_store import PostgresStore
+
+        return PostgresStore(url)
     if url.startswith("duckdb://"):
         path = url[len("duckdb://"):]
         if path.startswith("/") and path[1:] == ":memory:":
@@ -22,9 +27,5 @@ def open_store(url: str) -> Store:
         return DuckDBStore(path or ":memory:")
     if url == ":memory:" or url.endswith(".duckdb") or url.endswith(".db"):
         return DuckDBStore(url)
-    if url.startswith(("postgresql://", "postgres://")):
-        raise ValidationError(
-            "the PostgreSQL store is not part of this build yet; use a duckdb:/// URL",
-            details={"store": url.split("@")[-1]})
-    raise ValidationError(f"unknown store URL {url!r}: use duckdb:///path/to/file.duckdb",
-                          details={"store": url})
+    raise ValidationError(f"unknown store URL {url!r}: use duckdb:///path/to/file.duckdb"
+                          " or postgresql://user@host:5432/db?schema=NAME", details={"store": url})

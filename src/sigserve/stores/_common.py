@@ -1,0 +1,34 @@
+"""Pure helpers shared by the Store implementations (no database imports)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..domain import ACTIONS, SignalBatch
+from ..errors import ValidationError
+from ..timeutil import TS_DTYPE
+
+SOURCES = ("stream", "catchup_scan", "historical_replay")
+
+
+def check_signals(batch: SignalBatch) -> None:
+    """Refuse a batch that would store a bad signal; the whole batch, before any write."""
+    confidence = np.asarray(batch.confidence, dtype=np.float64)
+    bad = ~((confidence >= 0.0) & (confidence <= 1.0))
+    actions = np.asarray(batch.action)
+    bad |= (actions < 0) | (actions >= len(ACTIONS))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValidationError(
+            f"refusing {int(bad.sum())} invalid signal rows (first at ts {batch.ts[i]}Z: action code"
+            f" {int(actions[i])}, confidence {confidence[i]!r}); nothing was written",
+            details={"bad_rows": int(bad.sum())})
+    ts = np.asarray(batch.ts, dtype=TS_DTYPE)
+    if ts.size > 1 and not bool(np.all(ts[1:] > ts[:-1])):  # sorted unique: the usual, cheap case
+        uniq, counts = np.unique(ts, return_counts=True)
+        if (counts > 1).any():
+            dup = uniq[counts > 1][0]
+            raise ValidationError(f"duplicate signals for ts {dup}Z in one batch; nothing was written",
+                                  details={"ts": f"{dup}Z"})
+    if batch.source not in SOURCES:
+        raise ValidationError(f"unknown source {batch.source!r}", details={"source": batch.source})

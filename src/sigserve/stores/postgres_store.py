@@ -1,0 +1,951 @@
+"""The shared Store: PostgreSQL through asyncpg.
+
+    store = PostgresStore("postgresql://user@db:5432/sigserve?schema=prod&pool_max=10")
+    await store.open()        # pool + migrations (under an advisory lock)
+
+URL parameters of our own, stripped before the DSN reaches asyncpg:
+
+- ``schema=NAME``: every table lives in that schema. It is created when missing and is the
+  ``search_path`` of every pooled connection. Without it, the server's default search_path holds.
+- ``pool_max=N`` (default 10) and ``pool_min=N`` (default 1): the connection pool's bounds.
+- ``connect_timeout=SECONDS`` (default 5): how long a (re)connection may take before the call
+  answers ``store_unavailable``.
+
+Design notes:
+
+- Several processes may share the database, so nothing that another process can change is
+  cached here: only the column names of a ``feature_key`` (immutable once committed).
+- Bulk writes (features, candles, multi-row signal batches) build PostgreSQL's binary COPY
+  stream with numpy (fixed-width rows, no per-row Python), COPY it into a per-connection
+  temporary table (``ON COMMIT DELETE ROWS``) and upsert from there with
+  ``INSERT ... SELECT ... ON CONFLICT DO UPDATE``, in one transaction.
+- Window reads fetch ``array_send(vals)`` (one bytes object per row) and timestamps as epoch
+  microseconds, and decode them with numpy: no Python float per value.
+- SQL strings are fixed (a finite set per method), so asyncpg's per-connection statement cache
+  prepares each once.
+- Timestamps are ``timestamp`` (without time zone) meaning UTC, like ``datetime64[us]``.
+- Driver errors are translated at one boundary (:meth:`PostgresStore._connection`). A lost server
+  gives ``store_unavailable``; the pool reconnects on the next call once the server is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import struct
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import numpy as np
+
+from ..domain import (
+    ACTIONS,
+    FLAT,
+    FeatureBatch,
+    ModelCard,
+    Policy,
+    SignalBatch,
+    SignalDefinition,
+    Stage,
+    Task,
+)
+from ..errors import (
+    InternalError,
+    SignalNotFound,
+    SigserveError,
+    StoreUnavailable,
+    ValidationError,
+    missing_extra,
+)
+from ..timeutil import TS_DTYPE
+from ._common import check_signals
+from .base import Candles, FeatureRead
+
+_SCHEMA_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+# Advisory lock classes (first key of the two-int form).
+_LOCK_MIGRATE = 0x5167_0001
+_LOCK_MODEL = 0x5167_0002
+
+_NOW = "(now() AT TIME ZONE 'UTC')"
+_US = "(extract(epoch FROM {}) * 1000000)::int8"  # a timestamp as epoch microseconds
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE model_registry (
+            name text NOT NULL, version integer NOT NULL, flavor text NOT NULL,
+            sha256 text, artifact_path text, task text NOT NULL,
+            feature_names text[] NOT NULL, classes text[] NOT NULL,
+            stage text NOT NULL DEFAULT 'registered', runtime text,
+            metrics jsonb, extra jsonb, created_at timestamp NOT NULL, updated_at timestamp NOT NULL,
+            PRIMARY KEY (name, version),
+            CHECK (stage IN ('registered','staging','production','retired','rejected_by_operator'))
+        );
+        CREATE TABLE model_events (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            name text NOT NULL, version integer NOT NULL, from_stage text,
+            to_stage text NOT NULL, actor text NOT NULL, occurred_at timestamp NOT NULL
+        );
+        CREATE INDEX model_events_by_name ON model_events (name, occurred_at);
+        CREATE TABLE feature_registry (
+            name text PRIMARY KEY, status text NOT NULL,
+            created_at timestamp NOT NULL, updated_at timestamp NOT NULL,
+            CHECK (status IN ('registered','deprecated'))
+        );
+        CREATE TABLE feature_sets (
+            feature_key text PRIMARY KEY, names text[] NOT NULL, created_at timestamp NOT NULL
+        );
+        CREATE TABLE feature_values (
+            symbol text NOT NULL, interval text NOT NULL, ts timestamp NOT NULL,
+            feature_key text NOT NULL, vals double precision[] NOT NULL,
+            created_at timestamp NOT NULL,
+            PRIMARY KEY (symbol, interval, ts, feature_key)
+        );
+        CREATE TABLE feature_coverage (
+            symbol text NOT NULL, interval text NOT NULL, feature_key text NOT NULL,
+            first_ts timestamp NOT NULL, last_ts timestamp NOT NULL,
+            PRIMARY KEY (symbol, interval, feature_key)
+        );
+        CREATE TABLE candles (
+            symbol text NOT NULL, interval text NOT NULL, ts timestamp NOT NULL,
+            open double precision, high double precision, low double precision,
+            close double precision, volume double precision, created_at timestamp NOT NULL,
+            PRIMARY KEY (symbol, interval, ts)
+        );
+        CREATE TABLE signal_definitions (
+            signal_id text PRIMARY KEY, model_name text NOT NULL, model_ref text NOT NULL,
+            interval text NOT NULL, symbols text[] NOT NULL, policy jsonb NOT NULL,
+            status text NOT NULL, feature_key text,
+            created_at timestamp NOT NULL, updated_at timestamp NOT NULL,
+            CHECK (status IN ('active','retired'))
+        );
+        CREATE TABLE signal_history (
+            signal_id text NOT NULL, model_version integer NOT NULL, symbol text NOT NULL,
+            interval text NOT NULL, ts timestamp NOT NULL, action text NOT NULL,
+            confidence double precision NOT NULL, raw_output double precision[] NOT NULL,
+            entry_price double precision, stop_loss double precision,
+            take_profit double precision, recommended_size double precision,
+            model_name text NOT NULL, model_sha256 text NOT NULL, feature_key text,
+            source text NOT NULL, latency_ms double precision, flags text NOT NULL DEFAULT '',
+            shadow boolean NOT NULL DEFAULT false, created_at timestamp NOT NULL,
+            PRIMARY KEY (signal_id, model_version, symbol, interval, ts),
+            CHECK (source IN ('stream','catchup_scan','historical_replay')),
+            CHECK (action IN ('hold','buy','sell','close_long','close_short')),
+            CHECK (confidence >= 0 AND confidence <= 1)
+        );
+        -- position lookups: the newest non-hold, non-shadow signal before a ts
+        CREATE INDEX signal_history_events ON signal_history
+            (signal_id, model_version, symbol, interval, ts) WHERE action <> 'hold' AND NOT shadow;
+        -- reads by signal, symbol and window across versions (read_signals, last_signal_ts)
+        CREATE INDEX signal_history_by_symbol ON signal_history (signal_id, symbol, interval, ts);
+        CREATE VIEW predictions AS
+            SELECT ts, 'models:/' || model_name || '/' || model_version AS model_path,
+                   raw_output[array_upper(raw_output, 1)] AS y_pred, feature_key,
+                   symbol || '/' || interval AS dataset, created_at,
+                   signal_id, symbol, interval, model_sha256
+            FROM signal_history WHERE NOT shadow;
+        """,
+    ),
+]
+
+# Staging tables for COPY, one set per connection (created when the pool opens it).
+_TEMP_TABLES = """
+CREATE TEMP TABLE IF NOT EXISTS _in_features (sym int4, ts timestamp, vals float8[])
+    ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS _in_candles (ts timestamp, open float8, high float8, low float8,
+    close float8, volume float8) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS _in_signals (ts timestamp, action int2, confidence float8,
+    raw_output float8[], entry_price float8, stop_loss float8, take_profit float8,
+    recommended_size float8, latency_ms float8, key_idx int4, flags_idx int4)
+    ON COMMIT DELETE ROWS;
+"""
+
+_SIGNAL_COLUMNS = (
+    "signal_id, model_version, symbol, interval, ts, action, confidence, raw_output, entry_price,"
+    " stop_loss, take_profit, recommended_size, model_name, model_sha256, feature_key, source,"
+    " latency_ms, flags, shadow, created_at"
+)
+_SIGNAL_UPSERT = (
+    " ON CONFLICT (signal_id, model_version, symbol, interval, ts) DO UPDATE SET"
+    " action = excluded.action, confidence = excluded.confidence, raw_output = excluded.raw_output,"
+    " entry_price = excluded.entry_price, stop_loss = excluded.stop_loss,"
+    " take_profit = excluded.take_profit, recommended_size = excluded.recommended_size,"
+    " model_name = excluded.model_name, model_sha256 = excluded.model_sha256,"
+    " feature_key = excluded.feature_key, source = excluded.source, latency_ms = excluded.latency_ms,"
+    " flags = excluded.flags, shadow = excluded.shadow, created_at = excluded.created_at"
+)
+_INSERT_SIGNAL_ROW = (
+    f"INSERT INTO signal_history ({_SIGNAL_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8,"
+    " NULLIF($9::float8, 'NaN'), NULLIF($10::float8, 'NaN'), NULLIF($11::float8, 'NaN'),"
+    f" NULLIF($12::float8, 'NaN'), $13, $14, $15, $16, $17, $18, $19, {_NOW})" + _SIGNAL_UPSERT
+)
+_INSERT_SIGNALS_STAGED = (
+    f"INSERT INTO signal_history ({_SIGNAL_COLUMNS}) SELECT $1, $2, $3, $4, ts,"
+    " ($5::text[])[action + 1], confidence, raw_output, NULLIF(entry_price, 'NaN'),"
+    " NULLIF(stop_loss, 'NaN'), NULLIF(take_profit, 'NaN'), NULLIF(recommended_size, 'NaN'),"
+    " $6, $7, ($8::text[])[key_idx], $9, latency_ms, ($10::text[])[flags_idx], $11,"
+    f" {_NOW} FROM _in_signals" + _SIGNAL_UPSERT
+)
+_POSITION_EVENTS = (
+    "SELECT * FROM ((SELECT {us} AS us, CASE action WHEN 'buy' THEN 1 WHEN 'sell' THEN -1 ELSE 0 END"
+    " AS side FROM signal_history WHERE signal_id=$1 AND model_version=$2 AND symbol=$3"
+    " AND interval=$4 AND action <> 'hold' AND NOT shadow AND ts < $5 ORDER BY ts DESC LIMIT 1)"
+    " UNION ALL (SELECT {us}, CASE action WHEN 'buy' THEN 1 WHEN 'sell' THEN -1 ELSE 0 END"
+    " FROM signal_history WHERE signal_id=$1 AND model_version=$2 AND symbol=$3 AND interval=$4"
+    " AND action <> 'hold' AND NOT shadow AND ts >= $5 AND ts < $6)) AS e ORDER BY us"
+).format(us=_US.format("ts"))
+
+_PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in Unix microseconds: PostgreSQL's epoch
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
+_COPY_TRAILER = struct.pack("!h", -1)
+_FLOAT8_OID = 701
+_SCALARS = {"i2": ">i2", "i4": ">i4", "f8": ">f8", "ts": ">i8"}
+
+_asyncpg: Any = None
+
+
+def _driver() -> Any:
+    """The asyncpg module, imported on first use (it is the ``postgres`` extra)."""
+    global _asyncpg
+    if _asyncpg is None:
+        try:
+            import asyncpg
+        except ImportError as exc:
+            raise missing_extra("asyncpg", "postgres") from exc
+        _asyncpg = asyncpg
+    return _asyncpg
+
+
+def _py_ts(ts: np.datetime64 | None) -> datetime | None:
+    if ts is None:
+        return None
+    value: datetime = np.asarray(ts, dtype=TS_DTYPE).astype(object).item()
+    return value
+
+
+def _py_ts_list(ts: np.ndarray) -> list[datetime]:
+    return list(np.asarray(ts, dtype=TS_DTYPE).astype(object).tolist())
+
+
+def _np_ts(value: Any) -> np.datetime64 | None:
+    return None if value is None else np.datetime64(value, "us")
+
+
+def _iso(value: datetime | None) -> str:
+    return value.replace(tzinfo=UTC).isoformat() if value else ""
+
+
+def _us_to_ts(us: Sequence[int] | np.ndarray) -> np.ndarray:
+    return np.asarray(us, dtype=np.int64).view(TS_DTYPE)
+
+
+def _codes(values: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Distinct strings in first-seen order, and each row's 1-based index into them."""
+    items = np.asarray(values, dtype=object).tolist()
+    distinct = list(dict.fromkeys(items))
+    if len(distinct) <= 1:
+        return distinct, np.ones(len(items), dtype=np.int32)
+    lookup = {value: i + 1 for i, value in enumerate(distinct)}
+    return distinct, np.fromiter(map(lookup.__getitem__, items), dtype=np.int32, count=len(items))
+
+
+def _copy_payload(columns: list[tuple[str, np.ndarray]]) -> memoryview:
+    """PostgreSQL's binary COPY stream for fixed-width rows, built by numpy.
+
+    Each column is ``(kind, values)``: kind ``i2``/``i4``/``f8`` (n,), ``ts`` datetime64 (n,), or
+    ``f8[]`` a float matrix (n, k) sent as one ``float8[]`` per row. No value may be NULL (a NaN
+    is a value). Returns a memoryview (asyncpg reads ``bytes`` as a file path).
+    """
+    n = int(columns[0][1].shape[0])
+    fields: list[tuple[Any, ...]] = [("count", ">i2")]
+    for j, (kind, values) in enumerate(columns):
+        fields.append((f"len{j}", ">i4"))
+        if kind == "f8[]":
+            k = int(values.shape[1])
+            fields.append((f"hdr{j}", ">i4", (5 if k else 3,)))
+            if k:
+                fields.append((f"el{j}", [("len", ">i4"), ("v", ">f8")], (k,)))
+        else:
+            fields.append((f"v{j}", _SCALARS[kind]))
+    rows = np.empty(n, dtype=np.dtype(fields))
+    rows["count"] = len(columns)
+    for j, (kind, values) in enumerate(columns):
+        if kind == "f8[]":
+            k = int(values.shape[1])
+            rows[f"len{j}"] = 20 + 12 * k if k else 12
+            # ndim, has-nulls flag, element type, then (for ndim 1) length and lower bound
+            rows[f"hdr{j}"] = [1, 0, _FLOAT8_OID, k, 1] if k else [0, 0, _FLOAT8_OID]
+            if k:
+                rows[f"el{j}"]["len"] = 8
+                rows[f"el{j}"]["v"] = values
+        elif kind == "ts":
+            rows[f"len{j}"] = 8
+            rows[f"v{j}"] = np.asarray(values, dtype=TS_DTYPE).view(np.int64) - _PG_EPOCH_US
+        else:
+            rows[f"len{j}"] = np.dtype(_SCALARS[kind]).itemsize
+            rows[f"v{j}"] = values
+    return memoryview(b"".join((_COPY_HEADER, rows.tobytes(), _COPY_TRAILER)))
+
+
+def _parse_float_arrays(blob: bytes, rows: int, width: int) -> np.ndarray:
+    """``array_send`` output of ``rows`` one-dimensional float8 arrays of ``width`` (no NULLs)."""
+    if width == 0:
+        return np.empty((rows, 0), dtype=np.float64)
+    layout = np.dtype([("hdr", ">i4", (5,)), ("el", [("len", ">i4"), ("v", ">f8")], (width,))])
+    if len(blob) != rows * layout.itemsize:
+        raise InternalError(f"feature vectors of an unexpected size ({len(blob)} bytes for {rows}"
+                            f" rows of {width} values)")
+    return np.frombuffer(blob, dtype=layout)["el"]["v"].astype(np.float64)
+
+
+def _split_url(url: str) -> tuple[str, dict[str, str]]:
+    """The DSN for asyncpg, and our own query parameters taken out of it."""
+    parts = urlsplit(url)
+    ours: dict[str, str] = {}
+    kept: list[tuple[str, str]] = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in ("schema", "pool_max", "pool_min", "connect_timeout"):
+            ours[key] = value
+        else:
+            kept.append((key, value))
+    return urlunsplit(parts._replace(query=urlencode(kept))), ours
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class PostgresStore:
+    """Store on PostgreSQL (asyncpg pool, versioned migrations, COPY for bulk writes).
+
+    Usage::
+
+        store = PostgresStore("postgresql://postgres@127.0.0.1:5432/test?schema=sigserve")
+        await store.open()
+    """
+
+    def __init__(self, url: str, *, max_size: int | None = None, min_size: int | None = None,
+                 connect_timeout: float | None = None) -> None:
+        _driver()
+        self.url = _redact(url)
+        self._dsn, ours = _split_url(url)
+        self.schema = ours.get("schema") or None
+        if self.schema is not None and not _SCHEMA_RE.match(self.schema):
+            raise ValidationError(f"invalid schema name {self.schema!r} in the store URL: use letters,"
+                                  " digits and underscores", details={"schema": self.schema})
+        try:
+            self._max_size = int(max_size if max_size is not None else ours.get("pool_max", 10))
+            self._min_size = int(min_size if min_size is not None else ours.get("pool_min", 1))
+            self._connect_timeout = float(connect_timeout if connect_timeout is not None
+                                          else ours.get("connect_timeout", 5))
+        except ValueError as exc:
+            raise ValidationError(f"invalid pool option in the store URL: {exc}",
+                                  details={"store": self.url}) from exc
+        if not 1 <= self._min_size <= self._max_size:
+            raise ValidationError("the store URL needs 1 <= pool_min <= pool_max",
+                                  details={"pool_min": self._min_size, "pool_max": self._max_size})
+        self._pool: Any = None
+        self._feature_sets: dict[str, tuple[str, ...]] = {}
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def open(self) -> None:
+        apg = _driver()
+        settings = {"timezone": "UTC", "application_name": "sigserve"}
+        if self.schema is not None:
+            settings["search_path"] = f'"{self.schema}"'
+        try:
+            self._pool = await apg.create_pool(
+                dsn=self._dsn, min_size=self._min_size, max_size=self._max_size,
+                init=self._init_connection, server_settings=settings,
+                timeout=self._connect_timeout)
+        except Exception as exc:
+            raise self._translate(exc, True) from exc
+        try:
+            async with self._connection() as con:
+                await self._migrate(con)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), timeout=5)
+        except Exception:
+            pool.terminate()
+
+    async def ping(self) -> None:
+        async with self._connection() as con:
+            await con.fetchval("SELECT 1", timeout=self._connect_timeout)
+
+    @staticmethod
+    async def _init_connection(con: Any) -> None:
+        await con.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+        await con.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+        await con.execute(_TEMP_TABLES)
+
+    async def _migrate(self, con: Any) -> None:
+        lock_name = f"sigserve.migrate:{self.schema or ''}"
+        await con.execute("SELECT pg_advisory_lock($1::int4, hashtext($2))", _LOCK_MIGRATE, lock_name)
+        try:
+            if self.schema is not None:
+                await con.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            await con.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY,"
+                              " applied_at timestamp NOT NULL)")
+            applied = {r[0] for r in await con.fetch("SELECT version FROM schema_migrations")}
+            for version, sql in MIGRATIONS:
+                if version in applied:
+                    continue
+                async with con.transaction():
+                    await con.execute(sql)
+                    await con.execute(f"INSERT INTO schema_migrations VALUES ($1, {_NOW})", version)
+        finally:
+            if not con.is_closed():
+                await con.execute("SELECT pg_advisory_unlock($1::int4, hashtext($2))", _LOCK_MIGRATE,
+                                  lock_name)
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        """A pooled connection; driver exceptions become sigserve errors here, and only here."""
+        pool = self._pool
+        if pool is None:
+            raise StoreUnavailable("the store is not open", details={"store": self.url})
+        broken = False
+        try:
+            async with pool.acquire() as con:
+                try:
+                    yield con
+                except Exception:
+                    broken = con.is_closed()
+                    raise
+        except SigserveError:
+            raise
+        except Exception as exc:
+            raise self._translate(exc, broken) from exc
+
+    def _translate(self, exc: Exception, broken: bool) -> SigserveError:
+        apg = _driver()
+        errors = apg.exceptions
+        text = (str(exc).splitlines() or [""])[0][:300]
+        state = str(getattr(exc, "sqlstate", "") or "")
+        unavailable = (
+            broken
+            or isinstance(exc, OSError | errors.PostgresConnectionError)  # refused, reset, timeouts
+            or state.startswith(("08", "57P", "28", "53300", "3D000"))  # shutdown, auth, no database
+            or (isinstance(exc, errors.InterfaceError)
+                and any(word in text for word in ("closed", "closing", "released")))
+        )
+        if unavailable:
+            return StoreUnavailable(f"the PostgreSQL store cannot be reached: {type(exc).__name__}:"
+                                    f" {text or 'connection failed'}", details={"store": self.url})
+        if state.startswith(("22", "23")) or state == "21000":
+            return ValidationError(f"store constraint violated: {text}", details={"sqlstate": state})
+        return InternalError(f"store error: {type(exc).__name__}: {text}")
+
+    # --- model registry -------------------------------------------------------------------
+    _MODEL_COLUMNS = (
+        "name, version, flavor, sha256, artifact_path, task, feature_names, classes, stage,"
+        " runtime, metrics, extra, created_at"
+    )
+
+    @staticmethod
+    def _card(row: Any) -> ModelCard:
+        return ModelCard(
+            name=row[0], version=int(row[1]), flavor=row[2], sha256=row[3], artifact_path=row[4],
+            task=Task(row[5]), feature_names=tuple(row[6]), classes=tuple(row[7]),
+            stage=Stage(row[8]), runtime=row[9], metrics=dict(row[10] or {}),
+            extra=dict(row[11] or {}), created_at=_iso(row[12]))
+
+    async def insert_model(self, card: ModelCard) -> ModelCard:
+        async with self._connection() as con, con.transaction():
+            await con.execute("SELECT pg_advisory_xact_lock($1::int4, hashtext($2))", _LOCK_MODEL,
+                              card.name)
+            row = await con.fetchrow(
+                "INSERT INTO model_registry (name, version, flavor, sha256, artifact_path, task,"
+                " feature_names, classes, stage, runtime, metrics, extra, created_at, updated_at)"
+                " SELECT $1, coalesce(max(version), 0) + 1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
+                f" {_NOW}, {_NOW} FROM model_registry WHERE name = $1 RETURNING {self._MODEL_COLUMNS}",
+                card.name, card.flavor, card.sha256, card.artifact_path, str(card.task),
+                list(card.feature_names), list(card.classes), str(card.stage), card.runtime,
+                card.metrics, card.extra)
+            await con.execute(
+                "INSERT INTO model_events (name, version, from_stage, to_stage, actor, occurred_at)"
+                f" VALUES ($1, $2, NULL, $3, 'register', {_NOW})", card.name, row[1], str(card.stage))
+        return self._card(row)
+
+    async def get_model(self, name: str, version: int) -> ModelCard | None:
+        async with self._connection() as con:
+            row = await con.fetchrow(
+                f"SELECT {self._MODEL_COLUMNS} FROM model_registry WHERE name=$1 AND version=$2",
+                name, version)
+        return self._card(row) if row else None
+
+    async def list_models(self, name: str | None = None) -> list[ModelCard]:
+        async with self._connection() as con:
+            if name is None:
+                rows = await con.fetch(
+                    f"SELECT {self._MODEL_COLUMNS} FROM model_registry ORDER BY name, version")
+            else:
+                rows = await con.fetch(f"SELECT {self._MODEL_COLUMNS} FROM model_registry"
+                                       " WHERE name = $1 ORDER BY version", name)
+        return [self._card(r) for r in rows]
+
+    async def set_model_stage(self, name: str, version: int, stage: Stage, actor: str) -> None:
+        stage = Stage(stage)
+        async with self._connection() as con, con.transaction():
+            await con.execute("SELECT pg_advisory_xact_lock($1::int4, hashtext($2))", _LOCK_MODEL, name)
+            current = await con.fetchval(
+                "SELECT stage FROM model_registry WHERE name=$1 AND version=$2 FOR UPDATE", name, version)
+            if current is None:
+                raise ValidationError(f"no model {name}:{version}",
+                                      details={"name": name, "version": version})
+            events = "INSERT INTO model_events (name, version, from_stage, to_stage, actor, occurred_at)"
+            if stage in (Stage.STAGING, Stage.PRODUCTION):
+                await con.execute(
+                    f"WITH demoted AS (UPDATE model_registry SET stage='registered', updated_at={_NOW}"
+                    " WHERE name=$1 AND stage=$2 AND version<>$3 RETURNING version)"
+                    f" {events} SELECT $1, version, $2, 'registered', $4, {_NOW} FROM demoted",
+                    name, str(stage), version, actor)
+            await con.execute(f"UPDATE model_registry SET stage=$3, updated_at={_NOW}"
+                              " WHERE name=$1 AND version=$2", name, version, str(stage))
+            await con.execute(f"{events} VALUES ($1, $2, $3, $4, $5, {_NOW})",
+                              name, version, current, str(stage), actor)
+
+    async def update_model_extra(self, name: str, version: int, runtime: str | None,
+                                 extra: dict[str, Any]) -> None:
+        async with self._connection() as con:
+            await con.execute(f"UPDATE model_registry SET runtime=$3, extra=$4, updated_at={_NOW}"
+                              " WHERE name=$1 AND version=$2", name, version, runtime, extra)
+
+    async def model_events(self, name: str) -> list[dict[str, Any]]:
+        async with self._connection() as con:
+            rows = await con.fetch(
+                "SELECT version, from_stage, to_stage, actor, occurred_at FROM model_events"
+                " WHERE name=$1 ORDER BY occurred_at, version, id", name)
+        return [{"version": r[0], "from": r[1], "to": r[2], "actor": r[3], "at": _iso(r[4])}
+                for r in rows]
+
+    # --- feature registry -----------------------------------------------------------------
+    async def register_features(self, names: list[str]) -> list[str]:
+        unique = list(dict.fromkeys(names))
+        if not unique:
+            return []
+        async with self._connection() as con:
+            rows = await con.fetch(
+                "INSERT INTO feature_registry (name, status, created_at, updated_at)"
+                f" SELECT n, 'registered', {_NOW}, {_NOW} FROM unnest($1::text[]) AS n"
+                " ON CONFLICT (name) DO NOTHING RETURNING name", unique)
+        new = {r[0] for r in rows}
+        return [n for n in unique if n in new]
+
+    async def feature_statuses(self, names: list[str]) -> dict[str, str]:
+        if not names:
+            return {}
+        async with self._connection() as con:
+            rows = await con.fetch("SELECT name, status FROM feature_registry WHERE name = ANY($1::text[])",
+                                   list(names))
+        return {r[0]: r[1] for r in rows}
+
+    async def set_feature_status(self, name: str, status: str) -> None:
+        async with self._connection() as con:
+            row = await con.fetchval(f"UPDATE feature_registry SET status=$2, updated_at={_NOW}"
+                                     " WHERE name=$1 RETURNING name", name, status)
+        if row is None:
+            raise ValidationError(f"no registered feature named {name!r}", details={"name": name})
+
+    async def list_features(self) -> list[dict[str, Any]]:
+        async with self._connection() as con:
+            rows = await con.fetch("SELECT name, status, created_at FROM feature_registry ORDER BY name")
+        return [{"name": r[0], "status": r[1], "created_at": _iso(r[2])} for r in rows]
+
+    # --- feature values -------------------------------------------------------------------
+    async def _names_of(self, con: Any, keys: list[str]) -> dict[str, tuple[str, ...]]:
+        """Column names per feature_key (immutable once committed, so cached)."""
+        unknown = [k for k in keys if k not in self._feature_sets]
+        if unknown:
+            for key, names in await con.fetch(
+                    "SELECT feature_key, names FROM feature_sets WHERE feature_key = ANY($1::text[])",
+                    unknown):
+                self._feature_sets[key] = tuple(names)
+        return {k: self._feature_sets[k] for k in keys if k in self._feature_sets}
+
+    async def write_features(self, interval: str, feature_key: str, names: tuple[str, ...],
+                             symbols: np.ndarray, ts: np.ndarray, values: np.ndarray) -> int:
+        n = int(ts.shape[0])
+        names = tuple(names)
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != (n, len(names)):
+            raise ValidationError(f"feature matrix shape {values.shape} != ({n}, {len(names)})")
+        cached = self._feature_sets.get(feature_key)
+        if cached is not None and cached != names:
+            raise self._names_refused(feature_key, cached, names)
+        ts = np.asarray(ts, dtype=TS_DTYPE)
+        distinct, sym = _codes(np.asarray(symbols, dtype=object))
+        if sym.shape[0] != n:
+            raise ValidationError(f"{sym.shape[0]} symbols for {n} feature rows")
+        _refuse_duplicate_rows(distinct, sym, ts)
+        async with self._connection() as con, con.transaction():
+            if cached is None:
+                await con.execute(
+                    f"INSERT INTO feature_sets (feature_key, names, created_at) VALUES ($1, $2, {_NOW})"
+                    " ON CONFLICT (feature_key) DO NOTHING", feature_key, list(names))
+                stored = tuple(await con.fetchval(
+                    "SELECT names FROM feature_sets WHERE feature_key = $1", feature_key))
+                if stored != names:
+                    raise self._names_refused(feature_key, stored, names)
+            if n:
+                await con.copy_to_table("_in_features", format="binary", source=_copy_payload(
+                    [("i4", sym), ("ts", ts), ("f8[]", values)]))
+                await con.execute(
+                    "INSERT INTO feature_values (symbol, interval, ts, feature_key, vals, created_at)"
+                    f" SELECT ($1::text[])[sym], $2, ts, $3, vals, {_NOW} FROM _in_features"
+                    " ON CONFLICT (symbol, interval, ts, feature_key) DO UPDATE SET"
+                    " vals = excluded.vals, created_at = excluded.created_at",
+                    distinct, interval, feature_key)
+                await con.execute(
+                    "INSERT INTO feature_coverage (symbol, interval, feature_key, first_ts, last_ts)"
+                    " SELECT ($1::text[])[sym], $2, $3, min(ts), max(ts) FROM _in_features GROUP BY sym"
+                    " ON CONFLICT (symbol, interval, feature_key) DO UPDATE SET"
+                    " first_ts = least(feature_coverage.first_ts, excluded.first_ts),"
+                    " last_ts = greatest(feature_coverage.last_ts, excluded.last_ts)",
+                    distinct, interval, feature_key)
+        self._feature_sets[feature_key] = names  # committed: the key's names are now fixed
+        return n
+
+    @staticmethod
+    def _names_refused(key: str, existing: tuple[str, ...], incoming: tuple[str, ...]) -> ValidationError:
+        return ValidationError(
+            f"feature_key {key!r} already holds the columns {list(existing)};"
+            " use a new --feature-key for a different column set",
+            details={"feature_key": key, "existing": list(existing), "incoming": list(incoming)})
+
+    async def read_features(self, symbol: str, interval: str, names: tuple[str, ...], *,
+                            start: np.datetime64 | None = None, end: np.datetime64 | None = None,
+                            ts: np.ndarray | None = None,
+                            feature_key: str | None = None) -> FeatureRead:
+        names = tuple(names)
+        params: list[Any] = [symbol, interval]
+        where = ["symbol = $1", "interval = $2"]
+        if ts is not None:
+            wanted = np.unique(np.asarray(ts, dtype=TS_DTYPE))
+            if wanted.size == 0:
+                return FeatureRead(_empty_batch(symbol, interval, names), 0, 0)
+            params.append(_py_ts_list(wanted))
+            where.append(f"ts = ANY(${len(params)}::timestamp[])")
+        else:
+            if start is not None:
+                params.append(_py_ts(start))
+                where.append(f"ts >= ${len(params)}")
+            if end is not None:
+                params.append(_py_ts(end))
+                where.append(f"ts <= ${len(params)}")
+        bar_filter = " AND ".join(where)
+        key_filter = ""
+        if feature_key is not None:
+            params.append(feature_key)
+            key_filter = f" AND feature_key = ${len(params)}"
+        # One round trip: the newest row per ts (or the pinned key's) beside every candle bar.
+        sql = (
+            "WITH f AS (SELECT DISTINCT ON (ts) ts, feature_key, vals FROM feature_values"
+            f" WHERE {bar_filter}{key_filter} ORDER BY ts, created_at DESC, feature_key DESC),"
+            f" c AS (SELECT ts, close FROM candles WHERE {bar_filter})"
+            f" SELECT {_US.format('coalesce(f.ts, c.ts)')} AS us, f.ts IS NOT NULL,"
+            " coalesce(f.feature_key, ''), coalesce(array_send(f.vals), ''::bytea),"
+            " c.ts IS NOT NULL, coalesce(c.close, 'NaN')"
+            " FROM f FULL JOIN c ON c.ts = f.ts ORDER BY us"
+        )
+        async with self._connection() as con:
+            rows = await con.fetch(sql, *params)
+            if not rows:
+                return FeatureRead(_empty_batch(symbol, interval, names), 0, 0)
+            us, has_row_t, keys_t, blobs, has_candle_t, close_t = zip(*rows, strict=True)
+            has_row = np.array(has_row_t, dtype=bool)
+            missing = int(np.count_nonzero(np.array(has_candle_t, dtype=bool) & ~has_row))
+            at = np.flatnonzero(has_row)
+            if at.size == 0:
+                return FeatureRead(_empty_batch(symbol, interval, names), 0, missing)
+            every = at.size == has_row.size
+            key_list = list(keys_t) if every else [keys_t[i] for i in at]
+            distinct, codes = _codes(np.array(key_list, dtype=object))
+            codes -= 1
+            key_names = await self._names_of(con, distinct)
+        blob_list = blobs if every else [blobs[i] for i in at]
+        k = len(names)
+        values = np.empty((at.size, k), dtype=np.float64)
+        keep = np.zeros(at.size, dtype=bool)
+        for code, key in enumerate(distinct):
+            stored = key_names.get(key)
+            position = {name: i for i, name in enumerate(stored or ())}
+            if stored is None or any(name not in position for name in names):
+                continue  # rows of this key lack a requested name: incomplete
+            rows_of = np.flatnonzero(codes == code) if len(distinct) > 1 else np.arange(at.size)
+            keep[rows_of] = True
+            if k:
+                blob = (b"".join(blob_list) if len(distinct) == 1
+                        else b"".join([blob_list[i] for i in rows_of]))
+                matrix = _parse_float_arrays(blob, rows_of.size, len(stored or ()))
+                values[rows_of] = matrix[:, [position[name] for name in names]]
+        ts_all = _us_to_ts(us)[at]
+        close = np.array(close_t, dtype=np.float64)[at]
+        kept = np.flatnonzero(keep)
+        feature_keys = np.asarray(distinct, dtype=object)[codes]
+        if kept.size != at.size:
+            ts_all, values, close, feature_keys = (ts_all[kept], values[kept], close[kept],
+                                                   feature_keys[kept])
+        batch = FeatureBatch(symbol, interval, ts_all, np.ascontiguousarray(values), names,
+                             feature_keys, close)
+        return FeatureRead(batch, int(at.size - kept.size), missing)
+
+    async def feature_window_stats(self, symbol: str, interval: str, start: np.datetime64 | None,
+                                   end: np.datetime64 | None) -> tuple[int, np.datetime64 | None,
+                                                                        np.datetime64 | None]:
+        params: list[Any] = [symbol, interval]
+        where = ["symbol = $1", "interval = $2"]
+        if start is not None:
+            params.append(_py_ts(start))
+            where.append(f"ts >= ${len(params)}")
+        if end is not None:
+            params.append(_py_ts(end))
+            where.append(f"ts <= ${len(params)}")
+        async with self._connection() as con:
+            row = await con.fetchrow(
+                f"SELECT count(DISTINCT ts), min(ts), max(ts) FROM feature_values WHERE {' AND '.join(where)}",
+                *params)
+        return int(row[0]), _np_ts(row[1]), _np_ts(row[2])
+
+    # --- candles --------------------------------------------------------------------------
+    async def write_candles(self, symbol: str, interval: str, candles: Candles) -> int:
+        ts = np.asarray(candles.ts, dtype=TS_DTYPE)
+        n = int(ts.shape[0])
+        if n == 0:
+            return 0
+        if n > 1 and not bool(np.all(ts[1:] > ts[:-1])):
+            uniq, counts = np.unique(ts, return_counts=True)
+            if (counts > 1).any():
+                dup = f"{uniq[counts > 1][0]}Z"
+                raise ValidationError(f"duplicate candles for ts {dup}", details={"ts": dup})
+        columns = [("ts", ts)] + [("f8", np.asarray(getattr(candles, c), dtype=np.float64))
+                                  for c in ("open", "high", "low", "close", "volume")]
+        if any(c[1].shape != (n,) for c in columns):
+            raise ValidationError("candle columns differ in length")
+        payload = _copy_payload(columns)
+        async with self._connection() as con, con.transaction():
+            await con.copy_to_table("_in_candles", source=payload, format="binary")
+            await con.execute(
+                "INSERT INTO candles (symbol, interval, ts, open, high, low, close, volume, created_at)"
+                f" SELECT $1, $2, ts, open, high, low, close, volume, {_NOW} FROM _in_candles"
+                " ON CONFLICT (symbol, interval, ts) DO UPDATE SET open = excluded.open,"
+                " high = excluded.high, low = excluded.low, close = excluded.close,"
+                " volume = excluded.volume, created_at = excluded.created_at", symbol, interval)
+        return n
+
+    async def read_candles(self, symbol: str, interval: str, start: np.datetime64 | None = None,
+                           end: np.datetime64 | None = None) -> Candles:
+        params: list[Any] = [symbol, interval]
+        where = ["symbol = $1", "interval = $2"]
+        if start is not None:
+            params.append(_py_ts(start))
+            where.append(f"ts >= ${len(params)}")
+        if end is not None:
+            params.append(_py_ts(end))
+            where.append(f"ts <= ${len(params)}")
+        nan = "'NaN'::float8"
+        async with self._connection() as con:
+            rows = await con.fetch(
+                f"SELECT {_US.format('ts')}, coalesce(open, {nan}), coalesce(high, {nan}),"
+                f" coalesce(low, {nan}), coalesce(close, {nan}), coalesce(volume, {nan})"
+                f" FROM candles WHERE {' AND '.join(where)} ORDER BY ts", *params)
+        if not rows:
+            empty = np.empty(0, dtype=np.float64)
+            return Candles(np.empty(0, dtype=TS_DTYPE), empty, empty.copy(), empty.copy(),
+                           empty.copy(), empty.copy())
+        us, *prices = zip(*rows, strict=True)
+        return Candles(_us_to_ts(us), *(np.array(p, dtype=np.float64) for p in prices))
+
+    async def bars_missing_features(self, interval: str, symbol: str | None = None,
+                                    start: np.datetime64 | None = None,
+                                    end: np.datetime64 | None = None,
+                                    limit: int = 20) -> tuple[int, list[tuple[str, np.datetime64]]]:
+        params: list[Any] = [interval]
+        where = ["c.interval = $1"]
+        if symbol is not None:
+            params.append(symbol)
+            where.append(f"c.symbol = ${len(params)}")
+        if start is not None:
+            params.append(_py_ts(start))
+            where.append(f"c.ts >= ${len(params)}")
+        if end is not None:
+            params.append(_py_ts(end))
+            where.append(f"c.ts <= ${len(params)}")
+        sql = (f"FROM candles c WHERE {' AND '.join(where)} AND NOT EXISTS (SELECT 1 FROM"
+               " feature_values f WHERE f.symbol = c.symbol AND f.interval = c.interval AND f.ts = c.ts)")
+        async with self._connection() as con:
+            count = await con.fetchval(f"SELECT count(*) {sql}", *params)
+            rows = await con.fetch(
+                f"SELECT c.symbol, c.ts {sql} ORDER BY c.symbol, c.ts LIMIT ${len(params) + 1}",
+                *params, int(limit))
+        return int(count), [(r[0], np.datetime64(r[1], "us")) for r in rows]
+
+    # --- signal definitions ---------------------------------------------------------------
+    _SIGNAL_DEF_COLUMNS = ("signal_id, model_name, model_ref, interval, symbols, policy, status,"
+                           " feature_key, created_at")
+
+    @staticmethod
+    def _definition(row: Any) -> SignalDefinition:
+        return SignalDefinition(
+            signal_id=row[0], model_name=row[1], model_ref=row[2], interval=row[3],
+            symbols=tuple(row[4]), policy=Policy.from_json(row[5]), status=row[6],
+            feature_key=row[7], created_at=_iso(row[8]))
+
+    async def create_signal(self, definition: SignalDefinition) -> None:
+        async with self._connection() as con:
+            created = await con.fetchval(
+                "INSERT INTO signal_definitions (signal_id, model_name, model_ref, interval, symbols,"
+                " policy, status, feature_key, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6,"
+                f" $7, $8, {_NOW}, {_NOW}) ON CONFLICT (signal_id) DO NOTHING RETURNING signal_id",
+                definition.signal_id, definition.model_name, definition.model_ref,
+                definition.interval, list(definition.symbols),
+                json.loads(definition.policy.to_json()), definition.status, definition.feature_key)
+        if created is None:
+            raise ValidationError(f"signal {definition.signal_id!r} already exists",
+                                  details={"signal_id": definition.signal_id})
+
+    async def get_signal(self, signal_id: str) -> SignalDefinition | None:
+        async with self._connection() as con:
+            row = await con.fetchrow(f"SELECT {self._SIGNAL_DEF_COLUMNS} FROM signal_definitions"
+                                     " WHERE signal_id = $1", signal_id)
+        return self._definition(row) if row else None
+
+    async def list_signals(self) -> list[SignalDefinition]:
+        async with self._connection() as con:
+            rows = await con.fetch(f"SELECT {self._SIGNAL_DEF_COLUMNS} FROM signal_definitions"
+                                   " ORDER BY signal_id")
+        return [self._definition(r) for r in rows]
+
+    async def set_signal_status(self, signal_id: str, status: str) -> None:
+        async with self._connection() as con:
+            row = await con.fetchval(f"UPDATE signal_definitions SET status=$2, updated_at={_NOW}"
+                                     " WHERE signal_id=$1 RETURNING signal_id", signal_id, status)
+        if row is None:
+            raise SignalNotFound(f"no signal {signal_id!r}", details={"signal_id": signal_id})
+
+    # --- signal history -------------------------------------------------------------------
+    async def write_signals(self, batch: SignalBatch) -> int:
+        n = len(batch)
+        if n == 0:
+            return 0
+        check_signals(batch)
+        ts = np.asarray(batch.ts, dtype=TS_DTYPE)
+        raw = np.asarray(batch.raw_output, dtype=np.float64).reshape(n, -1)
+        constants = (batch.signal_id, int(batch.model_version), batch.symbol, batch.interval)
+        if n == 1:  # the live path: one prepared statement, one round trip
+            async with self._connection() as con:
+                await con.execute(
+                    _INSERT_SIGNAL_ROW, *constants, _py_ts(ts[0]), ACTIONS[int(batch.action[0])],
+                    float(batch.confidence[0]), raw[0].tolist(), float(batch.entry_price[0]),
+                    float(batch.stop_loss[0]), float(batch.take_profit[0]),
+                    float(batch.recommended_size[0]), batch.model_name, batch.model_sha256,
+                    str(batch.feature_keys[0]), batch.source, float(batch.latency_ms[0]),
+                    str(batch.flags[0]), bool(batch.shadow))
+            return 1
+        keys, key_idx = _codes(np.asarray(batch.feature_keys, dtype=object))
+        flags, flags_idx = _codes(np.asarray(batch.flags, dtype=object))
+        payload = _copy_payload([
+            ("ts", ts), ("i2", np.asarray(batch.action, dtype=np.int16)),
+            ("f8", np.asarray(batch.confidence, dtype=np.float64)), ("f8[]", raw),
+            *(("f8", np.asarray(column, dtype=np.float64)) for column in (
+                batch.entry_price, batch.stop_loss, batch.take_profit, batch.recommended_size,
+                batch.latency_ms)),
+            ("i4", key_idx), ("i4", flags_idx)])
+        async with self._connection() as con, con.transaction():
+            await con.copy_to_table("_in_signals", source=payload, format="binary")
+            await con.execute(_INSERT_SIGNALS_STAGED, *constants, list(ACTIONS), batch.model_name,
+                              batch.model_sha256, [str(k) for k in keys], batch.source,
+                              [str(f) for f in flags], bool(batch.shadow))
+        return n
+
+    async def position_sides(self, signal_id: str, model_version: int, symbol: str, interval: str,
+                             before: np.ndarray) -> np.ndarray:
+        before = np.asarray(before, dtype=TS_DTYPE)
+        sides = np.full(before.shape[0], FLAT, dtype=np.int8)
+        if before.size == 0:
+            return sides
+        # The newest event before the earliest query, then every event up to the latest one.
+        lo, hi = before.min(), before.max()
+        async with self._connection() as con:
+            rows = await con.fetch(_POSITION_EVENTS, signal_id, int(model_version), symbol, interval,
+                                   _py_ts(lo), _py_ts(hi))
+        if not rows:
+            return sides
+        us, side = zip(*rows, strict=True)
+        event_ts = _us_to_ts(us)
+        at = np.searchsorted(event_ts, before, side="left") - 1  # strictly before
+        found = at >= 0
+        sides[found] = np.array(side, dtype=np.int8)[at[found]]
+        return sides
+
+    async def last_signal_ts(self, signal_id: str, symbol: str,
+                             interval: str) -> np.datetime64 | None:
+        async with self._connection() as con:
+            value = await con.fetchval(
+                "SELECT max(ts) FROM signal_history WHERE signal_id=$1 AND symbol=$2 AND interval=$3"
+                " AND NOT shadow", signal_id, symbol, interval)
+        return _np_ts(value)
+
+    async def read_signals(self, signal_id: str, symbol: str | None = None,
+                           interval: str | None = None, start: np.datetime64 | None = None,
+                           end: np.datetime64 | None = None,
+                           limit: int | None = None) -> list[dict[str, Any]]:
+        params: list[Any] = [signal_id]
+        where = ["signal_id = $1"]
+        for column, op, value in (("symbol", "=", symbol), ("interval", "=", interval),
+                                  ("ts", ">=", _py_ts(start)), ("ts", "<=", _py_ts(end))):
+            if value is not None:
+                params.append(value)
+                where.append(f"{column} {op} ${len(params)}")
+        sql = (f"SELECT {_SIGNAL_COLUMNS} FROM signal_history WHERE {' AND '.join(where)}"
+               " ORDER BY ts, symbol, model_version")
+        if limit is not None:
+            params.append(int(limit))
+            sql += f" LIMIT ${len(params)}"
+        async with self._connection() as con:
+            rows = await con.fetch(sql, *params)
+        return [dict(r.items()) for r in rows]
+
+    async def signal_action_counts(self, signal_id: str) -> dict[str, int]:
+        async with self._connection() as con:
+            rows = await con.fetch("SELECT action, count(*) FROM signal_history WHERE signal_id=$1"
+                                   " AND NOT shadow GROUP BY action", signal_id)
+        return {r[0]: int(r[1]) for r in rows}
+
+
+def _empty_batch(symbol: str, interval: str, names: tuple[str, ...]) -> FeatureBatch:
+    return FeatureBatch(symbol, interval, np.empty(0, TS_DTYPE), np.empty((0, len(names))), names,
+                        np.empty(0, dtype=object), np.empty(0))
+
+
+def _refuse_duplicate_rows(symbols: list[str], codes: np.ndarray, ts: np.ndarray) -> None:
+    """Refuse a feature batch holding one (symbol, ts) twice, before anything is written."""
+    if ts.size < 2:
+        return
+    if len(symbols) <= 1 and bool(np.all(ts[1:] > ts[:-1])):
+        return  # one symbol, sorted unique ts: the usual, cheap case
+    order = np.lexsort((ts.view(np.int64), codes))
+    same = (codes[order][1:] == codes[order][:-1]) & (ts[order][1:] == ts[order][:-1])
+    if same.any():
+        i = int(order[int(np.flatnonzero(same)[0])])
+        symbol, when = symbols[int(codes[i]) - 1], f"{ts[i]}Z"
+        raise ValidationError(f"duplicate feature rows for (symbol, ts) = ({symbol}, {when})",
+                              details={"symbol": symbol, "ts": when})
