@@ -349,7 +349,8 @@ def sigserve_specs(w: Workload, home: Path, args: argparse.Namespace, skips: lis
         argv = [sys.executable, "-m", "sigserve", "serve", "--host", "127.0.0.1", "--port", str(port)]
         if url:
             argv += ["--store", url]
-        env = {"SIGSERVE_HOME": str(store_home), "SIGSERVE_AUTH_TOKEN": TOKEN, "SIGSERVE_PROFILE": "dev"}
+        env = {"SIGSERVE_HOME": str(store_home), "SIGSERVE_AUTH_TOKEN": TOKEN, "SIGSERVE_PROFILE": "dev",
+               **dict(item.split("=", 1) for item in args.sigserve_env)}
         name = f"sigserve ({kind})"
         targets = [Target(name, "/inference/run", "/inference/run", sigserve_run_bodies(w, signal_id),
                           json_headers(True), note=card)]
@@ -634,7 +635,9 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
             continue
         best = max(peers, key=lambda r: r.rps)
         out.append({"server": row.server, "endpoint": row.endpoint, "c": row.c, "vs": best.server,
-                    "throughput_x": row.rps / best.rps,
+                    "rps": row.rps, "peer_rps": best.rps, "throughput_x": row.rps / best.rps,
+                    "p99_ms": row.p99_ms, "peer_p99_ms": best.p99_ms, "cold_start_s": row.cold_start_s,
+                    "peer_cold_start_s": best.cold_start_s,
                     "p99_x_lower": (best.p99_ms / row.p99_ms) if row.p99_ms and best.p99_ms else None,
                     "p50_x_lower": (best.p50_ms / row.p50_ms) if row.p50_ms and best.p50_ms else None,
                     "cold_start_x_faster": (best.cold_start_s / row.cold_start_s)
@@ -659,6 +662,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cold-runs", type=int, default=3, help="fresh starts per server for the cold start")
     parser.add_argument("--mlserver-workers", type=int, default=0,
                         help="MLServer parallel_workers (0: inference in the server process; its default is 1)")
+    parser.add_argument("--sigserve-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for the sigserve server, e.g. SIGSERVE_DEADLINE_MS=1000 (repeatable)")
     parser.add_argument("--client", choices=("wrk", "python"), default="wrk", help="load generator")
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and load generator to CPUs")
     args = parser.parse_args(argv)
@@ -723,11 +728,11 @@ def main(argv: list[str] | None = None) -> int:
                                                         if t.note and not spec.name.startswith("sigserve")))
     found = ratios(rows)
     if found:
-        print("\nsigserve vs the faster peer (more req/s at the same c):")
+        print("\nsigserve vs the faster peer (more req/s at the same c); x>1 is better for sigserve:")
         for r in found:
-            print(f"  {r['server']} {r['endpoint']} c={r['c']}: {r['throughput_x']:.1f}x the req/s of {r['vs']}, "
-                  f"p99 {fmt(r['p99_x_lower'], 1)}x lower, p50 {fmt(r['p50_x_lower'], 1)}x lower, "
-                  f"cold start {fmt(r['cold_start_x_faster'], 1)}x faster")
+            print(f"  {r['server']} {r['endpoint']} c={r['c']} vs {r['vs']}: req/s x{r['throughput_x']:.2f}; "
+                  f"p99 {fmt(r['p99_ms'])} vs {fmt(r['peer_p99_ms'])} ms (x{fmt(r['p99_x_lower'])} lower); "
+                  f"cold start {fmt(r['cold_start_s'])} vs {fmt(r['peer_cold_start_s'])} s")
     for skip in skips + failures:
         print(f"not measured: {skip.server}: {skip.reason.splitlines()[0]}")
     path = write_result("http", {
