@@ -10,6 +10,7 @@ Every refusal prints one line, ``error_code: message``, on stderr and exits non-
     sigserve backfill --signal trend-1h --symbol BTCUSDT --interval 1h --mode window \\
         --start 2024-01-01 --end 2024-06-30
     sigserve predict --signal trend-1h --symbol BTCUSDT --interval 1h --ts 2024-06-30T12:00Z
+    sigserve serve --port 8000                    # HTTP on 127.0.0.1; bearer SIGSERVE_AUTH_TOKEN
     sigserve demo --no-serve
 """
 
@@ -521,17 +522,53 @@ def predict_cmd(
         console.print(f"[bold]{key}[/]: {value}")
 
 
+HostOpt = Annotated[str, typer.Option(envvar="SIGSERVE_HOST",
+                                      help="Bind address (127.0.0.1: this machine only).")]
+PortOpt = Annotated[int, typer.Option(envvar="SIGSERVE_PORT", min=1, max=65535, help="TCP port.")]
+
+
+@app.command("serve")
+def serve_cmd(
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
+    store: Annotated[str | None, typer.Option(help="Store URL (overrides SIGSERVE_STORE).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes (DuckDB: 1 only).")] = 1,
+) -> None:
+    """Serve the HTTP API (uvicorn). Every endpoint but /healthz and /readyz needs
+    'Authorization: Bearer <SIGSERVE_AUTH_TOKEN>'; see /docs."""
+    from .api.server import serve
+
+    settings = _settings()
+    if store is not None:
+        settings = settings.model_copy(update={"store": store})
+    serve(settings, host=host, port=port, workers=workers)
+
+
 @app.command("demo")
 def demo_cmd(
     no_serve: Annotated[bool, typer.Option("--no-serve", help="Stop after the summary.")] = False,
     bars: Annotated[int, typer.Option(help="Bars per symbol (2 years of 1h by default).")] = 17_520,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
 ) -> None:
-    """Synthetic market -> features -> train LightGBM -> register -> signal -> backfill -> summary."""
-    from .demo.run import run_demo
+    """Synthetic market -> features -> train LightGBM -> register -> signal -> backfill -> summary,
+    then serve the HTTP API on it (unless --no-serve)."""
+    from .demo.run import curl_commands, run_demo
 
-    run_demo(_settings(), console, bars=bars)
+    settings = _settings()
     if not no_serve:
-        console.print("[dim]The HTTP service is not part of this build yet; the demo ends here.[/]")
+        from .api.server import check
+
+        check(settings, 1)  # refuse a bad token before the demo's work, not after
+    result = run_demo(settings, console, bars=bars)
+    if no_serve:
+        return
+    from .api.server import serve
+
+    console.print("\nServing the HTTP API (Ctrl-C stops it). Try:")
+    for line in curl_commands(settings, f"http://{host}:{port}", result):
+        console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+    serve(settings, host=host, port=port)
 
 
 # --- entry point ----------------------------------------------------------------------------

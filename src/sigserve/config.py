@@ -26,8 +26,40 @@ class Settings(BaseSettings):
     backfill_chunk_rows: int = Field(default=250_000, gt=0)
     predict_threads: int = Field(default=2, gt=0)
     prepared_ttl_s: float = Field(default=0.0, ge=0, description="how long a server keeps a resolved signal")
-    profile: str = "dev"
-    auth_token: str = DEV_TOKEN_SENTINEL
+    profile: str = Field(default="dev", description="dev | prod (prod refuses to serve with the dev token)")
+    auth_token: str = Field(default=DEV_TOKEN_SENTINEL, description="bearer token of the HTTP service")
+    # --- HTTP service ---
+    default_signal: str | None = Field(
+        default=None, description="signal behind /model/* and /api/v1/predict without signal_id;"
+        " None: the only active signal")
+    deadline_ms: float = Field(default=100.0, gt=0, description="latency budget of a one-bar request")
+    fallback_to_hold: bool = Field(
+        default=False, description="past the budget, answer (and store) hold instead of deadline_exceeded")
+    server_prepared_ttl_s: float = Field(
+        default=1.0, ge=0, description="how long the server keeps a resolved signal (0: resolve every call)")
+    access_log: bool = Field(default=False, description="uvicorn access log (costs latency)")
+
+    def check_serving(self) -> None:
+        """Refuse to serve with a token that protects nothing (every profile) or with the dev
+        sentinel in production (``SIGSERVE_PROFILE=prod``)."""
+        from .errors import ValidationError
+
+        token = self.auth_token.strip()
+        if not token:
+            raise ValidationError("SIGSERVE_AUTH_TOKEN is empty: set a bearer token to serve",
+                                  details={"setting": "SIGSERVE_AUTH_TOKEN"})
+        if self.profile == "prod":
+            if token == DEV_TOKEN_SENTINEL:
+                raise ValidationError(
+                    "SIGSERVE_PROFILE=prod refuses the development token: set SIGSERVE_AUTH_TOKEN"
+                    " to a secret of at least 16 characters", details={"setting": "SIGSERVE_AUTH_TOKEN"})
+            if len(token) < 16:
+                raise ValidationError(
+                    "SIGSERVE_PROFILE=prod needs a SIGSERVE_AUTH_TOKEN of at least 16 characters",
+                    details={"setting": "SIGSERVE_AUTH_TOKEN", "length": len(token)})
+        elif self.profile != "dev":
+            raise ValidationError(f"unknown SIGSERVE_PROFILE {self.profile!r}: use dev or prod",
+                                  details={"setting": "SIGSERVE_PROFILE"})
 
     @property
     def store_url(self) -> str:

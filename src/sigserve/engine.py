@@ -10,12 +10,22 @@ Usage::
 
     engine = Engine(store, registry)
     row = await engine.predict_bar("trend-1h", "BTCUSDT", "1h", parse_ts("2024-03-01T10:00Z"))
+    row = await engine.predict_inline("trend-1h", "BTCUSDT", {"ret_1": 0.01, ...}, ts)
     result = await engine.run_window("trend-1h", "BTCUSDT", "1h", start, end)
+
+Servers set ``observer`` to a ``(stage, seconds)`` callable to time the stages (feature_read,
+position_read, predict, policy, write); it costs nothing when None. A one-bar call may carry a
+``deadline`` (a ``time.perf_counter()`` value): past it, before anything is written, the engine
+refuses with ``deadline_exceeded`` or, with ``fallback_to_hold``, gives (and stores) a hold row
+flagged ``deadline_fallback_hold`` instead of the late signal.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,13 +33,16 @@ import numpy as np
 
 from .domain import (
     FLAT,
+    HOLD,
     FeatureBatch,
     ModelCard,
     SignalBatch,
     SignalDefinition,
     Source,
+    Task,
 )
 from .errors import (
+    DeadlineExceeded,
     FeatureNotRegistered,
     FeatureValueMissing,
     SignalNotFound,
@@ -41,6 +54,10 @@ from .runtimes.base import Runtime
 from .signals.policy import PolicyPlan, resolve_positions
 from .stores.base import Store
 from .timeutil import TS_DTYPE, format_ts, validate_interval
+
+StageObserver = Callable[[str, float], None]  # (stage, seconds)
+DEADLINE_FLAG = "deadline_fallback_hold"
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -67,9 +84,15 @@ class RunResult:
 
 
 class Engine:
-    def __init__(self, store: Store, registry: ModelRegistry, prepared_ttl_s: float = 0.0) -> None:
+    # A compute call on at least this many rows runs in a worker thread, so that a server's event
+    # loop keeps answering while a backfill chunk is predicted.
+    thread_rows = 2048
+
+    def __init__(self, store: Store, registry: ModelRegistry, prepared_ttl_s: float = 0.0,
+                 observer: StageObserver | None = None) -> None:
         self.store = store
         self.registry = registry
+        self.observer = observer
         # A long-running driver keeps each resolved signal this long (0: resolve every call), so
         # the hot path skips the definition, alias and feature-registry reads. A retire, promote
         # or deprecate made elsewhere takes effect within the TTL; forget() applies it at once.
@@ -145,6 +168,10 @@ class Engine:
             matrix = matrix[:, : prepared.n_model_features]
         model_input = np.ascontiguousarray(matrix, dtype=np.float64)
         output = prepared.runtime.predict(model_input)
+        observer = self.observer
+        if observer is not None:
+            predicted = time.perf_counter()
+            observer("predict", predicted - started)
         plan = prepared.plan
         raw, confidence = plan.decide(output)
         if prepared.definition.policy.position_aware:
@@ -156,6 +183,8 @@ class Engine:
         flags = np.full(n, "", dtype=object)
         if invalid.any():
             flags[invalid] = "levels_invalid"
+        if observer is not None:
+            observer("policy", time.perf_counter() - predicted)
         if latency_ms is None:
             latency = np.full(n, (time.perf_counter() - started) * 1000.0 / max(n, 1))
         elif isinstance(latency_ms, float):
@@ -181,9 +210,13 @@ class Engine:
         """Signals for every feature row in [start, end]. ``start_side`` None: from the store."""
         prepared = prepared or await self.prepare(signal_id)
         self.check_target(prepared, symbol, interval)
+        observer = self.observer
+        began = time.perf_counter() if observer is not None else 0.0
         read = await self.store.read_features(
             symbol, interval, prepared.read_names, start=start, end=end,
             feature_key=prepared.definition.feature_key)
+        if observer is not None:
+            observer("feature_read", time.perf_counter() - began)
         return await self._finish(prepared, read.batch, read.incomplete + read.missing, start_side,
                                   source, write)
 
@@ -194,39 +227,174 @@ class Engine:
         prepared = prepared or await self.prepare(signal_id)
         self.check_target(prepared, symbol, interval)
         wanted = np.unique(np.asarray(ts, dtype=TS_DTYPE))
+        observer = self.observer
+        began = time.perf_counter() if observer is not None else 0.0
         read = await self.store.read_features(
             symbol, interval, prepared.read_names, ts=wanted,
             feature_key=prepared.definition.feature_key)
+        if observer is not None:
+            observer("feature_read", time.perf_counter() - began)
         skipped = int(wanted.size - len(read.batch))
         return await self._finish(prepared, read.batch, skipped, None, source, write)
 
     async def _finish(self, prepared: Prepared, features: FeatureBatch, skipped: int,
                       start_side: int | None, source: str, write: bool) -> RunResult:
         """Position before the first bar (from the store unless carried) -> compute -> upsert."""
+        observer = self.observer
         if start_side is None:
             start_side = FLAT
             if len(features):
+                began = time.perf_counter() if observer is not None else 0.0
                 start_side = int((await self.store.position_sides(
                     prepared.definition.signal_id, prepared.card.version, features.symbol,
                     features.interval, features.ts[:1]))[0])
-        batch, end_side = self.compute(prepared, features, start_side, str(Source(source)))
-        written = await self.store.write_signals(batch) if write else 0
+                if observer is not None:
+                    observer("position_read", time.perf_counter() - began)
+        src = str(Source(source))
+        if len(features) >= self.thread_rows:
+            batch, end_side = await asyncio.to_thread(self.compute, prepared, features, start_side, src)
+        else:
+            batch, end_side = self.compute(prepared, features, start_side, src)
+        written = await self._write(batch) if write else 0
         return RunResult(batch, written, skipped, end_side)
 
+    async def _write(self, batch: SignalBatch) -> int:
+        observer = self.observer
+        if observer is None:
+            return await self.store.write_signals(batch)
+        began = time.perf_counter()
+        written = await self.store.write_signals(batch)
+        observer("write", time.perf_counter() - began)
+        return written
+
     async def predict_bar(self, signal_id: str, symbol: str, interval: str, ts: np.datetime64, *,
-                          source: str = Source.HISTORICAL_REPLAY,
-                          write: bool = True) -> dict[str, Any]:
-        """One bar, end to end; refuses with ``feature_value_missing`` when it has no row."""
+                          source: str = Source.HISTORICAL_REPLAY, write: bool = True,
+                          deadline: float | None = None,
+                          fallback_to_hold: bool = False) -> dict[str, Any]:
+        """One bar, end to end; refuses with ``feature_value_missing`` when it has no row.
+
+        ``deadline`` (a ``time.perf_counter()`` value) is checked before the feature read and
+        before the write: past it, ``deadline_exceeded``, or with ``fallback_to_hold`` a hold row
+        flagged ``deadline_fallback_hold`` is stored and returned instead.
+        """
         prepared = await self.prepare(signal_id)  # one-time model load is not bar latency
         started = time.perf_counter()
-        result = await self.run_bars(signal_id, symbol, interval, np.array([ts], dtype=TS_DTYPE),
-                                     source=source, prepared=prepared, write=False)
-        if len(result.batch) == 0:
-            raise FeatureValueMissing(
-                f"no complete feature row for {symbol} {interval} at {format_ts(ts)}:"
-                " import or compute features for that bar first",
-                details={"symbol": symbol, "interval": interval, "ts": format_ts(ts)})
-        result.batch.latency_ms[:] = (time.perf_counter() - started) * 1000.0
+        when = np.array([ts], dtype=TS_DTYPE)
+        if deadline is not None and started > deadline:
+            self.check_target(prepared, symbol, interval)
+            batch = self._late(prepared, symbol, interval, when, source, deadline, fallback_to_hold,
+                               "the feature read")
+        else:
+            result = await self.run_bars(signal_id, symbol, interval, when, source=source,
+                                         prepared=prepared, write=False)
+            if len(result.batch) == 0:
+                raise FeatureValueMissing(
+                    f"no complete feature row for {symbol} {interval} at {format_ts(ts)}:"
+                    " import or compute features for that bar first",
+                    details={"symbol": symbol, "interval": interval, "ts": format_ts(ts)})
+            batch = result.batch
+            if deadline is not None and time.perf_counter() > deadline:
+                batch = self._late(prepared, symbol, interval, when, source, deadline,
+                                   fallback_to_hold, "the write", batch.feature_keys)
+        batch.latency_ms[:] = (time.perf_counter() - started) * 1000.0
         if write:
-            await self.store.write_signals(result.batch)
-        return result.batch.row(0)
+            await self._write(batch)
+        return batch.row(0)
+
+    async def newest_bar(self, symbol: str, interval: str) -> np.datetime64:
+        """The newest bar of ``symbol`` that has a feature row; ``feature_value_missing`` if none."""
+        observer = self.observer
+        began = time.perf_counter() if observer is not None else 0.0
+        _, _, newest = await self.store.feature_window_stats(symbol, interval, None, None)
+        if observer is not None:
+            observer("feature_read", time.perf_counter() - began)
+        if newest is None:
+            raise FeatureValueMissing(
+                f"no feature rows for {symbol} {interval}: import or compute features first",
+                details={"symbol": symbol, "interval": interval})
+        return newest
+
+    async def predict_inline(self, signal_id: str, symbol: str, features: Mapping[str, Any],
+                             ts: np.datetime64, *, close: float | None = None,
+                             deadline: float | None = None,
+                             fallback_to_hold: bool = False) -> dict[str, Any]:
+        """One bar from a caller's feature values: no store read, no write.
+
+        ``features`` maps names to numbers (None means a missing value, NaN); it must hold every
+        feature the model reads (plus the policy's ATR feature), and may hold more. ``close`` is
+        the bar's close price for levels and size; without it a buy or sell carries no levels and
+        is flagged ``levels_need_close``. The position before the bar is flat.
+        """
+        prepared = await self.prepare(signal_id)
+        started = time.perf_counter()
+        interval = prepared.definition.interval
+        self.check_target(prepared, symbol, interval)
+        names = prepared.read_names
+        row = np.empty((1, len(names)), dtype=np.float64)
+        missing: list[str] = []
+        bad: dict[str, str] = {}
+        for i, name in enumerate(names):
+            value = features.get(name, _MISSING)
+            kind = type(value)
+            if kind is float or kind is int:
+                row[0, i] = value
+            elif value is None:
+                row[0, i] = math.nan
+            elif value is _MISSING:
+                missing.append(name)
+            elif isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool):
+                row[0, i] = float(value)
+            else:
+                bad[name] = kind.__name__
+        if bad:
+            raise ValidationError(f"feature values must be numbers: {sorted(bad)}",
+                                  details={"not_numeric": bad})
+        if missing:
+            raise FeatureValueMissing(
+                f"the request lacks features the model {prepared.card.ref} reads: {missing}",
+                details={"missing": missing, "model": prepared.card.ref})
+        price = math.nan if close is None else float(close)
+        key = prepared.definition.feature_key or "inline"
+        batch = FeatureBatch(symbol, interval, np.array([ts], dtype=TS_DTYPE), row, names,
+                             np.array([key], dtype=object), np.array([price]))
+        signals, _ = self.compute(prepared, batch, FLAT, Source.STREAM)
+        if close is None and signals.flags[0] == "levels_invalid":
+            signals.flags[0] = "levels_need_close"
+        if deadline is not None and time.perf_counter() > deadline:
+            signals = self._late(prepared, symbol, interval, batch.ts, Source.STREAM, deadline,
+                                 fallback_to_hold, "the answer", batch.feature_keys)
+        signals.latency_ms[:] = (time.perf_counter() - started) * 1000.0
+        return signals.row(0)
+
+    # --- holds -----------------------------------------------------------------------------
+    def hold_batch(self, prepared: Prepared, symbol: str, interval: str, ts: np.ndarray,
+                   source: str, flag: str, feature_keys: np.ndarray | None = None) -> SignalBatch:
+        """Hold rows that record why no prediction stands (``flag``): confidence 0, no levels,
+        the model's output NaN (its width as the model's)."""
+        ts = np.asarray(ts, dtype=TS_DTYPE)
+        n = int(ts.shape[0])
+        card, definition = prepared.card, prepared.definition
+        width = 1 if card.task is Task.REGRESSION else max(len(card.classes), 2)
+        if feature_keys is None:
+            feature_keys = np.full(n, definition.feature_key or "", dtype=object)
+        return SignalBatch(
+            signal_id=definition.signal_id, symbol=symbol, interval=interval,
+            model_name=card.name, model_version=card.version, model_sha256=card.sha256 or "",
+            source=str(Source(source)), ts=ts, action=np.full(n, HOLD, dtype=np.int8),
+            confidence=np.zeros(n), raw_output=np.full((n, width), np.nan),
+            entry_price=np.full(n, np.nan), stop_loss=np.full(n, np.nan),
+            take_profit=np.full(n, np.nan), recommended_size=np.full(n, np.nan),
+            feature_keys=np.asarray(feature_keys, dtype=object), latency_ms=np.zeros(n),
+            flags=np.full(n, flag, dtype=object),
+        )
+
+    def _late(self, prepared: Prepared, symbol: str, interval: str, ts: np.ndarray, source: str,
+              deadline: float, fallback_to_hold: bool, before: str,
+              feature_keys: np.ndarray | None = None) -> SignalBatch:
+        late_ms = round((time.perf_counter() - deadline) * 1000.0, 3)
+        if not fallback_to_hold:
+            raise DeadlineExceeded(
+                f"the request's latency budget ran out before {before} (late by {late_ms} ms)",
+                details={"late_by_ms": late_ms, "before": before,
+                         "signal_id": prepared.definition.signal_id})
+        return self.hold_batch(prepared, symbol, interval, ts, source, DEADLINE_FLAG, feature_keys)

@@ -124,7 +124,37 @@ async def _run_demo(settings: Settings, console: Console, bars: int) -> dict[str
         f"  .venv/bin/sigserve --home {settings.home} signals history {SIGNAL_ID} --symbol BTCUSDT\n"
         f"  .venv/bin/sigserve --home {settings.home} models show {MODEL_NAME}@production")
     return {"summary": summary, "timings": timings, "rows_written": written,
-            "model": card.ref, "test_start": format_ts(trained.test_start)}
+            "model": card.ref, "test_start": format_ts(trained.test_start),
+            "last_ts": format_ts(markets["BTCUSDT"]["ts"][-1])}
+
+
+def curl_commands(settings: Settings, base_url: str, result: dict[str, Any]) -> list[str]:
+    """The requests to try against the served demo, with the bearer token header."""
+    import json
+    import os
+
+    from ..config import DEV_TOKEN_SENTINEL
+
+    token = settings.auth_token.strip()
+    if token == DEV_TOKEN_SENTINEL:
+        auth = f"-H 'Authorization: Bearer {token}'"
+    else:  # the caller's own secret stays out of the terminal scrollback
+        auth = "-H \"Authorization: Bearer $SIGSERVE_AUTH_TOKEN\""
+        if "SIGSERVE_AUTH_TOKEN" not in os.environ:
+            auth += "   # export SIGSERVE_AUTH_TOKEN first"
+    json_h = "-H 'Content-Type: application/json'"
+    ts = result.get("last_ts", "")
+    run = json.dumps({"signal_id": SIGNAL_ID, "symbol": "BTCUSDT", "ts": ts,
+                      "interval_name": INTERVAL, "source": "stream"})
+    return [
+        f"curl -s {base_url}/healthz",
+        f"curl -s {auth} {base_url}/model/info",
+        f"curl -s {auth} {json_h} -d '{{\"symbol\": \"BTCUSDT\"}}' {base_url}/api/v1/predict",
+        f"curl -s {auth} {json_h} -d '{run}' {base_url}/inference/run",
+        f"curl -s {auth} {base_url}/models/{MODEL_NAME}",
+        f"curl -s {auth} {base_url}/metrics",
+        f"open {base_url}/docs (send the same Authorization header)",
+    ]
 
 
 async def _register(registry: Any, path: Path, metrics: dict[str, Any]) -> Any:

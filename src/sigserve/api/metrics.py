@@ -1,0 +1,72 @@
+"""Prometheus metrics of one app: its own registry (two apps in a process never collide).
+
+- ``sigserve_http_request_duration_seconds{route,method,status}``: every request, by route
+  template (``/models/{name}``, never the raw path) or ``unmatched``;
+- ``sigserve_stage_duration_seconds{stage}``: the engine's stages (feature_read, position_read,
+  predict, policy, write), fed by ``Engine.observer``;
+- ``sigserve_signals_total{action,endpoint}``: signals answered or written;
+- ``sigserve_errors_total{error_code}``: refusals by error code.
+
+Label children are cached, so an observation is a dict lookup and the histogram's own lock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                   0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+STAGES = ("feature_read", "position_read", "predict", "policy", "write")
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = Histogram(
+            "sigserve_http_request_duration_seconds", "HTTP request latency, arrival to last byte",
+            ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.stages = Histogram(
+            "sigserve_stage_duration_seconds", "Engine stage latency",
+            ["stage"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.signals = Counter(
+            "sigserve_signals", "Signals answered or written, by action",
+            ["action", "endpoint"], registry=self.registry)
+        self.errors = Counter(
+            "sigserve_errors", "Refusals, by error_code", ["error_code"], registry=self.registry)
+        self._request_children: dict[tuple[str, str, int], Any] = {}
+        self._stage_children: dict[str, Any] = {s: self.stages.labels(s) for s in STAGES}
+        self._signal_children: dict[tuple[str, str], Any] = {}
+        self._error_children: dict[str, Any] = {}
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(route, method, str(status))
+        child.observe(seconds)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        child = self._stage_children.get(stage)
+        if child is None:
+            child = self._stage_children[stage] = self.stages.labels(stage)
+        child.observe(seconds)
+
+    def count_signals(self, action: str, endpoint: str, n: int = 1) -> None:
+        key = (action, endpoint)
+        child = self._signal_children.get(key)
+        if child is None:
+            child = self._signal_children[key] = self.signals.labels(action, endpoint)
+        child.inc(n)
+
+    def count_error(self, code: str) -> None:
+        child = self._error_children.get(code)
+        if child is None:
+            child = self._error_children[code] = self.errors.labels(code)
+        child.inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
