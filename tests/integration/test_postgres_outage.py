@@ -1,8 +1,9 @@
-"""The PostgreSQL store loses its server and gets it back (issue 3).
+"""The PostgreSQL store's server lifecycle (issue 3), on a throwaway cluster.
 
-A throwaway cluster (``initdb`` + ``pg_ctl`` on a free port) is stopped under an open store:
-every call answers ``store_unavailable`` (never hangs, never an internal error), and once the
-server is back the same store object answers again, without being reopened.
+A cluster (``initdb`` + ``pg_ctl`` on a free port) is stopped under an open store: every call
+answers ``store_unavailable`` (never hangs, never an internal error), and once the server is back
+the same store object answers again, without being reopened. Several processes starting together
+on a fresh schema apply the migrations once (advisory lock) and never hand out a version twice.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sigserve.domain import ACTION_CODE, SignalBatch
+from sigserve.domain import ACTION_CODE, ModelCard, SignalBatch, Task
 from sigserve.errors import StoreUnavailable
 from sigserve.stores.postgres_store import PostgresStore
 from tests.services import require_executables, unavailable
@@ -183,3 +184,34 @@ async def test_open_against_a_dead_port_is_unavailable() -> None:
     assert info.value.code == "store_unavailable"
     with pytest.raises(StoreUnavailable):
         await store.ping()  # never opened: unavailable, not an internal error
+
+
+async def test_concurrent_startup_migrates_once_and_versions_stay_unique(cluster: Cluster) -> None:
+    import asyncpg
+
+    stores = [PostgresStore(f"{cluster.url}?schema=race&pool_max=3") for _ in range(4)]
+    await asyncio.gather(*(store.open() for store in stores))
+    try:
+        card = ModelCard(name="m", version=0, flavor="lightgbm", sha256=None, artifact_path=None,
+                         task=Task.BINARY, feature_names=("a",), classes=("down", "up"))
+        inserted = await asyncio.gather(*(store.insert_model(card) for store in stores for _ in range(3)))
+        assert sorted(c.version for c in inserted) == list(range(1, 13))
+        # Writers racing on the same new keys: each batch lands whole, one row per key, no error.
+        for round_ in range(3):
+            hours = list(range(round_ * 50, round_ * 50 + 400))
+            written = await asyncio.gather(
+                *(write_features(store, hours, float(i + 1)) for i, store in enumerate(stores)),
+                *(store.write_signals(signals(hours)) for store in stores))
+            assert written[len(stores):] == [len(hours)] * len(stores)
+        read = await stores[0].read_features("BTC", "1h", ("a",))
+        assert read.batch.ts.tolist() == (T0 + np.arange(500) * HOUR).tolist()
+        scale = read.batch.values[1:, 0] / np.arange(1, 500)
+        assert set(np.unique(scale)) <= {1.0, 2.0, 3.0, 4.0}
+        assert len(await stores[0].read_signals("sig")) == 500
+        con = await asyncpg.connect(cluster.url)
+        try:
+            assert await con.fetchval("SELECT count(*) FROM race.schema_migrations") == 1
+        finally:
+            await con.close()
+    finally:
+        await asyncio.gather(*(store.close() for store in stores))
