@@ -19,7 +19,8 @@ from ..errors import ValidationError
 
 
 def is_duckdb(url: str) -> bool:
-    return url.startswith("duckdb://") or url == ":memory:" or url.endswith((".duckdb", ".db"))
+    """Every store but PostgreSQL is an embedded DuckDB file (see ``open_store``)."""
+    return not url.startswith(("postgresql://", "postgres://"))
 
 
 def check(settings: Settings, workers: int) -> None:
