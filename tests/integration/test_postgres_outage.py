@@ -78,6 +78,13 @@ class Cluster:
         self._run(self.tools["pg_ctl"], "-D", str(self.data), "-o", options,
                   "-l", str(self.root / "server.log"), "-w", "-t", "60", "start")
 
+    def ensure_running(self) -> None:
+        """Start the server if an earlier test left it stopped."""
+        status = subprocess.run([*self.prefix, self.tools["pg_ctl"], "-D", str(self.data), "status"],
+                                capture_output=True, timeout=60, check=False)
+        if status.returncode != 0:
+            self.start()
+
     def stop(self, mode: str = "fast") -> None:
         self._run(self.tools["pg_ctl"], "-D", str(self.data), "-m", mode, "-w", "stop")
 
@@ -89,7 +96,7 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
+def cluster_once() -> Iterator[Cluster]:
     tools = require_executables("initdb", "pg_ctl")
     server = Cluster(tools)
     try:
@@ -98,6 +105,12 @@ def cluster() -> Iterator[Cluster]:
         yield server
     finally:
         server.destroy()
+
+
+@pytest.fixture
+def cluster(cluster_once: Cluster) -> Cluster:
+    cluster_once.ensure_running()
+    return cluster_once
 
 
 def signals(hours: list[int]) -> SignalBatch:

@@ -11,18 +11,25 @@ URL parameters of our own, stripped before the DSN reaches asyncpg:
 - ``connect_timeout=SECONDS`` (default 5): how long a (re)connection may take before the call
   answers ``store_unavailable``.
 
+Any other query parameter is a server setting for every connection (asyncpg's rule), such as
+``synchronous_commit=off``: a single-signal write then takes ~0.5 ms instead of a WAL flush
+(~4 ms here), at the price of the last few writes if the server crashes.
+
 Design notes:
 
 - Several processes may share the database, so nothing that another process can change is
   cached here: only the column names of a ``feature_key`` (immutable once committed).
 - Bulk writes (features, candles, multi-row signal batches) build PostgreSQL's binary COPY
   stream with numpy (fixed-width rows, no per-row Python), COPY it into a per-connection
-  temporary table (``ON COMMIT DELETE ROWS``) and upsert from there with
-  ``INSERT ... SELECT ... ON CONFLICT DO UPDATE``, in one transaction.
-- Window reads fetch ``array_send(vals)`` (one bytes object per row) and timestamps as epoch
-  microseconds, and decode them with numpy: no Python float per value.
+  temporary table (``ON COMMIT DELETE ROWS``), delete the staged keys and INSERT, in one
+  transaction; a unique violation from a concurrent writer reruns it as ``ON CONFLICT DO
+  UPDATE`` (see :meth:`PostgresStore._merge`). A single signal is one prepared upsert.
+- Window reads (and long ts lists) COPY out, in binary, ``(ts, created_at, vals)`` per
+  feature_key plus the candles' close, in one REPEATABLE READ snapshot, and numpy decodes them
+  and picks the newest created_at per ts: no Python object per row or value. A few bars (the
+  live path) are one prepared statement.
 - SQL strings are fixed (a finite set per method), so asyncpg's per-connection statement cache
-  prepares each once.
+  prepares each once. COPY takes no parameters: its values are quoted literals.
 - Timestamps are ``timestamp`` (without time zone) meaning UTC, like ``datetime64[us]``.
 - Driver errors are translated at one boundary (:meth:`PostgresStore._connection`). A lost server
   gives ``store_unavailable``; the pool reconnects on the next call once the server is back.
@@ -72,7 +79,6 @@ _LOCK_MIGRATE = 0x5167_0001
 _LOCK_MODEL = 0x5167_0002
 
 _NOW = "(now() AT TIME ZONE 'UTC')"
-_US = "(extract(epoch FROM {}) * 1000000)::int8"  # a timestamp as epoch microseconds
 
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -230,6 +236,15 @@ async def _keep_session(con: Any) -> None:
     tables must survive."""
 
 
+def _is_broken(con: Any) -> bool:
+    """Whether a pooled connection died under us. A connection that the server dropped is
+    handed back to the pool at once, and its proxy then refuses every call (is_closed too)."""
+    try:
+        return bool(con.is_closed())
+    except Exception:
+        return True
+
+
 def _py_ts(ts: np.datetime64 | None) -> datetime | None:
     if ts is None:
         return None
@@ -251,10 +266,6 @@ def _iso(value: datetime | None) -> str:
 
 def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
-
-
-def _us_to_ts(us: Sequence[int] | np.ndarray) -> np.ndarray:
-    return np.asarray(us, dtype=np.int64).view(TS_DTYPE)
 
 
 def _codes(values: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -449,8 +460,14 @@ class PostgresStore:
                 dsn=self._dsn, min_size=self._min_size, max_size=self._max_size,
                 init=self._init_connection, reset=_keep_session, server_settings=settings,
                 timeout=self._connect_timeout)
+        except ValueError as exc:  # asyncpg's ClientConfigurationError among them
+            raise ValidationError(f"invalid PostgreSQL store URL: {exc}",
+                                  details={"store": self.url}) from exc
         except Exception as exc:
-            raise self._translate(exc, True) from exc
+            if str(getattr(exc, "sqlstate", "")).startswith("42"):  # e.g. an unknown server setting
+                raise ValidationError(f"the PostgreSQL server refused the store URL's settings: {exc}",
+                                      details={"store": self.url}) from exc
+            raise self._translate(exc, False) from exc
         try:
             async with self._connection() as con:
                 await self._migrate(con)
@@ -509,7 +526,7 @@ class PostgresStore:
                 try:
                     yield con
                 except Exception:
-                    broken = con.is_closed()
+                    broken = _is_broken(con)
                     raise
         except SigserveError:
             raise
@@ -526,7 +543,7 @@ class PostgresStore:
             or isinstance(exc, OSError | errors.PostgresConnectionError)  # refused, reset, timeouts
             or state.startswith(("08", "57P", "28", "53300", "3D000"))  # shutdown, auth, no database
             or (isinstance(exc, errors.InterfaceError)
-                and any(word in text for word in ("closed", "closing", "released")))
+                and any(word in text for word in ("is closed", "is closing")))
         )
         if unavailable:
             return StoreUnavailable(f"the PostgreSQL store cannot be reached: {type(exc).__name__}:"
