@@ -182,3 +182,45 @@ def test_schemathesis_finds_no_server_error(server: Server) -> None:
     print(f"schemathesis: {calls} requests over {len(operations)} operations")
     assert calls >= 100, calls
     assert problems == [], "\n".join(problems[:20])
+
+
+def test_demo_ends_by_serving_and_its_curl_commands_work(tmp_path: Path) -> None:
+    """``sigserve demo`` runs the demo, prints the curl commands, and serves: each printed curl
+    command answers without an error envelope."""
+    import shutil
+
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    port = _free_port()
+    env = _env(COLUMNS="300")
+    with subprocess.Popen(
+            [sys.executable, "-m", "sigserve", "--home", str(tmp_path / "home"), "demo", "--bars",
+             "800", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env) as process:
+        try:
+            assert process.stdout is not None
+            commands: list[str] = []
+            lines: list[str] = []
+            for line in process.stdout:
+                lines.append(line)
+                if line.strip().startswith("curl "):
+                    commands.append(line.strip())
+                if "Uvicorn running on" in line:
+                    break
+            output = "".join(lines)
+            assert "Uvicorn running on http://127.0.0.1:" in output, output
+            assert len(commands) >= 5, output
+            for command in commands:
+                out = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                                     timeout=30, check=False)
+                assert out.returncode == 0, (command, out.stderr)
+                assert out.stdout.strip(), command
+                assert '"error_code"' not in out.stdout, (command, out.stdout)
+        finally:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                process.kill()
+                process.wait()
