@@ -84,8 +84,11 @@ def _train(features: list[np.ndarray], closes: list[np.ndarray], path: Path) -> 
     return path
 
 
-def build_world(root: Path) -> World:
+def build_world(root: Path, store_url: str | None = None) -> World:
+    """The world in ``root/home``; its store is the home's DuckDB file unless ``store_url``."""
     from sigserve.demo.market import generate_ohlcv
+
+    root.mkdir(parents=True, exist_ok=True)
 
     markets = {s: generate_ohlcv(s, INTERVAL, "2024-01-01", BARS) for s in SYMBOLS}
     ts = np.asarray(markets[BTC]["ts"], dtype=TS_DTYPE)
@@ -95,7 +98,7 @@ def build_world(root: Path) -> World:
     home = root / "home"
 
     async def populate() -> str:
-        async with Services.open(Settings(home=home)) as services:
+        async with Services.open(Settings(home=home, store=store_url)) as services:
             store = services.store
             await store.register_features(list(FEATURE_NAMES))
             for symbol, market in markets.items():
