@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     server_prepared_ttl_s: float = Field(
         default=1.0, ge=0, description="how long the server keeps a resolved signal (0: resolve every call)")
     access_log: bool = Field(default=False, description="uvicorn access log (costs latency)")
+    otel: bool = Field(default=False, description="FastAPI's native OpenTelemetry through the global"
+                       " providers (costs latency on every request)")
 
     def check_serving(self) -> None:
         """Refuse to serve with a token that protects nothing (every profile) or with the dev

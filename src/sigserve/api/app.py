@@ -69,9 +69,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             finally:
                 state.services = None
 
+    # FastAPI's native OpenTelemetry asks the global providers on every request unless it is off
+    # (older FastAPI versions keep the option in ``app.extra``, unused).
+    telemetry: Any = {"tracing": settings.otel, "metrics": settings.otel, "logs": settings.otel}
     app = FastAPI(title="sigserve", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan, docs_url=None, redoc_url=None,
-                  default_response_class=JSONResp)
+                  default_response_class=JSONResp, telemetry=telemetry)
     app.state.sigserve = state
     api_errors.install(app, metrics)
     build(app, state)

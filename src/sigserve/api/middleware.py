@@ -10,9 +10,9 @@ template.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -51,7 +51,7 @@ class EdgeMiddleware:
         if given is not None and _REQUEST_ID_RE.match(given):
             request_id, raw_id = given.decode("ascii"), given
         else:
-            request_id = uuid.uuid4().hex
+            request_id = os.urandom(16).hex()
             raw_id = request_id.encode("ascii")
         scope[REQUEST_ID_KEY] = request_id
         id_header = (b"x-request-id", raw_id)
