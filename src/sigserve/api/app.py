@@ -13,6 +13,7 @@ Usage::
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -64,9 +65,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.services = services
             await warm_up(state)
             services.engine.observer = metrics.observe_stage
+            # What startup allocated lives as long as the process: keep it out of the collector's
+            # full passes (measured: a full pass over it paused a request for ~60 ms).
+            gc.freeze()
             try:
                 yield
             finally:
+                gc.unfreeze()
                 state.services = None
 
     # FastAPI's native OpenTelemetry asks the global providers on every request unless it is off
