@@ -57,6 +57,7 @@ import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -64,6 +65,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections import Counter  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
@@ -572,39 +574,86 @@ def python_load(port: int, target: Target, c: int, seconds: float, cpu: int | No
 LoadFn = Callable[[int, Target, int, float, "int | None", Path], dict[str, Any]]
 
 
-def bench_server(spec: ServerSpec, args: argparse.Namespace, load: LoadFn, work: Path,
-                 cpus: tuple[int | None, int | None]) -> list[Row]:
-    server_cpu, client_cpu = cpus
-    port = spec.port
+@dataclass
+class Live:
+    """A started server, after its cold starts, with its wrk scripts."""
+
+    spec: ServerSpec
+    cold_start_s: float
+    log: Path
+    scripts: list[Path]
+
+
+def start_server(spec: ServerSpec, args: argparse.Namespace, work: Path, server_cpu: int | None,
+                 stack: contextlib.ExitStack) -> Live:
+    """``--cold-runs`` fresh starts, each to its first successful prediction; the last one stays up."""
     log = work / f"{spec.name.replace(' ', '_').replace('(', '').replace(')', '')}.log"
-    probe = spec.targets[0]
     colds = []
     for run_no in range(args.cold_runs):
+        last = run_no == args.cold_runs - 1
         started = time.perf_counter()
-        with server_process(spec, server_cpu, log) as proc:
-            colds.append(cold_start(proc, started, port, probe, log))
+        with contextlib.ExitStack() as attempt:
+            proc = attempt.enter_context(server_process(spec, server_cpu, log))
+            colds.append(cold_start(proc, started, spec.port, spec.targets[0], log))
             print(f"  {spec.name}: cold start {colds[-1]:.2f} s", flush=True)
-            if run_no < args.cold_runs - 1:
-                continue
-            rows = []
-            for target in spec.targets:
-                status, body = post_once(port, target)
-                if status != 200:
-                    raise RuntimeError(f"{spec.name} {target.path}: HTTP {status} {body[:300]!r}")
-                print(f"  {target.endpoint}: {body[:160].decode(errors='replace')}", flush=True)
-                script = wrk_script(target, work / f"{abs(hash((spec.name, target.path)))}.lua")
-                if args.warmup > 0:
-                    load(port, target, max(args.concurrency), args.warmup, client_cpu, script)
-                for c in args.concurrency:
-                    result = load(port, target, c, args.seconds, client_cpu, script)
-                    row = Row(spec.name, target.endpoint, c, cold_start_s=None, note=target.note, **result)
-                    rows.append(row)
-                    print(f"  {fmt_row(row)}", flush=True)
-                    if row.errors:
-                        print(f"  !! {row.errors} errors; server log tail:\n{tail(log, 10)}", flush=True)
-    cold = statistics.median(colds)
-    for row in rows:
-        row.cold_start_s = cold
+            if last:
+                stack.push(attempt.pop_all())  # keep it running for the load cells
+    scripts = []
+    for target in spec.targets:
+        status, body = post_once(spec.port, target)
+        if status != 200:
+            raise RuntimeError(f"{spec.name} {target.path}: HTTP {status} {body[:300]!r}")
+        print(f"  {target.endpoint}: {body[:160].decode(errors='replace')}", flush=True)
+        scripts.append(wrk_script(target, work / f"{len(list(work.glob('*.lua')))}.lua"))
+    return Live(spec, statistics.median(colds), log, scripts)
+
+
+ERROR_CODE = re.compile(rb"-> ([a-z_]+):")
+
+
+def log_error_codes(log: Path, since: int) -> dict[str, int]:
+    """sigserve logs each refusal as ``POST /path -> error_code: message``; count them."""
+    with log.open("rb") as f:
+        f.seek(since)
+        return dict(Counter(m.decode() for m in ERROR_CODE.findall(f.read())))
+
+
+def measure(lives: list[Live], args: argparse.Namespace, load: LoadFn, client_cpu: int | None) -> list[Row]:
+    """Every (server, endpoint, c) cell; with ``--rounds`` N, N interleaved passes of seconds/N each."""
+    cells = [(live, target, script, c) for live in lives for target, script in zip(live.spec.targets, live.scripts,
+                                                                                    strict=True)
+             for c in args.concurrency]
+    if args.warmup > 0:
+        for live, target, script in {(cell[0].spec.name, cell[1].path): cell[:3] for cell in cells}.values():
+            load(live.spec.port, target, max(args.concurrency), args.warmup, client_cpu, script)
+    parts: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(cells))}
+    codes: dict[int, Counter[str]] = {i: Counter() for i in range(len(cells))}
+    for round_no in range(args.rounds):
+        if args.rounds > 1:
+            print(f"  round {round_no + 1}/{args.rounds}", flush=True)
+        for i, (live, target, script, c) in enumerate(cells):
+            since = live.log.stat().st_size
+            parts[i].append(load(live.spec.port, target, c, args.seconds / args.rounds, client_cpu, script))
+            codes[i].update(log_error_codes(live.log, since))
+    rows = []
+    for i, (live, target, _script, c) in enumerate(cells):
+        results = parts[i]
+        requests = sum(r["requests"] for r in results)
+
+        def median(key: str, results: list[dict[str, Any]] = results) -> float | None:
+            values = [r[key] for r in results if r[key] is not None]
+            return statistics.median(values) if values else None
+
+        duration = sum(r["requests"] / r["rps"] for r in results if r["rps"])
+        note = target.note + (f"; errors by code: {dict(codes[i])}" if codes[i] else "")
+        row = Row(live.spec.name, target.endpoint, c, median("p50_ms"), median("p90_ms"), median("p99_ms"),
+                  max((r["max_ms"] for r in results if r["max_ms"] is not None), default=None),
+                  requests / duration if duration else 0.0, requests, sum(r["errors"] for r in results),
+                  live.cold_start_s, note.strip("; "))
+        rows.append(row)
+        print(f"  {fmt_row(row)}", flush=True)
+        if row.errors:
+            print(f"    ({row.note})", flush=True)
     return rows
 
 
@@ -659,6 +708,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pg", help="PostgreSQL URL for sigserve (default: SIGSERVE_BENCH_PG, or the local "
                                      f"server as {PG_DEFAULT})")
     parser.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL row")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="split each cell into N interleaved passes (all servers up at once) so that "
+                             "other work on the machine falls on every server alike; percentiles are the "
+                             "median over passes")
     parser.add_argument("--cold-runs", type=int, default=3, help="fresh starts per server for the cold start")
     parser.add_argument("--mlserver-workers", type=int, default=0,
                         help="MLServer parallel_workers (0: inference in the server process; its default is 1)")
@@ -712,15 +765,30 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[Row] = []
     failures: list[Skip] = []
-    for spec in specs:
-        print(f"\n== {spec.name} ({spec.version})", flush=True)
-        try:
-            rows += bench_server(spec, args, load, work, cpus)
-        except Exception as exc:  # one broken server should not lose the others' figures
-            print(f"  FAILED: {exc}", flush=True)
-            failures.append(Skip(spec.name, str(exc)[:2000]))
+    with contextlib.ExitStack() as stack:
+        lives = []
+        if args.rounds > 1:  # all servers up at once (idle ones cost nothing), cells interleaved
+            for spec in specs:
+                print(f"\n== {spec.name} ({spec.version})", flush=True)
+                try:
+                    lives.append(start_server(spec, args, work, cpus[0], stack))
+                except Exception as exc:  # one broken server should not lose the others' figures
+                    print(f"  FAILED: {exc}", flush=True)
+                    failures.append(Skip(spec.name, str(exc)[:2000]))
+            print(f"\n== load: {args.rounds} interleaved rounds", flush=True)
+            rows = measure(lives, args, load, cpus[1])
+        else:  # one server at a time
+            for spec in specs:
+                print(f"\n== {spec.name} ({spec.version})", flush=True)
+                try:
+                    with contextlib.ExitStack() as one:
+                        rows += measure([start_server(spec, args, work, cpus[0], one)], args, load, cpus[1])
+                except Exception as exc:
+                    print(f"  FAILED: {exc}", flush=True)
+                    failures.append(Skip(spec.name, str(exc)[:2000]))
 
-    print(f"\nclosed loop, {args.seconds:g} s per cell, server on CPU {cpus[0]}, {args.client} on CPU {cpus[1]}; "
+    print(f"\nclosed loop, {args.seconds:g} s per cell ({args.rounds} round(s)), server on CPU {cpus[0]}, "
+          f"{args.client} on CPU {cpus[1]}; "
           f"cold start = median of {args.cold_runs} fresh starts to the first 200\n")
     print(table(rows))
     for spec in specs:
@@ -739,7 +807,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(), "load_avg_1m_before": load_1m, "load_avg_1m_after": os.getloadavg()[0],
         "client": args.client, "wrk": wrk_version() if args.client == "wrk" else None,
         "pinned": {"server_cpu": cpus[0], "client_cpu": cpus[1]}, "seconds": args.seconds, "warmup": args.warmup,
-        "concurrency": args.concurrency, "cold_runs": args.cold_runs, "bars": args.bars,
+        "concurrency": args.concurrency, "rounds": args.rounds, "cold_runs": args.cold_runs, "bars": args.bars,
         "model": {"trees": N_TREES, "features": N_FEATURES, "objective": "binary", "file": str(w.model_path)},
         "servers": {s.name: s.version for s in specs}, "rows": [asdict(r) for r in rows], "ratios": found,
         "skipped": [asdict(s) for s in skips], "failed": [asdict(s) for s in failures]})
