@@ -575,6 +575,9 @@ def demo_cmd(
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; map every refusal to ``error_code: message`` and a non-zero exit."""
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    # This process (and any server worker it starts) belongs to sigserve: skip lightgbm's
+    # scikit-learn/pandas integrations at import (see runtimes.import_lightgbm).
+    os.environ.setdefault("SIGSERVE_LEAN_IMPORTS", "1")
     try:
         app(args=argv, standalone_mode=False, prog_name="sigserve")
     except SigserveError as exc:

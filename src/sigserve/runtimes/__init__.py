@@ -46,18 +46,23 @@ _RUNTIMES: dict[str, tuple[str, ...]] = {
 
 
 def import_lightgbm() -> ModuleType:
-    """``import lightgbm`` without its optional scikit-learn and pandas integrations.
+    """``import lightgbm``; in a process that sigserve owns, without lightgbm's optional
+    scikit-learn and pandas integrations.
 
     ``lightgbm`` imports scikit-learn and pandas whenever they are installed (2.2 s against
-    0.4 s on the dev machine). sigserve calls only the Booster, so unless another part of the
-    process already imported them, they are hidden for the duration of the import and stay
-    importable afterwards.
+    0.4 s on the dev machine), and sigserve calls only the Booster. The ``sigserve`` command
+    (CLI, server and its workers) sets ``SIGSERVE_LEAN_IMPORTS=1``; then, unless another part of
+    the process already imported them, they are hidden for the duration of the import. A library
+    user (a notebook importing sigserve) gets the ordinary import, with ``LGBMClassifier`` intact.
     """
+    import os
     import sys
 
     if "lightgbm" in sys.modules:
         return sys.modules["lightgbm"]
-    hidden = [name for name in ("sklearn", "pandas") if name not in sys.modules]
+    hidden: list[str] = []
+    if os.environ.get("SIGSERVE_LEAN_IMPORTS") == "1":
+        hidden = [name for name in ("sklearn", "pandas") if name not in sys.modules]
     for name in hidden:
         sys.modules[name] = None  # type: ignore[assignment]
     try:
