@@ -48,6 +48,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(features_app, name="features")
 app.add_typer(candles_app, name="candles")
 app.add_typer(signals_app, name="signals")
+db_app = typer.Typer(no_args_is_help=True, help="Create or upgrade the store's schema.")
+app.add_typer(db_app, name="db")
 
 console = Console()
 _state: dict[str, Any] = {}
@@ -427,6 +429,17 @@ def signals_history(
                       fmt(r["entry_price"]), fmt(r["stop_loss"]), fmt(r["take_profit"]),
                       fmt(r["recommended_size"]), f"{r['model_name']}:{r['model_version']}")
     console.print(table)
+
+
+# --- database ---------------------------------------------------------------------------
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply pending schema migrations to the store (startup does the same)."""
+    async def work(s: Any) -> tuple[str, int]:
+        return s.store.url.split("@")[-1], await s.store.schema_version()
+
+    where, version = _run(work)
+    console.print(f"store {where} is at schema version [bold]{version}[/]")
 
 
 # --- backfill and predict -------------------------------------------------------------------

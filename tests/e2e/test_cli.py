@@ -397,3 +397,13 @@ def test_demo_runs_twice_in_the_same_home(tmp_path: Path) -> None:
     assert len(rows) == 3 * 1500
     keys = [(r["symbol"], r["ts"]) for r in rows]
     assert len(set(keys)) == len(keys)
+
+
+def test_db_upgrade_creates_the_schema_and_is_idempotent(tmp_path: Path) -> None:
+    home = tmp_path / "fresh-home"
+    first = ok(home, "db", "upgrade")
+    assert "schema version" in first
+    version = int(first.strip().split()[-1])
+    assert version >= 2  # DuckDB: the base schema plus feature coverage
+    assert (home / "sigserve.duckdb").is_file()
+    assert ok(home, "db", "upgrade") == first  # nothing pending the second time

@@ -790,3 +790,9 @@ async def test_duplicate_ts_in_signal_batch_writes_nothing(store: Store) -> None
     assert info.value.code == "validation_error"
     rows = await store.read_signals("sig")
     assert [(as_ts(r["ts"]), r["action"]) for r in rows] == [(t(0), "buy")]
+
+
+async def test_schema_version_is_the_newest_migration(store: Store) -> None:
+    version = await store.schema_version()
+    assert version >= 1
+    assert await store.schema_version() == version  # reading it changes nothing

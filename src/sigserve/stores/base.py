@@ -63,6 +63,9 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` when the store cannot answer."""
 
+    async def schema_version(self) -> int:
+        """The newest migration applied (``open()`` applies the pending ones)."""
+
     # --- model registry -------------------------------------------------------------------
     async def insert_model(self, card: ModelCard) -> ModelCard:
         """Insert a new version; the store assigns ``version`` = last version + 1 atomically."""

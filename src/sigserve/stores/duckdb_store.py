@@ -224,6 +224,12 @@ class DuckDBStore:
         with self._guard():
             self._con.execute("SELECT 1").fetchall()
 
+    async def schema_version(self) -> int:
+        with self._guard():
+            row = _first(self._con.execute(
+                "SELECT coalesce(max(version), 0) FROM schema_migrations").fetchall())
+        return int(row[0])
+
     def _migrate(self) -> None:
         con = self._con
         con.execute(

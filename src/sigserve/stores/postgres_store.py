@@ -488,6 +488,10 @@ class PostgresStore:
         async with self._connection() as con:
             await con.fetchval("SELECT 1", timeout=self._connect_timeout)
 
+    async def schema_version(self) -> int:
+        async with self._connection() as con:
+            return int(await con.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
+
     @staticmethod
     async def _init_connection(con: Any) -> None:
         await con.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
