@@ -79,6 +79,7 @@ _LOCK_MIGRATE = 0x5167_0001
 _LOCK_MODEL = 0x5167_0002
 
 _NOW = "(now() AT TIME ZONE 'UTC')"
+_ANALYZE_ROWS = 10_000  # a bulk write at least this large refreshes the table's statistics
 
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -773,6 +774,7 @@ class PostgresStore:
                            " DO UPDATE SET first_ts = least(feature_coverage.first_ts, excluded.first_ts),"
                            " last_ts = greatest(feature_coverage.last_ts, excluded.last_ts)", keys))
         self._feature_sets[feature_key] = names  # committed: the key's names are now fixed
+        await self._analyze("feature_values", n)
         return n
 
     @staticmethod
@@ -978,6 +980,7 @@ class PostgresStore:
                 on_conflict=(" ON CONFLICT (symbol, interval, ts) DO UPDATE SET open = excluded.open,"
                              " high = excluded.high, low = excluded.low, close = excluded.close,"
                              " volume = excluded.volume, created_at = excluded.created_at"))
+        await self._analyze("candles", n)
         return n
 
     async def read_candles(self, symbol: str, interval: str, start: np.datetime64 | None = None,
@@ -1102,7 +1105,15 @@ class PostgresStore:
                     [_opt_str(k) for k in keys], batch.source, [_opt_str(f) for f in flags],
                     bool(batch.shadow))),
                 on_conflict=_SIGNAL_UPSERT)
+        await self._analyze("signal_history", n)
         return n
+
+    async def _analyze(self, table: str, rows: int) -> None:
+        """Fresh planner statistics after a bulk load. Without them a point read of a table just
+        loaded picked a plan that filtered ts instead of seeking it: 16.7 ms against 0.8 ms."""
+        if rows >= _ANALYZE_ROWS:
+            async with self._connection() as con:
+                await con.execute(f"ANALYZE {table}")
 
     async def position_sides(self, signal_id: str, model_version: int, symbol: str, interval: str,
                              before: np.ndarray) -> np.ndarray:
