@@ -35,6 +35,7 @@ from sigserve.domain import Policy, SignalDefinition, Stage
 from sigserve.features.compute import FEATURE_NAMES, WARMUP_BARS, compute_features
 from sigserve.stores.base import Candles
 from sigserve.timeutil import TS_DTYPE, format_ts
+from tests.fixtures.models import train_forward_return_lightgbm
 
 INTERVAL = "1h"
 BTC, ETH = "BTCUSDT", "ETHUSDT"
@@ -65,23 +66,9 @@ class World:
         return {name: float(v) for name, v in zip(FEATURE_NAMES, self.features[symbol][i], strict=True)}
 
 
-def _train(features: list[np.ndarray], closes: list[np.ndarray], path: Path) -> Path:
-    import lightgbm
-
-    xs, ys = [], []
-    for x, close in zip(features, closes, strict=True):
-        forward = np.full(close.shape, np.nan)
-        forward[:-4] = np.log(close[4:] / close[:-4])
-        keep = np.isfinite(x).all(axis=1) & np.isfinite(forward)
-        xs.append(x[keep])
-        ys.append((forward[keep] > 0).astype(np.float64))
-    params = {"objective": "binary", "num_leaves": 7, "learning_rate": 0.3, "min_data_in_leaf": 10,
-              "num_threads": 1, "seed": 7, "deterministic": True, "force_row_wise": True,
-              "verbose": -1}
-    data = lightgbm.Dataset(np.vstack(xs), np.concatenate(ys), feature_name=list(FEATURE_NAMES),
-                            params={"verbose": -1})
-    lightgbm.train(params, data, num_boost_round=20).save_model(str(path))
-    return path
+def _train(matrices: list[np.ndarray], closes: list[np.ndarray], path: Path) -> Path:
+    return train_forward_return_lightgbm(matrices, closes, path, feature_names=FEATURE_NAMES, n_trees=20,
+                                         learning_rate=0.3, min_data_in_leaf=10)
 
 
 def build_world(root: Path, store_url: str | None = None) -> World:

@@ -27,6 +27,7 @@ import pytest
 from sigserve.demo.market import generate_ohlcv
 from sigserve.features.compute import FEATURE_NAMES, compute_features
 from sigserve.timeutil import TS_DTYPE, format_ts
+from tests.fixtures.models import train_forward_return_lightgbm
 
 pytestmark = pytest.mark.e2e
 
@@ -129,23 +130,8 @@ def _write_csv(table: pa.Table, path: Path) -> Path:
 
 
 def _train(matrices: list[np.ndarray], closes: list[np.ndarray], path: Path) -> Path:
-    import lightgbm
-
-    xs, ys = [], []
-    for x, close in zip(matrices, closes, strict=True):
-        forward = np.full(close.shape, np.nan)
-        forward[:-4] = np.log(close[4:] / close[:-4])
-        keep = np.isfinite(x).all(axis=1) & np.isfinite(forward)
-        xs.append(x[keep])
-        ys.append((forward[keep] > 0).astype(np.float64))
-    params = {"objective": "binary", "num_leaves": 7, "learning_rate": 0.2,
-              "min_data_in_leaf": 20, "num_threads": 1, "seed": 7, "deterministic": True,
-              "force_row_wise": True, "verbose": -1}
-    data = lightgbm.Dataset(np.vstack(xs), np.concatenate(ys), feature_name=list(FEATURE_NAMES),
-                            params={"verbose": -1})
-    booster = lightgbm.train(params, data, num_boost_round=10)
-    booster.save_model(str(path))
-    return path
+    return train_forward_return_lightgbm(matrices, closes, path, feature_names=FEATURE_NAMES, n_trees=10,
+                                         learning_rate=0.2, min_data_in_leaf=20)
 
 
 @pytest.fixture(scope="module")
