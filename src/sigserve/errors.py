@@ -17,9 +17,12 @@ model_lifecycle_refused     409    the model version is retired or rejected_by_o
 model_artifact_missing      409    the version has no artifact sha, or its file is absent
 feature_not_registered      409    the model needs a feature that is not ``registered``
 feature_value_missing       409    no feature row at that ts
+feature_spec_mismatch       409    a feature row's feature_key comes from another spec than the
+                                   one the model was trained on (its card's spec hash)
 backfill_window_too_large   413    the window holds more bars than SIGSERVE_MAX_BACKFILL_ROWS
 artifact_corrupt            502    the file's sha256 differs from the registered one
 store_unavailable           503    the database cannot be reached
+bus_unavailable             503    the message bus (NATS) cannot be reached or refused a request
 deadline_exceeded           504    the request's latency budget ran out
 internal_error              500    a bug; details carry the request id, never a traceback
 =========================== ====== ==========================================================
@@ -107,6 +110,11 @@ class FeatureValueMissing(SigserveError):
     http_status = 409
 
 
+class FeatureSpecMismatch(SigserveError):
+    code = "feature_spec_mismatch"
+    http_status = 409
+
+
 class BackfillWindowTooLarge(SigserveError):
     code = "backfill_window_too_large"
     http_status = 413
@@ -119,6 +127,15 @@ class ArtifactCorrupt(SigserveError):
 
 class StoreUnavailable(SigserveError):
     code = "store_unavailable"
+    http_status = 503
+
+
+class BusUnavailable(SigserveError):
+    """The stream worker's and ``sigserve config``'s broker (NATS) is unreachable or refused a
+    request. Not an HTTP answer (the HTTP service uses no bus), so not in ``ERROR_CODES`` until
+    DESIGN.md's table lists it."""
+
+    code = "bus_unavailable"
     http_status = 503
 
 
@@ -144,6 +161,7 @@ ERROR_CODES: dict[str, type[SigserveError]] = {
         ModelArtifactMissing,
         FeatureNotRegistered,
         FeatureValueMissing,
+        FeatureSpecMismatch,
         BackfillWindowTooLarge,
         ArtifactCorrupt,
         StoreUnavailable,

@@ -1,0 +1,364 @@
+"""The NATS bus (nats-py): core publish/subscribe, JetStream streams, durable push consumers
+(queue groups share one), asynchronous publish acks, and KV buckets.
+
+nats-py exceptions are translated here into :mod:`sigserve.errors` (``bus_unavailable`` for
+transport and server failures, ``validation_error`` for bad names), with ``raise ... from exc``.
+The client reconnects on its own, forever; subscriptions and durable consumers resume after a
+server restart (file storage keeps the streams and the consumers' acks).
+
+Usage::
+
+    bus = NatsBus("nats://127.0.0.1:4222")
+    await bus.connect()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+from ..errors import BusUnavailable, ValidationError, missing_extra
+from .base import BusMessage, Handler, KvHandler, PublishAck, check_name, check_subject
+
+log = logging.getLogger("sigserve.bus")
+T = TypeVar("T")
+MSG_ID = "Nats-Msg-Id"
+
+
+def _nats() -> Any:
+    try:
+        import nats
+        import nats.errors
+        import nats.js.errors
+    except ImportError as exc:  # pragma: no cover - nats-py is a core dependency
+        raise missing_extra("nats-py", "nats") from exc
+    return nats
+
+
+class _Sub:
+    def __init__(self, stop: Callable[[], Awaitable[None]]) -> None:
+        self._stop = stop
+
+    async def stop(self) -> None:
+        await self._stop()
+
+
+class NatsBus:
+    """:class:`sigserve.bus.base.Bus` on NATS. ``durable`` is False when the server runs
+    without JetStream (then only core publish/subscribe work)."""
+
+    def __init__(self, url: str, *, name: str = "sigserve", request_timeout_s: float = 5.0,
+                 connect_timeout_s: float = 2.0) -> None:
+        self.url = url
+        self.name = name
+        self.request_timeout_s = request_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self._nc: Any = None
+        self._js: Any = None
+        self._durable = False
+        self._reconnect_callbacks: list[Callable[[], None]] = []
+        self._kv: dict[str, Any] = {}
+
+    @property
+    def durable(self) -> bool:
+        return self._durable
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    # --- errors -----------------------------------------------------------------------------
+    async def _call(self, what: str, coro: Awaitable[T]) -> T:
+        """Await a nats-py call, translating its exceptions."""
+        nats = _nats()
+        try:
+            return await coro
+        except (BusUnavailable, ValidationError):
+            raise
+        except nats.js.errors.APIError as exc:
+            description = getattr(exc, "description", None) or str(exc)
+            raise BusUnavailable(f"NATS refused {what}: {description}",
+                                 details={"bus": self.url, "what": what,
+                                          "err_code": getattr(exc, "err_code", None)}) from exc
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            raise BusUnavailable(f"NATS {what} failed: {type(exc).__name__}: {exc}".rstrip(": "),
+                                 details={"bus": self.url, "what": what}) from exc
+
+    def _need_js(self, what: str) -> Any:
+        if self._nc is None:
+            raise BusUnavailable("not connected to NATS", details={"bus": self.url})
+        if not self._durable:
+            raise BusUnavailable(f"{what} needs JetStream: start nats-server with -js",
+                                 details={"bus": self.url})
+        return self._js
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def connect(self) -> None:
+        nats = _nats()
+
+        async def reconnected() -> None:
+            log.warning("NATS connection back (%s)", self.url)
+            for callback in list(self._reconnect_callbacks):
+                callback()
+
+        async def disconnected() -> None:
+            if self._nc is not None:
+                log.warning("NATS connection lost (%s); reconnecting", self.url)
+
+        async def error(exc: Exception) -> None:
+            log.warning("NATS: %s: %s", type(exc).__name__, exc)
+
+        servers = [u.strip() for u in self.url.split(",") if u.strip()]
+        try:
+            self._nc = await nats.connect(
+                servers=servers, name=self.name, connect_timeout=self.connect_timeout_s,
+                max_reconnect_attempts=-1, reconnect_time_wait=0.25, allow_reconnect=True,
+                reconnected_cb=reconnected, disconnected_cb=disconnected, error_cb=error,
+                pending_size=64 * 1024 * 1024, ping_interval=5, max_outstanding_pings=3)
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            raise BusUnavailable(f"cannot connect to NATS at {self.url}: {type(exc).__name__}: {exc}",
+                                 details={"bus": self.url}) from exc
+        self._js = self._nc.jetstream(timeout=self.request_timeout_s, publish_async_max_pending=100_000)
+        try:
+            await self._js.account_info()
+            self._durable = True
+        except (nats.js.errors.Error, nats.errors.NoRespondersError):
+            self._durable = False
+            log.warning("NATS at %s has no JetStream: core publish/subscribe only", self.url)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"NATS at {self.url} did not answer: {exc}",
+                                 details={"bus": self.url}) from exc
+
+    async def close(self) -> None:
+        if self._nc is not None:
+            nc, self._nc = self._nc, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.drain(), 5)
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        self._reconnect_callbacks.append(callback)
+
+    # --- core ---------------------------------------------------------------------------------
+    async def publish(self, subject: str, data: bytes, headers: Mapping[str, str] | None = None) -> None:
+        check_subject(subject)
+        if self._nc is None:
+            raise BusUnavailable("not connected to NATS", details={"bus": self.url})
+        await self._call("publish", self._nc.publish(subject, data, headers=dict(headers) if headers else None))
+
+    async def flush(self) -> None:
+        if self._nc is None:
+            raise BusUnavailable("not connected to NATS", details={"bus": self.url})
+        await self._call("flush", self._nc.flush(timeout=int(max(1, self.request_timeout_s))))
+
+    async def subscribe(self, subject: str, handler: Handler, queue: str | None = None) -> _Sub:
+        check_subject(subject, pattern=True)
+        if self._nc is None:
+            raise BusUnavailable("not connected to NATS", details={"bus": self.url})
+
+        async def cb(msg: Any) -> None:
+            try:
+                await handler(BusMessage(msg.subject, msg.data, msg.headers))
+            except Exception:
+                log.exception("bus handler failed")
+
+        sub = await self._call("subscribe", self._nc.subscribe(subject, queue=queue or "", cb=cb,
+                                                                pending_msgs_limit=1_000_000,
+                                                                pending_bytes_limit=1 << 30))
+        return _Sub(lambda: self._unsubscribe(sub))
+
+    async def _unsubscribe(self, sub: Any) -> None:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+            if self._nc is not None:
+                await self._nc.flush(timeout=2)
+
+    # --- streams --------------------------------------------------------------------------------
+    async def ensure_stream(self, name: str, subjects: list[str], *, max_age_s: float = 0.0,
+                            duplicate_window_s: float = 120.0, memory: bool = False) -> None:
+        check_name(name, "stream")
+        for subject in subjects:
+            check_subject(subject, pattern=True)
+        js = self._need_js("a stream")
+        from nats.js.api import StorageType, StreamConfig
+
+        nats = _nats()
+        try:
+            info = await js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            config = StreamConfig(name=name, subjects=list(subjects),
+                                  storage=StorageType.MEMORY if memory else StorageType.FILE,
+                                  max_age=max_age_s or None, duplicate_window=duplicate_window_s)
+            await self._call(f"creating stream {name}", js.add_stream(config))
+            return
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"NATS stream_info {name} failed: {exc}", details={"bus": self.url}) from exc
+        missing = [s for s in subjects if s not in (info.config.subjects or [])]
+        if missing:
+            info.config.subjects = [*(info.config.subjects or []), *missing]
+            await self._call(f"updating stream {name}", js.update_stream(info.config))
+
+    async def delete_stream(self, name: str) -> None:
+        js = self._need_js("a stream")
+        nats = _nats()
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self._call(f"deleting stream {name}", js.delete_stream(name))
+
+    async def stream_count(self, name: str) -> int:
+        js = self._need_js("a stream")
+        info = await self._call(f"stream_info {name}", js.stream_info(name))
+        return int(info.state.messages)
+
+    async def publish_durable(self, subject: str, data: bytes, *, msg_id: str | None = None,
+                              headers: Mapping[str, str] | None = None) -> asyncio.Future[PublishAck]:
+        check_subject(subject)
+        js = self._need_js("a durable publish")
+        hdrs = dict(headers) if headers else {}
+        if msg_id:
+            hdrs[MSG_ID] = msg_id
+        raw = await self._call("publish", js.publish_async(subject, data, headers=hdrs or None,
+                                                           wait_stall=self.request_timeout_s))
+        loop = asyncio.get_running_loop()
+        out: asyncio.Future[PublishAck] = loop.create_future()
+        timer = loop.call_later(self.request_timeout_s, self._expire, out, raw, subject)
+
+        def done(fut: asyncio.Future[Any]) -> None:
+            timer.cancel()
+            if out.done():
+                return
+            if fut.cancelled():
+                out.set_exception(BusUnavailable("publish ack cancelled", details={"subject": subject}))
+                return
+            exc = fut.exception()
+            if exc is not None:
+                err = BusUnavailable(f"NATS did not store {subject}: {type(exc).__name__}: {exc}",
+                                     details={"bus": self.url, "subject": subject})
+                err.__cause__ = exc
+                out.set_exception(err)
+                return
+            ack = fut.result()
+            out.set_result(PublishAck(ack.stream, int(ack.seq), bool(ack.duplicate)))
+
+        raw.add_done_callback(done)
+        return out
+
+    def _expire(self, out: asyncio.Future[PublishAck], raw: asyncio.Future[Any], subject: str) -> None:
+        raw.cancel()  # frees nats-py's slot for pending async publishes
+        if not out.done():
+            out.set_exception(BusUnavailable(f"no publish ack for {subject} within"
+                                             f" {self.request_timeout_s} s", details={"subject": subject}))
+
+    async def consume(self, stream: str, durable: str, subject: str, handler: Handler, *,
+                      queue: str | None = None, ack_wait_s: float = 30.0,
+                      max_ack_pending: int = 20_000) -> _Sub:
+        check_name(durable, "durable")
+        check_subject(subject, pattern=True)
+        js = self._need_js("a durable consumer")
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        config = ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT,
+                                ack_wait=ack_wait_s, max_ack_pending=max_ack_pending,
+                                deliver_policy=DeliverPolicy.ALL, max_deliver=-1,
+                                filter_subject=subject, deliver_group=queue)
+
+        async def cb(msg: Any) -> None:
+            async def settle(kind: str, delay: float | None) -> None:
+                try:
+                    if kind == "ack":
+                        await msg.ack()
+                    elif kind == "nak":
+                        await msg.nak(delay=delay)
+                    else:
+                        await msg.term()
+                except Exception as exc:  # the server will deliver it again after ack_wait
+                    log.warning("NATS %s failed: %s", kind, exc)
+
+            try:
+                delivered = int(msg.metadata.num_delivered)
+            except Exception:
+                delivered = 1
+            try:
+                await handler(BusMessage(msg.subject, msg.data, msg.headers, delivered, settle))
+            except Exception:
+                log.exception("bus handler failed")
+
+        if queue is not None and durable != queue:
+            # nats-py names a queue subscription's durable after the queue
+            raise ValidationError("a queue group's durable consumer is named after the group:"
+                                  f" durable {durable!r} != queue {queue!r}",
+                                  details={"durable": durable, "queue": queue})
+        for attempt in range(20):
+            try:
+                sub = await self._call(f"consuming {stream}/{durable}", js.subscribe(
+                    subject, queue=queue, durable=durable, stream=stream, cb=cb, manual_ack=True,
+                    config=config, pending_msgs_limit=max_ack_pending * 2 + 1024,
+                    pending_bytes_limit=1 << 30))
+                break
+            except BusUnavailable as exc:
+                # a member that just stopped is still bound for a moment on the server
+                if "already bound" not in exc.message or attempt == 19:
+                    raise
+                await asyncio.sleep(0.1)
+        return _Sub(lambda: self._unsubscribe(sub))
+
+    # --- KV ---------------------------------------------------------------------------------------
+    async def _bucket(self, bucket: str) -> Any:
+        check_name(bucket, "bucket")
+        kv = self._kv.get(bucket)
+        if kv is not None:
+            return kv
+        js = self._need_js("a KV bucket")
+        nats = _nats()
+        try:
+            kv = await js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            kv = await self._call(f"creating KV bucket {bucket}", js.create_key_value(bucket=bucket, history=10))
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"NATS KV {bucket} failed: {exc}", details={"bus": self.url}) from exc
+        self._kv[bucket] = kv
+        return kv
+
+    async def kv_get(self, bucket: str, key: str) -> bytes | None:
+        kv = await self._bucket(bucket)
+        nats = _nats()
+        try:
+            entry = await kv.get(key)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"NATS KV get {bucket}/{key} failed: {exc}", details={"bus": self.url}) from exc
+        return None if entry.value is None else bytes(entry.value)
+
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> int:
+        check_subject(key)
+        kv = await self._bucket(bucket)
+        return int(await self._call(f"KV put {bucket}/{key}", kv.put(key, value)))
+
+    async def kv_watch(self, bucket: str, handler: KvHandler) -> _Sub:
+        kv = await self._bucket(bucket)
+        watcher = await self._call(f"KV watch {bucket}", kv.watchall())
+
+        async def pump() -> None:
+            async for entry in watcher:
+                if entry is None:  # end of the initial values
+                    continue
+                value = None if entry.operation in ("DEL", "PURGE") else entry.value
+                try:
+                    await handler(entry.key, None if value is None else bytes(value))
+                except Exception:
+                    log.exception("KV watch handler failed")
+
+        task = asyncio.get_running_loop().create_task(pump(), name=f"kv-watch-{bucket}")
+
+        async def stop() -> None:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+        return _Sub(stop)
