@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP_CORE := $(VENV)/.installed-core
 STAMP_DEV := $(VENV)/.installed-dev
+STAMP_TRAIN := $(VENV)/.installed-train
 
 .PHONY: demo test lint typecheck bench clean
 
@@ -17,9 +18,14 @@ $(STAMP_CORE): pyproject.toml | $(BIN)/python
 
 $(STAMP_DEV): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@ $(STAMP_CORE) $(STAMP_TRAIN)
+
+# the demo trains through the pipeline: TA-Lib features, MLflow tracking, plots (the train extra)
+$(STAMP_TRAIN): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[train]'
 	touch $@ $(STAMP_CORE)
 
-demo: $(STAMP_CORE)
+demo: $(STAMP_TRAIN)
 	$(BIN)/sigserve demo $(DEMO_ARGS)
 
 test: $(STAMP_DEV)

@@ -256,6 +256,44 @@ def features_import(
                   f"[bold]{key}[/]; newly registered: {', '.join(new) or 'none'}")
 
 
+@features_app.command("compute")
+def features_compute(
+    spec_file: Annotated[Path, typer.Option("--spec", help="Pipeline YAML (its features: section).")],
+    symbol: Annotated[list[str], typer.Option(help="Symbol (repeatable, or a,b,c).")],
+    interval: Annotated[str, typer.Option(help="Bar interval, e.g. 1h.")],
+    start: Annotated[str | None, typer.Option(help="First bar to write (default: all history).")] = None,
+    end: Annotated[str | None, typer.Option(help="Last bar to write.")] = None,
+    chunk_rows: Annotated[int, typer.Option(min=1, help="Rows per transaction.")] = 250_000,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compute a feature spec over the stored candles and upsert the rows under the spec's
+    feature_key (spec-<hash>); warm-up rows are dropped and counted. Reruns are idempotent."""
+    from .features.pipeline import compute_and_store
+    from .features.spec import FeatureSpec
+
+    validate_interval(interval)
+    a = parse_ts(start, field="start") if start else None
+    b = parse_ts(end, field="end") if end else None
+    if a is not None and b is not None:
+        check_window(a, b)
+    spec = FeatureSpec.from_yaml(spec_file)
+    settings = _settings()
+
+    async def work(s: Any) -> list[dict[str, Any]]:
+        return [await compute_and_store(s.store, spec, sym, interval, start=a, end=b,
+                                        chunk_rows=chunk_rows, home=settings.home)
+                for sym in _split(symbol)]
+
+    reports = _run(work)
+    if as_json:
+        _print_json(reports[0] if len(reports) == 1 else reports)
+        return
+    for r in reports:
+        console.print(f"{r['symbol']} {r['interval']}: wrote {r['rows_written']} feature rows"
+                      f" ({len(r['features'])} features) as feature_key [bold]{r['feature_key']}[/];"
+                      f" {r['warmup_rows_dropped']} warm-up rows dropped")
+
+
 @features_app.command("list")
 def features_list(as_json: JsonOpt = False) -> None:
     """List registered and deprecated features."""

@@ -44,6 +44,7 @@ from .domain import (
 from .errors import (
     DeadlineExceeded,
     FeatureNotRegistered,
+    FeatureSpecMismatch,
     FeatureValueMissing,
     SignalNotFound,
     SignalRetired,
@@ -69,10 +70,34 @@ class Prepared:
     runtime: Runtime
     plan: PolicyPlan
     read_names: tuple[str, ...]  # the model's features, then the ATR feature when it is extra
+    # the feature_key of the spec the model was trained on (its card's spec hash), else None:
+    # a feature row with another key is refused with feature_spec_mismatch
+    spec_key: str | None = None
 
     @property
     def n_model_features(self) -> int:
         return len(self.card.feature_names)
+
+
+def card_spec_key(card: ModelCard) -> str | None:
+    """The feature_key of the feature spec a model card records (``sigserve train``), or None."""
+    key = card.extra.get("feature_key") if card.extra.get("feature_spec_hash") else None
+    return str(key) if key else None
+
+
+def check_feature_keys(prepared: Prepared, keys: np.ndarray) -> None:
+    """Refuse feature rows computed by another spec than the model's (``feature_spec_mismatch``)."""
+    expected = prepared.spec_key
+    if expected is None:
+        return
+    if keys.shape[0] and keys[0] == expected and keys[-1] == expected and bool(np.all(keys == expected)):
+        return
+    wrong = sorted({str(k) for k in keys.tolist() if k != expected})
+    raise FeatureSpecMismatch(
+        f"feature rows with feature_key {wrong[:3]} come from another feature spec than the one"
+        f" model {prepared.card.ref} was trained on ({expected}): compute features with that spec"
+        f" (sigserve features compute) or pin the signal to {expected!r}",
+        details={"model": prepared.card.ref, "expected": expected, "found": wrong[:10]})
 
 
 @dataclass(frozen=True)
@@ -125,6 +150,11 @@ class Engine:
             raise SignalNotFound(f"no signal {signal_id!r}", details={"signal_id": signal_id})
         if not definition.active:
             raise SignalRetired(f"signal {signal_id!r} is retired", details={"signal_id": signal_id})
+        return await self.prepare_definition(definition)
+
+    async def prepare_definition(self, definition: SignalDefinition) -> Prepared:
+        """Resolve a given definition (a stream worker's, with its live overrides of model and
+        policy applied): model, lifecycle, artifact sha and feature registry checks. Not cached."""
         card = await self.registry.resolve(definition.model_name, definition.model_ref)
         runtime = await self.registry.runtime(card)  # lifecycle, artifact and sha checks
         statuses = await self.store.feature_statuses(list(card.feature_names))
@@ -139,7 +169,14 @@ class Engine:
         if atr and atr not in read_names:
             read_names = (*read_names, atr)
         plan = PolicyPlan.build(definition.policy, card, read_names)
-        return Prepared(definition, card, runtime, plan, read_names)
+        spec_key = card_spec_key(card)
+        if spec_key is not None and definition.feature_key and definition.feature_key != spec_key:
+            raise FeatureSpecMismatch(
+                f"signal {definition.signal_id!r} pins feature_key {definition.feature_key!r}, but model"
+                f" {card.ref} was trained on the feature spec {spec_key!r}",
+                details={"signal_id": definition.signal_id, "model": card.ref, "pinned": definition.feature_key,
+                         "expected": spec_key})
+        return Prepared(definition, card, runtime, plan, read_names, spec_key)
 
     @staticmethod
     def check_target(prepared: Prepared, symbol: str, interval: str) -> None:
@@ -156,10 +193,13 @@ class Engine:
 
     # --- the pure part --------------------------------------------------------------------
     def compute(self, prepared: Prepared, features: FeatureBatch, start_side: int, source: str,
-                latency_ms: np.ndarray | float | None = None) -> tuple[SignalBatch, int]:
+                latency_ms: np.ndarray | float | None = None,
+                min_confidence: float = 0.0) -> tuple[SignalBatch, int]:
         """Predict and apply the policy to a feature batch. No I/O.
 
         ``latency_ms`` None means measure this call and spread it over the rows.
+        ``min_confidence`` (a stream worker's live confidence threshold) turns a raw buy or sell
+        under it into hold, before positions are resolved; 0 changes nothing.
         """
         started = time.perf_counter()
         n = len(features)
@@ -174,6 +214,8 @@ class Engine:
             observer("predict", predicted - started)
         plan = prepared.plan
         raw, confidence = plan.decide(output)
+        if min_confidence > 0.0:
+            raw = np.where(confidence < min_confidence, np.int8(HOLD), raw).astype(np.int8)
         if prepared.definition.policy.position_aware:
             actions, end_side = resolve_positions(raw, start_side)
         else:
@@ -214,7 +256,7 @@ class Engine:
         began = time.perf_counter() if observer is not None else 0.0
         read = await self.store.read_features(
             symbol, interval, prepared.read_names, start=start, end=end,
-            feature_key=prepared.definition.feature_key)
+            feature_key=prepared.definition.feature_key or prepared.spec_key)
         if observer is not None:
             observer("feature_read", time.perf_counter() - began)
         return await self._finish(prepared, read.batch, read.incomplete + read.missing, start_side,
@@ -231,7 +273,7 @@ class Engine:
         began = time.perf_counter() if observer is not None else 0.0
         read = await self.store.read_features(
             symbol, interval, prepared.read_names, ts=wanted,
-            feature_key=prepared.definition.feature_key)
+            feature_key=prepared.definition.feature_key or prepared.spec_key)
         if observer is not None:
             observer("feature_read", time.perf_counter() - began)
         skipped = int(wanted.size - len(read.batch))
@@ -241,6 +283,8 @@ class Engine:
                       start_side: int | None, source: str, write: bool) -> RunResult:
         """Position before the first bar (from the store unless carried) -> compute -> upsert."""
         observer = self.observer
+        if prepared.spec_key is not None and len(features):
+            check_feature_keys(prepared, features.feature_keys)
         if start_side is None:
             start_side = FLAT
             if len(features):
@@ -288,6 +332,8 @@ class Engine:
             result = await self.run_bars(signal_id, symbol, interval, when, source=source,
                                          prepared=prepared, write=False)
             if len(result.batch) == 0:
+                if prepared.spec_key is not None and not prepared.definition.feature_key:
+                    await self._refuse_other_spec(prepared, symbol, interval, when)
                 raise FeatureValueMissing(
                     f"no complete feature row for {symbol} {interval} at {format_ts(ts)}:"
                     " import or compute features for that bar first",
@@ -300,6 +346,14 @@ class Engine:
         if write:
             await self._write(batch)
         return batch.row(0)
+
+    async def _refuse_other_spec(self, prepared: Prepared, symbol: str, interval: str,
+                                 when: np.ndarray) -> None:
+        """The model's spec has no row at the bar: when another spec's row is there, say so
+        (``feature_spec_mismatch``) rather than ``feature_value_missing``."""
+        other = await self.store.read_features(symbol, interval, (), ts=when)
+        if len(other.batch):
+            check_feature_keys(prepared, other.batch.feature_keys)
 
     async def newest_bar(self, symbol: str, interval: str) -> np.datetime64:
         """The newest bar of ``symbol`` that has a feature row; ``feature_value_missing`` if none."""

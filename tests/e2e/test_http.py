@@ -567,6 +567,21 @@ async def test_no_route_but_the_public_ones_answers_without_the_token(home: Path
         refused(await client.get("/secret-admin"), "unauthorized")
 
 
+async def test_rows_of_another_feature_spec_are_refused(home: Path, world: World) -> None:
+    """A model whose card records a feature spec (``sigserve train``) is never served rows that
+    another spec computed: 409 feature_spec_mismatch."""
+    async with serving(settings_for(home)) as (app, client):
+        services = services_of(app)
+        card = await services.store.get_model(MODEL, 2)
+        assert card is not None
+        spec_key = "spec-0123456789abcdef"
+        await services.store.update_model_extra(MODEL, 2, card.runtime, {
+            **card.extra, "feature_spec_hash": "0123456789abcdef" + "0" * 48, "feature_key": spec_key})
+        body = refused(await client.post("/inference/run", json=run_body(world, 200, signal=PINNED)),
+                       "feature_spec_mismatch")
+        assert body["details"]["expected"] == spec_key and body["details"]["found"] == [KEY]
+
+
 # --- the whole table --------------------------------------------------------------------------------
 def test_every_error_code_was_reached_over_http() -> None:
     """Runs last in this module (pytest keeps file order): every code of DESIGN.md's table, and the

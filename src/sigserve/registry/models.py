@@ -71,7 +71,10 @@ class ModelRegistry:
     async def register(self, path: Path, *, name: str, features: list[str] | None = None,
                        classes: list[str] | None = None, task: str | None = None,
                        metrics: dict[str, Any] | None = None, trust_pickle: bool = False,
-                       stage: Stage = Stage.REGISTERED) -> ModelCard:
+                       stage: Stage = Stage.REGISTERED,
+                       extra: dict[str, Any] | None = None) -> ModelCard:
+        """``extra`` adds to the card (``sigserve train`` records the feature spec, its hash and
+        feature_key, the training window and the reference distribution there)."""
         from .flavors import inspect_model
 
         if not _NAME_RE.match(name):
@@ -113,7 +116,7 @@ class ModelRegistry:
             name=name, version=0, flavor=info.flavor, sha256=sha, artifact_path=relative,
             task=resolved_task, feature_names=tuple(feature_names), classes=class_names,
             stage=stage, metrics=dict(metrics or {}),
-            extra={**info.extra, "source_file": path.name},
+            extra={**info.extra, "source_file": path.name, **(extra or {})},
         )
         return await self.store.insert_model(card)
 

@@ -1,0 +1,507 @@
+"""One feature definition for training, backfill and live bars: the ``features:`` section of a
+pipeline YAML.
+
+.. code-block:: yaml
+
+    features:
+      indicators:                       # TA-Lib functions by name and parameters
+        - {name: RSI, timeperiod: 14}   # column rsi_14
+        - {name: ATR, timeperiod: 14}   # column atr_14
+        - {name: BBANDS, timeperiod: 20}            # bbands_20_upperband, _middleband, _lowerband
+        - {name: SMA, timeperiod: 20, input: volume, column: volume_sma_20}
+      candles: [body_size, body_direction, upper_wick, lower_wick, wick_ratio, body_to_range, gap, range]
+      custom:                           # a function of the candle frame returning one column
+        - {function: "mypkg.features:dollar_volume", name: dollar_volume, lookback: 0}
+
+Columns are named ``{indicator}_{params}``: every ``*period`` parameter in TA-Lib's order, and any
+other parameter that differs from its default (``bbands_20_2.5``); a function with several outputs
+adds the output's name. ``column:`` overrides the base name.
+
+**One code path.** :meth:`FeatureSpec.compute` runs each step over a whole history;
+:meth:`FeatureSpec.compute_last` runs the *same* step functions over the last ``window`` candles
+of each step and keeps the newest value. A step's window is its lookback plus one bar plus a
+convergence tail: TA-Lib's recursive indicators (EMA, Wilder's RSI/ATR/ADX, ...) depend on where
+the history starts with a memory of ``(1 - alpha)**k``. The tail is measured once, when the spec
+is built (the smallest of 0, 2p, 8p, 32p, 64p bars, p the largest period, after which a window
+agrees with the whole history to 1e-11), so the newest bar computed from the last N candles
+equals the batch value to 1e-9 (``tests/unit/test_spec_parity.py`` proves it on every indicator
+of a spec). A cumulative indicator (OBV, AD, ...) never converges and is refused.
+
+**Point in time.** Row ``i`` uses candles ``0..i`` only (a lookahead test perturbs future bars);
+:func:`closed_bars` drops candles that have not closed yet.
+
+**Warm-up.** ``warmup`` is the largest lookback: rows before it hold NaN and
+:meth:`FeatureFrame.complete` drops them (and any other row with a NaN), counting them.
+
+**Identity.** ``spec_hash`` is the sha256 of the canonical spec (every parameter filled in);
+``feature_key`` = ``spec-<hash[:16]>`` names the rows it writes, and model cards record both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ValidationError, missing_extra
+from ..timeutil import TS_DTYPE, interval_us
+from .candles import CANDLE_FEATURES, CANDLE_FUNCTIONS, CANDLE_LOOKBACK
+
+log = logging.getLogger("sigserve.features")
+
+SPEC_FORMAT = 1
+PRICE_COLUMNS = ("open", "high", "low", "close", "volume")
+_TAILS = (0, 2, 8, 32, 64)  # convergence tails tried, in multiples of the largest period
+_CALIBRATION_RTOL = 1e-11
+
+Arrays = dict[str, np.ndarray]
+
+
+def import_talib() -> Any:
+    """TA-Lib, or a ``validation_error`` naming what to install."""
+    try:
+        import talib
+        from talib import abstract  # noqa: F401
+    except ImportError as exc:
+        raise missing_extra("talib", "ta") from exc
+    return talib
+
+
+# --- steps ---------------------------------------------------------------------------------------
+class _Step:
+    names: tuple[str, ...]
+    lookback: int  # leading rows that are NaN
+    window: int  # candles the newest value needs (lookback + 1 + convergence tail)
+    canonical: dict[str, Any]
+
+    def compute(self, a: Arrays) -> list[np.ndarray]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+class _TalibStep(_Step):
+    def __init__(self, entry: Mapping[str, Any]) -> None:
+        talib = import_talib()
+        abstract: Any = importlib.import_module("talib.abstract")
+
+        entry = dict(entry)
+        raw_name = entry.pop("name", None)
+        if not isinstance(raw_name, str) or not raw_name:
+            raise ValidationError("an indicator needs a TA-Lib function name, e.g. {name: RSI}",
+                                  details={"entry": entry})
+        name = raw_name.upper()
+        if name not in talib.get_functions() or not hasattr(talib, name):
+            raise ValidationError(f"unknown TA-Lib function {raw_name!r}",
+                                  details={"name": raw_name, "known_examples": ["RSI", "ATR", "EMA",
+                                                                               "MACD", "BBANDS"]})
+        info = abstract.Function(name).info
+        column = entry.pop("column", None)
+        price_input = entry.pop("input", None)
+        window_override = entry.pop("window", None)
+        defaults: dict[str, Any] = dict(info["parameters"])
+        unknown = sorted(set(entry) - set(defaults))
+        if unknown:
+            raise ValidationError(f"{name} has no parameters {unknown}; it takes {sorted(defaults)}",
+                                  details={"name": name, "unknown": unknown,
+                                           "parameters": sorted(defaults)})
+        params: dict[str, Any] = {}
+        for key, default in defaults.items():
+            value = entry.get(key, default)
+            if isinstance(default, int) and not isinstance(value, bool):
+                if not isinstance(value, int | float) or float(value) != int(value):
+                    raise ValidationError(f"{name}.{key} must be an integer, got {value!r}",
+                                          details={"name": name, "parameter": key})
+                value = int(value)
+            elif isinstance(default, float):
+                if not isinstance(value, int | float) or isinstance(value, bool):
+                    raise ValidationError(f"{name}.{key} must be a number, got {value!r}",
+                                          details={"name": name, "parameter": key})
+                value = float(value)
+            params[key] = value
+        inputs: list[str] = []
+        for slot, cols in info["input_names"].items():
+            wanted = [cols] if isinstance(cols, str) else list(cols)
+            if price_input is not None and slot == "price":
+                wanted = [str(price_input)]
+            inputs.extend(wanted)
+        bad = [c for c in inputs if c not in PRICE_COLUMNS]
+        if bad:
+            raise ValidationError(f"{name}: unknown input columns {bad}; use {list(PRICE_COLUMNS)}",
+                                  details={"name": name, "inputs": inputs})
+        self.name = name
+        self.fn: Callable[..., Any] = getattr(talib, name)
+        self.params = params
+        self.inputs = tuple(inputs)
+        parts = [_fmt(v) for k, v in params.items() if k.endswith("period")]
+        parts += [_fmt(v) for k, v in params.items()
+                  if not k.endswith("period") and v != defaults[k]]
+        base = str(column) if column else "_".join([name.lower(), *parts])
+        outputs = list(info["output_names"])
+        self.names = (base,) if len(outputs) == 1 else tuple(f"{base}_{o}" for o in outputs)
+        function = abstract.Function(name)
+        function.set_parameters(params)
+        self.lookback = int(function.lookback)
+        period = max([int(v) for k, v in params.items() if k.endswith("period")] + [1])
+        if window_override is not None:
+            if not isinstance(window_override, int) or window_override < self.lookback + 1:
+                raise ValidationError(f"{name}: window must be an integer >= {self.lookback + 1}",
+                                      details={"name": name, "window": window_override})
+            self.window = int(window_override)
+        else:
+            self.window = self.lookback + 1 + self._calibrate(period)
+        self.canonical = {"kind": "talib", "name": name, "params": params,
+                          "inputs": list(self.inputs), "columns": list(self.names)}
+        if column:
+            self.canonical["column"] = str(column)
+        if price_input is not None:
+            self.canonical["input"] = str(price_input)
+        if window_override is not None:
+            self.canonical["window"] = self.window
+
+    def compute(self, a: Arrays) -> list[np.ndarray]:
+        out = self.fn(*(a[c] for c in self.inputs), **self.params)
+        if isinstance(out, tuple | list):
+            return [np.asarray(o, dtype=np.float64) for o in out]
+        return [np.asarray(out, dtype=np.float64)]
+
+    def _calibrate(self, period: int) -> int:
+        """The shortest convergence tail (in bars) after which the newest value of a window
+        equals the whole history's, measured on a deterministic random-walk market."""
+        longest = self.lookback + 1 + _TAILS[-1] * period
+        n = longest + 3 * period + 64
+        market = _calibration_market(n)
+        full = self.compute(market)
+        ends = (n, n - period - 1, n - 2 * period - 7)
+        for multiple in _TAILS:
+            w = self.lookback + 1 + multiple * period
+            agree = True
+            for end in ends:
+                if end - w < 0:
+                    continue
+                part = self.compute({k: v[end - w:end] for k, v in market.items()})
+                for whole, piece in zip(full, part, strict=True):
+                    x, y = float(whole[end - 1]), float(piece[-1])
+                    if not (x == y or (math.isnan(x) and math.isnan(y))
+                            or abs(x - y) <= _CALIBRATION_RTOL * max(1.0, abs(x))):
+                        agree = False
+                        break
+                if not agree:
+                    break
+            if agree:
+                return multiple * period
+        raise ValidationError(
+            f"{self.name} depends on the whole history (it is cumulative or converges too slowly):"
+            " it cannot be computed for a live bar from the last N candles. Use another indicator,"
+            " or give it an explicit `window:` and check parity yourself",
+            details={"name": self.name})
+
+
+_MARKET_CACHE: dict[int, Arrays] = {}
+
+
+def _calibration_market(n: int) -> Arrays:
+    cached = _MARKET_CACHE.get(n)
+    if cached is not None:
+        return cached
+    rng = np.random.default_rng(20240607)
+    close = 100.0 * np.exp(np.cumsum(rng.normal(0.0, 0.01, n)))
+    open_ = np.r_[close[0], close[:-1]] * np.exp(rng.normal(0.0, 0.001, n))
+    high = np.maximum(open_, close) * np.exp(np.abs(rng.normal(0.0, 0.004, n)))
+    low = np.minimum(open_, close) * np.exp(-np.abs(rng.normal(0.0, 0.004, n)))
+    volume = rng.lognormal(10.0, 0.5, n)
+    market = {"open": open_, "high": high, "low": low, "close": close, "volume": volume,
+              "ts": np.arange(n, dtype=np.int64).astype("datetime64[h]").astype(TS_DTYPE)}
+    if len(_MARKET_CACHE) > 32:
+        _MARKET_CACHE.clear()
+    _MARKET_CACHE[n] = market
+    return market
+
+
+class _CandleStep(_Step):
+    def __init__(self, name: str) -> None:
+        if name not in CANDLE_FUNCTIONS:
+            raise ValidationError(f"unknown candle feature {name!r}; use {list(CANDLE_FEATURES)}",
+                                  details={"name": name, "known": list(CANDLE_FEATURES)})
+        self.fn = CANDLE_FUNCTIONS[name]
+        self.names = (name,)
+        self.lookback = CANDLE_LOOKBACK[name]
+        self.window = self.lookback + 1
+        self.canonical = {"kind": "candle", "name": name}
+
+    def compute(self, a: Arrays) -> list[np.ndarray]:
+        return [self.fn(a)]
+
+
+class _CustomStep(_Step):
+    def __init__(self, entry: Mapping[str, Any]) -> None:
+        entry = dict(entry)
+        target = entry.get("function")
+        if not isinstance(target, str) or ":" not in target:
+            raise ValidationError("a custom feature needs function: 'package.module:function'",
+                                  details={"entry": entry})
+        module_name, _, attr = target.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValidationError(f"cannot import {module_name!r} for custom feature {target!r}: {exc}",
+                                  details={"function": target}) from exc
+        fn = getattr(module, attr, None)
+        if not callable(fn):
+            raise ValidationError(f"{target!r}: {module_name} has no function {attr!r}",
+                                  details={"function": target})
+        name = entry.get("name") or attr
+        lookback = entry.get("lookback", 0)
+        window = entry.get("window")
+        params = entry.get("params", {}) or {}
+        if not isinstance(lookback, int) or lookback < 0:
+            raise ValidationError(f"custom feature {name}: lookback must be an integer >= 0",
+                                  details={"name": name})
+        if window is not None and (not isinstance(window, int) or window < lookback + 1):
+            raise ValidationError(f"custom feature {name}: window must be an integer >= lookback + 1",
+                                  details={"name": name})
+        if not isinstance(params, dict):
+            raise ValidationError(f"custom feature {name}: params must be a mapping",
+                                  details={"name": name})
+        self.fn = fn
+        self.params = params
+        self.names = (str(name),)
+        self.lookback = int(lookback)
+        self.window = int(window) if window is not None else self.lookback + 1
+        self.canonical = {"kind": "custom", "function": target, "name": str(name),
+                          "lookback": self.lookback, "window": self.window, "params": params}
+
+    def compute(self, a: Arrays) -> list[np.ndarray]:
+        out = np.asarray(self.fn(a, **self.params), dtype=np.float64)
+        n = a["close"].shape[0]
+        if out.shape != (n,):
+            raise ValidationError(f"custom feature {self.names[0]} returned shape {out.shape},"
+                                  f" expected ({n},)", details={"name": self.names[0]})
+        return [out]
+
+
+# --- the spec ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FeatureFrame:
+    """Feature rows of one symbol in ts order: ``values`` is ``(n, len(names))`` float64."""
+
+    ts: np.ndarray
+    values: np.ndarray
+    names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.ts.shape[0])
+
+    def complete(self) -> tuple[FeatureFrame, int]:
+        """The rows with every value finite, and how many were dropped (the warm-up, mostly)."""
+        keep = np.isfinite(self.values).all(axis=1)
+        dropped = int(keep.shape[0] - keep.sum())
+        if dropped == 0:
+            return self, 0
+        return FeatureFrame(self.ts[keep], self.values[keep], self.names), dropped
+
+    def column(self, name: str) -> np.ndarray:
+        return self.values[:, self.names.index(name)]
+
+
+class FeatureSpec:
+    """A parsed ``features:`` section. Build it once (it measures each indicator's window)."""
+
+    def __init__(self, steps: Sequence[_Step]) -> None:
+        if not steps:
+            raise ValidationError("the feature spec is empty: list indicators, candles or custom")
+        self.steps = tuple(steps)
+        names: list[str] = []
+        for step in self.steps:
+            names.extend(step.names)
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValidationError(f"the feature spec names columns twice: {duplicates}"
+                                  " (give one of them a `column:`)", details={"duplicates": duplicates})
+        self.names: tuple[str, ...] = tuple(names)
+        self.warmup = max(step.lookback for step in self.steps)
+        self.window = max(step.window for step in self.steps)
+        self.canonical: dict[str, Any] = {"format": SPEC_FORMAT,
+                                          "steps": [s.canonical for s in self.steps]}
+        text = json.dumps(self.canonical, sort_keys=True, separators=(",", ":"))
+        self.spec_hash = hashlib.sha256(text.encode()).hexdigest()
+        self.feature_key = f"spec-{self.spec_hash[:16]}"
+        self._source: dict[str, Any] = {}
+        # the incremental path: steps grouped by window, so each slice is made once
+        groups: dict[int, list[_Step]] = {}
+        for step in self.steps:
+            groups.setdefault(step.window, []).append(step)
+        self._by_window = sorted(groups.items())
+
+    # --- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, section: Mapping[str, Any]) -> FeatureSpec:
+        if not isinstance(section, Mapping):
+            raise ValidationError("features: must be a mapping with indicators, candles, custom")
+        unknown = sorted(set(section) - {"indicators", "candles", "custom"})
+        if unknown:
+            raise ValidationError(f"features: unknown keys {unknown}; use indicators, candles, custom",
+                                  details={"unknown": unknown})
+        steps: list[_Step] = []
+        for entry in section.get("indicators") or []:
+            if isinstance(entry, str):
+                entry = {"name": entry}
+            if not isinstance(entry, Mapping):
+                raise ValidationError(f"features.indicators: each entry is a mapping, got {entry!r}")
+            steps.append(_TalibStep(entry))
+        candles = section.get("candles") or []
+        if candles == "all":
+            candles = list(CANDLE_FEATURES)
+        if not isinstance(candles, list):
+            raise ValidationError("features.candles: a list of names, or `all`")
+        steps.extend(_CandleStep(str(name)) for name in candles)
+        for entry in section.get("custom") or []:
+            if not isinstance(entry, Mapping):
+                raise ValidationError(f"features.custom: each entry is a mapping, got {entry!r}")
+            steps.append(_CustomStep(entry))
+        spec = cls(steps)
+        spec._source = dict(section)
+        return spec
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> FeatureSpec:
+        """The ``features:`` section of a pipeline YAML (or a file that is only that section)."""
+        data = load_yaml(path)
+        section = data.get("features", data) if isinstance(data, dict) else data
+        return cls.from_dict(section)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What a model card records: the canonical steps (rebuildable with :meth:`from_card`)."""
+        return {"format": SPEC_FORMAT, "hash": self.spec_hash, "feature_key": self.feature_key,
+                "section": self.section(), "names": list(self.names), "warmup": self.warmup,
+                "window": self.window}
+
+    def section(self) -> dict[str, Any]:
+        """The spec as a ``features:`` section (every parameter filled in)."""
+        indicators, candles, custom = [], [], []
+        for step in self.steps:
+            c = step.canonical
+            if c["kind"] == "talib":
+                entry: dict[str, Any] = {"name": c["name"], **c["params"]}
+                for key in ("column", "input", "window"):
+                    if key in c:
+                        entry[key] = c[key]
+                indicators.append(entry)
+            elif c["kind"] == "candle":
+                candles.append(c["name"])
+            else:
+                custom.append({k: v for k, v in c.items() if k != "kind"})
+        return {"indicators": indicators, "candles": candles, "custom": custom}
+
+    @classmethod
+    def from_card(cls, data: Mapping[str, Any]) -> FeatureSpec:
+        """Rebuild the spec a model card recorded, and check that its hash still matches."""
+        spec = cls.from_dict(data["section"])
+        if data.get("hash") and spec.spec_hash != data["hash"]:
+            raise ValidationError(
+                f"the model's feature spec rebuilds to another hash ({spec.spec_hash[:16]} instead"
+                f" of {str(data['hash'])[:16]}): the code behind one of its features changed",
+                details={"expected": data["hash"], "got": spec.spec_hash})
+        return spec
+
+    # --- computation ----------------------------------------------------------------------------
+    def compute(self, candles: Any, *, validate: bool = True) -> FeatureFrame:
+        """Every feature for every bar of one symbol's history (ts ascending)."""
+        a = candle_arrays(candles, validate=validate)
+        n = a["close"].shape[0]
+        out = np.empty((len(self.names), n), dtype=np.float64)
+        row = 0
+        for step in self.steps:
+            for column in step.compute(a):
+                out[row] = column
+                row += 1
+        return FeatureFrame(a["ts"], out.T, self.names)
+
+    def compute_last(self, candles: Any, *, validate: bool = True) -> np.ndarray:
+        """The features of the newest bar from the last ``window`` candles: each step runs the
+        same function as :meth:`compute` on its own last ``step.window`` candles."""
+        a = candle_arrays(candles, validate=validate)
+        n = a["close"].shape[0]
+        values = np.full(len(self.names), np.nan)
+        if n == 0:
+            return values
+        index = {name: i for i, name in enumerate(self.names)}
+        for window, steps in self._by_window:
+            part = a if n <= window else {k: v[n - window:] for k, v in a.items()}
+            for step in steps:
+                for name, column in zip(step.names, step.compute(part), strict=True):
+                    values[index[name]] = column[-1]
+        return values
+
+
+def load_yaml(path: Path) -> Any:
+    try:
+        import yaml
+    except ImportError as exc:  # pragma: no cover - PyYAML is a core dependency
+        raise missing_extra("yaml", "train") from exc
+    path = Path(path)
+    if not path.is_file():
+        raise ValidationError(f"no such file: {path}", details={"path": str(path)})
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValidationError(f"{path.name} is not valid YAML: {exc}", details={"path": str(path)}) from exc
+
+
+def candle_arrays(candles: Any, *, validate: bool = True) -> Arrays:
+    """A ``Candles`` or a mapping of ts/open/high/low/close/volume as contiguous float64 arrays."""
+    if isinstance(candles, Mapping):
+        get = candles.__getitem__
+        missing = [k for k in ("ts", *PRICE_COLUMNS) if k not in candles]
+        if missing:
+            raise ValidationError(f"the candles lack the columns {missing}", details={"missing": missing})
+    else:
+        def get(key: str) -> Any:
+            return getattr(candles, key)
+    a: Arrays = {k: np.ascontiguousarray(get(k), dtype=np.float64) for k in PRICE_COLUMNS}
+    a["ts"] = np.asarray(get("ts")).astype(TS_DTYPE, copy=False)
+    if validate:
+        n = a["ts"].shape[0]
+        if any(a[k].shape != (n,) for k in PRICE_COLUMNS):
+            raise ValidationError("candle columns must be 1-D arrays of one length")
+        if n:
+            o, h, lo, c, v = (a[k] for k in PRICE_COLUMNS)
+            with np.errstate(invalid="ignore"):
+                bad = ~(np.isfinite(o) & np.isfinite(h) & np.isfinite(lo) & np.isfinite(c)
+                        & np.isfinite(v) & (lo > 0) & (lo <= np.minimum(o, c)) & (h >= np.maximum(o, c))
+                        & (v >= 0))
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise ValidationError(
+                    f"inconsistent candle #{i} (need finite values, 0 < low <= open, close <= high,"
+                    " volume >= 0)", details={"index": i, "bad_rows": int(bad.sum())})
+            if n > 1 and not bool(np.all(a["ts"][1:] > a["ts"][:-1])):
+                raise ValidationError("candle ts must be strictly increasing (one symbol, in order)")
+    return a
+
+
+def closed_bars(candles: Any, interval: str, now: np.datetime64 | None = None) -> Arrays:
+    """Only the bars that have closed by ``now`` (open time + interval <= now): a feature never
+    sees a bar still forming."""
+    a = candle_arrays(candles, validate=False)
+    if now is None:
+        import time
+
+        now = np.datetime64(time.time_ns() // 1000, "us")
+    cutoff = np.asarray(now, dtype=TS_DTYPE) - np.timedelta64(interval_us(interval), "us")
+    keep = int(np.searchsorted(a["ts"], cutoff, side="right"))
+    if keep == a["ts"].shape[0]:
+        return a
+    return {k: v[:keep] for k, v in a.items()}
