@@ -55,8 +55,8 @@ class Span:
     source: str = "human"
 
     def overlaps(self, other: Span) -> bool:
-        return (self.symbol == other.symbol and self.interval == other.interval
-                and self.start <= other.end and other.start <= self.end)
+        return bool(self.symbol == other.symbol and self.interval == other.interval
+                    and self.start <= other.end and other.start <= self.end)
 
     def to_dict(self) -> dict[str, Any]:
         return {"symbol": self.symbol, "interval": self.interval, "start": format_ts(self.start),
