@@ -13,7 +13,7 @@ import numpy as np
 
 from ..domain import Task
 from ..errors import ValidationError
-from . import as_matrix, import_optional, output_width, to_output
+from . import as_matrix, import_lean, output_width, to_output
 
 _PARALLEL_ROWS = 20_000  # below this many rows one thread wins over a thread pool
 
@@ -22,7 +22,7 @@ class LleavesRuntime:
     name = "lleaves"
 
     def __init__(self, path: Path, task: Task, compiled_path: Path, *, threads: int = 2) -> None:
-        lleaves = import_optional("lleaves", "compile")
+        lleaves = import_lean("lleaves", "compile")
         try:
             model = lleaves.Model(model_file=str(path))
             model.compile(cache=str(compiled_path))
