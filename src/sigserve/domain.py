@@ -81,6 +81,41 @@ class ModelCard:
         return data
 
 
+TRAINING_STATUSES = ("running", "completed", "failed")
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One ``sigserve train`` run, as the ``training_runs`` table records it.
+
+    ``config_hash`` is the sha256 of the pipeline config, ``dataset_version`` the sha256 of the
+    labelled data it trained on. ``details`` carries the registered model ref, the MLflow run id,
+    the error of a failed run. The store sets ``created_at`` on the first save and
+    ``completed_at`` when the status leaves ``running``.
+    """
+
+    run_id: str
+    model_type: str
+    experiment: str
+    config_hash: str
+    dataset_version: str
+    status: str = "running"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    completed_at: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.status not in TRAINING_STATUSES:
+            raise ValidationError(f"unknown training run status {self.status!r}: use one of"
+                                  f" {list(TRAINING_STATUSES)}", details={"status": self.status})
+        if not self.run_id:
+            raise ValidationError("a training run needs a run_id")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
 class Policy:
     """How a prediction becomes a trading signal. Stored as JSON on the signal definition.

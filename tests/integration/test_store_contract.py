@@ -796,3 +796,44 @@ async def test_schema_version_is_the_newest_migration(store: Store) -> None:
     version = await store.schema_version()
     assert version >= 1
     assert await store.schema_version() == version  # reading it changes nothing
+
+
+# --- training runs ------------------------------------------------------------------------------
+
+async def test_training_runs_round_trip_and_upsert(store: Store) -> None:
+    from sigserve.domain import TrainingRun
+
+    started = await store.save_training_run(TrainingRun(
+        "run-1", "lightgbm", "exp-a", "c" * 64, "d" * 64, details={"symbols": ["BTC"]}))
+    assert started.status == "running" and started.completed_at is None
+    assert started.created_at and started.metrics == {}
+    done = await store.save_training_run(TrainingRun(
+        "run-1", "lightgbm", "exp-a", "c" * 64, "d" * 64, status="completed",
+        metrics={"accuracy": 0.61, "per_class": {"up": {"f1": 0.6}}},
+        details={"model": "m:1", "mlflow_run_id": "abc"}))
+    assert done.status == "completed" and done.completed_at is not None
+    assert done.created_at == started.created_at  # the first save's, kept
+    assert done.metrics == {"accuracy": 0.61, "per_class": {"up": {"f1": 0.6}}}
+    assert done.details == {"model": "m:1", "mlflow_run_id": "abc"}
+    assert await store.get_training_run("run-1") == done
+    assert await store.get_training_run("nope") is None
+    # completed_at is kept by a later save that does not give one
+    again = await store.save_training_run(TrainingRun("run-1", "lightgbm", "exp-a", "c" * 64, "d" * 64,
+                                                      status="completed"))
+    assert again.completed_at == done.completed_at
+
+
+async def test_training_runs_listing_and_failed_runs(store: Store) -> None:
+    from sigserve.domain import TrainingRun
+
+    for run_id, experiment in (("r1", "a"), ("r2", "b"), ("r3", "a")):
+        await store.save_training_run(TrainingRun(run_id, "xgboost", experiment, "h", "v"))
+        await asyncio.sleep(0.002)
+    failed = await store.save_training_run(TrainingRun(
+        "r2", "xgboost", "b", "h", "v", status="failed", details={"error": "validation_error: x"}))
+    assert failed.status == "failed" and failed.completed_at is not None
+    assert [r.run_id for r in await store.list_training_runs()] == ["r1", "r2", "r3"]
+    assert [r.run_id for r in await store.list_training_runs("a")] == ["r1", "r3"]
+    assert await store.list_training_runs("none") == []
+    with pytest.raises(ValidationError):
+        TrainingRun("r4", "lightgbm", "a", "h", "v", status="done")

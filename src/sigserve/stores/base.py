@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..domain import FeatureBatch, ModelCard, SignalBatch, SignalDefinition, Stage
+from ..domain import FeatureBatch, ModelCard, SignalBatch, SignalDefinition, Stage, TrainingRun
 
 
 @dataclass(frozen=True)
@@ -153,3 +153,13 @@ class Store(Protocol):
                            limit: int | None = None) -> list[dict[str, Any]]: ...
 
     async def signal_action_counts(self, signal_id: str) -> dict[str, int]: ...
+
+    # --- training runs --------------------------------------------------------------------
+    async def save_training_run(self, run: TrainingRun) -> TrainingRun:
+        """Upsert on ``run_id``. The first save sets ``created_at``; a later one keeps it. When the
+        status is no longer ``running`` and ``completed_at`` is unset, it is set to now."""
+
+    async def get_training_run(self, run_id: str) -> TrainingRun | None: ...
+
+    async def list_training_runs(self, experiment: str | None = None) -> list[TrainingRun]:
+        """Oldest first (created_at, then run_id)."""

@@ -40,6 +40,7 @@ from ..domain import (
     SignalDefinition,
     Stage,
     Task,
+    TrainingRun,
 )
 from ..errors import InternalError, SigserveError, StoreUnavailable, ValidationError
 from ..timeutil import TS_DTYPE, interval_us
@@ -124,6 +125,18 @@ MIGRATIONS.append((
     );
     INSERT INTO feature_coverage
         SELECT symbol, interval, feature_key, min(ts), max(ts) FROM feature_values GROUP BY ALL;
+    """,
+))
+
+MIGRATIONS.append((
+    3,
+    """
+    CREATE TABLE training_runs (
+        run_id VARCHAR PRIMARY KEY, model_type VARCHAR NOT NULL, experiment VARCHAR NOT NULL,
+        config_hash VARCHAR NOT NULL, dataset_version VARCHAR NOT NULL, metrics JSON, details JSON,
+        status VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL, completed_at TIMESTAMP,
+        CHECK (status IN ('running','completed','failed'))
+    );
     """,
 ))
 
@@ -976,3 +989,51 @@ class DuckDBStore:
                 "SELECT action, count(*) FROM signal_history WHERE signal_id=? AND NOT shadow"
                 " GROUP BY action", [signal_id]).fetchall()
         return {r[0]: int(r[1]) for r in rows}
+
+    # --- training runs --------------------------------------------------------------------
+    _RUN_COLUMNS = ("run_id, model_type, experiment, config_hash, dataset_version, metrics, details,"
+                    " status, created_at, completed_at")
+
+    @staticmethod
+    def _run(row: tuple[Any, ...]) -> TrainingRun:
+        return TrainingRun(
+            run_id=row[0], model_type=row[1], experiment=row[2], config_hash=row[3],
+            dataset_version=row[4], metrics=json.loads(row[5] or "{}"),
+            details=json.loads(row[6] or "{}"), status=row[7],
+            created_at=row[8].replace(tzinfo=UTC).isoformat() if row[8] else "",
+            completed_at=row[9].replace(tzinfo=UTC).isoformat() if row[9] else None)
+
+    async def save_training_run(self, run: TrainingRun) -> TrainingRun:
+        now = _now()
+        completed = None
+        if run.completed_at:
+            completed = datetime.fromisoformat(run.completed_at).astimezone(UTC).replace(tzinfo=None)
+        elif run.status != "running":
+            completed = now
+        with self._guard(), self._lock:
+            self._con.execute(
+                f"INSERT INTO training_runs ({self._RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (run_id) DO UPDATE SET model_type = excluded.model_type,"
+                " experiment = excluded.experiment, config_hash = excluded.config_hash,"
+                " dataset_version = excluded.dataset_version, metrics = excluded.metrics,"
+                " details = excluded.details, status = excluded.status,"
+                " completed_at = coalesce(training_runs.completed_at, excluded.completed_at)",
+                [run.run_id, run.model_type, run.experiment, run.config_hash, run.dataset_version,
+                 json.dumps(run.metrics, default=str), json.dumps(run.details, default=str),
+                 run.status, now, completed])
+            row = _first(self._con.execute(
+                f"SELECT {self._RUN_COLUMNS} FROM training_runs WHERE run_id = ?", [run.run_id]).fetchall())
+        return self._run(row)
+
+    async def get_training_run(self, run_id: str) -> TrainingRun | None:
+        with self._guard():
+            row = _first(self._con.execute(
+                f"SELECT {self._RUN_COLUMNS} FROM training_runs WHERE run_id = ?", [run_id]).fetchall())
+        return self._run(row) if row else None
+
+    async def list_training_runs(self, experiment: str | None = None) -> list[TrainingRun]:
+        with self._guard():
+            rows = self._con.execute(
+                f"SELECT {self._RUN_COLUMNS} FROM training_runs WHERE ? IS NULL OR experiment = ?"
+                " ORDER BY created_at, run_id", [experiment, experiment]).fetchall()
+        return [self._run(r) for r in rows]

@@ -59,6 +59,7 @@ from ..domain import (
     SignalDefinition,
     Stage,
     Task,
+    TrainingRun,
 )
 from ..errors import (
     InternalError,
@@ -160,6 +161,19 @@ MIGRATIONS: list[tuple[int, str]] = [
         """,
     ),
 ]
+
+MIGRATIONS.append((
+    2,
+    """
+    CREATE TABLE training_runs (
+        run_id text PRIMARY KEY, model_type text NOT NULL, experiment text NOT NULL,
+        config_hash text NOT NULL, dataset_version text NOT NULL, metrics jsonb, details jsonb,
+        status text NOT NULL, created_at timestamp NOT NULL, completed_at timestamp,
+        CHECK (status IN ('running','completed','failed'))
+    );
+    CREATE INDEX training_runs_by_experiment ON training_runs (experiment, created_at);
+    """,
+))
 
 # Staging tables for COPY, one set per connection (created when the pool opens it).
 _TEMP_TABLES = """
@@ -1184,6 +1198,50 @@ class PostgresStore:
             rows = await con.fetch("SELECT action, count(*) FROM signal_history WHERE signal_id=$1"
                                    " AND NOT shadow GROUP BY action", signal_id)
         return {r[0]: int(r[1]) for r in rows}
+
+    # --- training runs --------------------------------------------------------------------
+    _RUN_COLUMNS = ("run_id, model_type, experiment, config_hash, dataset_version, metrics, details,"
+                    " status, created_at, completed_at")
+
+    @staticmethod
+    def _run(row: Any) -> TrainingRun:
+        return TrainingRun(
+            run_id=row[0], model_type=row[1], experiment=row[2], config_hash=row[3],
+            dataset_version=row[4], metrics=dict(row[5] or {}), details=dict(row[6] or {}),
+            status=row[7], created_at=_iso(row[8]), completed_at=_iso(row[9]) if row[9] else None)
+
+    async def save_training_run(self, run: TrainingRun) -> TrainingRun:
+        completed = None
+        if run.completed_at:
+            completed = datetime.fromisoformat(run.completed_at).astimezone(UTC).replace(tzinfo=None)
+        metrics = json.loads(json.dumps(run.metrics, default=str))
+        details = json.loads(json.dumps(run.details, default=str))
+        async with self._connection() as con:
+            row = await con.fetchrow(
+                f"INSERT INTO training_runs ({self._RUN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8,"
+                f" {_NOW}, coalesce($9::timestamp, CASE WHEN $8 <> 'running' THEN {_NOW} END))"
+                " ON CONFLICT (run_id) DO UPDATE SET model_type = excluded.model_type,"
+                " experiment = excluded.experiment, config_hash = excluded.config_hash,"
+                " dataset_version = excluded.dataset_version, metrics = excluded.metrics,"
+                " details = excluded.details, status = excluded.status,"
+                " completed_at = coalesce(training_runs.completed_at, excluded.completed_at)"
+                f" RETURNING {self._RUN_COLUMNS}",
+                run.run_id, run.model_type, run.experiment, run.config_hash, run.dataset_version,
+                metrics, details, run.status, completed)
+        return self._run(row)
+
+    async def get_training_run(self, run_id: str) -> TrainingRun | None:
+        async with self._connection() as con:
+            row = await con.fetchrow(
+                f"SELECT {self._RUN_COLUMNS} FROM training_runs WHERE run_id = $1", run_id)
+        return self._run(row) if row else None
+
+    async def list_training_runs(self, experiment: str | None = None) -> list[TrainingRun]:
+        async with self._connection() as con:
+            rows = await con.fetch(
+                f"SELECT {self._RUN_COLUMNS} FROM training_runs WHERE $1::text IS NULL OR experiment = $1"
+                " ORDER BY created_at, run_id", experiment)
+        return [self._run(r) for r in rows]
 
 
 def _empty_batch(symbol: str, interval: str, names: tuple[str, ...]) -> FeatureBatch:
