@@ -25,9 +25,9 @@ from typing import Any
 
 import httpx
 import numpy as np
-from fastapi import FastAPI
 
 from sigserve.api import create_app
+from sigserve.api.app import SigserveApp
 from sigserve.api.state import ServerState
 from sigserve.app import Services
 from sigserve.config import Settings
@@ -127,21 +127,21 @@ def settings_for(home: Path, **overrides: Any) -> Settings:
 
 @asynccontextmanager
 async def serving(settings: Settings,
-                  headers: dict[str, str] | None = None) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+                  headers: dict[str, str] | None = None) -> AsyncIterator[tuple[SigserveApp, httpx.AsyncClient]]:
     """The real app with its lifespan, and a client that sends the token (unless ``headers``)."""
     app = create_app(settings)
-    async with app.router.lifespan_context(app):
+    async with app.running():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://sigserve.test",
                                      headers=AUTH if headers is None else headers) as client:
             yield app, client
 
 
-def state_of(app: FastAPI) -> ServerState:
+def state_of(app: SigserveApp) -> ServerState:
     state = app.state.sigserve
     assert isinstance(state, ServerState)
     return state
 
 
-def services_of(app: FastAPI) -> Services:
+def services_of(app: SigserveApp) -> Services:
     return state_of(app).svc

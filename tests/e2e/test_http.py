@@ -18,10 +18,10 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.routing import Route
 
+from sigserve.api.app import SigserveApp
 from sigserve.engine import DEADLINE_FLAG, Engine
 from sigserve.errors import ERROR_CODES
 from sigserve.features.compute import FEATURE_NAMES, WARMUP_BARS
@@ -73,7 +73,7 @@ def run_body(world: World, i: int, symbol: str = BTC, signal: str = SIGNAL,
             "source": "stream", **extra}
 
 
-async def history(app: FastAPI, signal: str = SIGNAL, symbol: str = BTC) -> list[dict[str, Any]]:
+async def history(app: SigserveApp, signal: str = SIGNAL, symbol: str = BTC) -> list[dict[str, Any]]:
     return await services_of(app).store.read_signals(signal, symbol, INTERVAL)
 
 

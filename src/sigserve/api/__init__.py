@@ -1,4 +1,4 @@
-"""The HTTP driver: a thin FastAPI edge over the one engine.
+"""The HTTP driver: a thin ASGI edge over the one engine (FastAPI for the schema and the rest).
 
 Usage::
 

@@ -1,110 +1,199 @@
-"""``create_app``: the FastAPI app over one opened set of services.
+"""``create_app``: the ASGI app over one opened set of services.
 
-The lifespan opens the store, the registry and the engine once (the engine keeps resolved signals
-for ``SIGSERVE_SERVER_PREPARED_TTL_S`` and reports its stage timings to the metrics), then loads
-and verifies the default signal's model and runs one prediction through it, so that the first
-request pays no load. Heavy imports happen here, at startup, never on a request.
+Three layers, outermost first:
+
+1. the edge (:class:`.middleware.EdgeMiddleware`): request id, bearer auth, the 500 safety net,
+   request latency metrics;
+2. the lean routes (fixed paths: predictions, health, metrics, model info), served by a dict
+   lookup and :func:`.lean.compile_handler`, with errors rendered as envelopes here;
+3. everything else (``/docs``, ``/openapi.json``, ``/models/{name}``, 404 and 405) goes to a
+   FastAPI app built from the same route table (:mod:`.openapi_app`).
+
+Startup (the ASGI lifespan, or :meth:`SigserveApp.running`) opens the store, the registry and the
+engine once (the engine keeps resolved signals for ``SIGSERVE_SERVER_PREPARED_TTL_S`` and reports
+its stage timings to the metrics), then loads and verifies the default signal's model and runs one
+prediction through it, so that the first request pays no load. The FastAPI app is then built in a
+worker thread: a server answers its first prediction before FastAPI (~0.25 s of imports) is loaded.
 
 Usage::
 
     uvicorn sigserve.api.app:create_app --factory       # settings from SIGSERVE_*
     sigserve serve --port 8000                          # the same, through the CLI
+
+    app = create_app(Settings())
+    async with app.running():                           # in tests: startup and shutdown
+        ...
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
+from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
-from .. import __version__
 from ..app import Services
 from ..config import DEV_TOKEN_SENTINEL, Settings
 from ..domain import FLAT, FeatureBatch, Source
 from ..errors import SigserveError
 from ..timeutil import TS_DTYPE
-from . import errors as api_errors
-from .auth import PUBLIC_PATHS
+from .errors import error_body, request_id_of
+from .lean import Handler, RouteTable, compile_handler
 from .metrics import Metrics
 from .middleware import EdgeMiddleware
-from .responses import JSONResp
-from .routes import build, docs_page
+from .routes import build
 from .state import ServerState
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 log = logging.getLogger("sigserve.api")
 
-DESCRIPTION = """Live, auditable trading signals from registered models.
 
-Every endpoint but `/healthz` and `/readyz` needs `Authorization: Bearer <SIGSERVE_AUTH_TOKEN>`.
-Every non-2xx answer is `{"error_code", "message", "details", "request_id"}`; branch on
-`error_code`. `X-Request-ID` is echoed, or generated, on every response."""
+class HotRoute:
+    """A lean route as the edge serves it; ``path`` is the metrics' route label."""
+
+    __slots__ = ("handler", "path")
+
+    def __init__(self, path: str, handler: Handler) -> None:
+        self.path = path
+        self.handler = handler
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+class SigserveApp:
+    """The ASGI application (see the module docstring). ``state.sigserve`` is the
+    :class:`.state.ServerState` its routes share."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.server_state = ServerState(settings, self.metrics)
+        self.state = SimpleNamespace(sigserve=self.server_state)
+        self.table = RouteTable()
+        build(self.table, self.server_state)
+        self._hot: dict[str, dict[str, HotRoute]] = {}
+        for spec in self.table.routes:
+            if spec.lean:
+                route = HotRoute(spec.path, compile_handler(spec.endpoint))
+                for method in spec.methods:
+                    self._hot.setdefault(spec.path, {})[method] = route
+        self._openapi_app: FastAPI | None = None
+        self._openapi_lock = threading.Lock()
+        self._edge = EdgeMiddleware(self._dispatch, token=settings.auth_token, metrics=self.metrics)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            await self._edge(scope, receive, send)
+
+    # --- requests ------------------------------------------------------------------------
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        methods = self._hot.get(scope["path"]) if scope["type"] == "http" else None
+        route = methods.get(scope["method"]) if methods is not None else None
+        if route is None:
+            app = self._openapi_app
+            if app is None:
+                app = await asyncio.to_thread(self.openapi_app)
+            await app(scope, receive, send)
+            return
+        scope["route"] = route
+        try:
+            response = await route.handler(Request(scope, receive))
+        except SigserveError as exc:
+            response = self._refusal(scope, exc)
+        await response(scope, receive, send)
+
+    def _refusal(self, scope: Scope, exc: SigserveError) -> Response:
+        self.metrics.count_error(exc.code)
+        request_id = request_id_of(scope)
+        if exc.http_status >= 500:
+            log.warning("%s %s -> %s: %s (request %s)", scope["method"], scope["path"], exc.code,
+                        exc.message, request_id, exc_info=exc.__cause__)
+        return Response(error_body(exc, request_id), status_code=exc.http_status,
+                        media_type="application/json")
+
+    def openapi_app(self) -> FastAPI:
+        """The FastAPI app behind the edge (built once, on first call, from any thread)."""
+        with self._openapi_lock:
+            if self._openapi_app is None:
+                from .openapi_app import build_openapi_app
+
+                self._openapi_app = build_openapi_app(self.table, self.metrics, otel=self.settings.otel)
+            return self._openapi_app
+
+    @property
+    def routes(self) -> list[Any]:
+        """Every route, as FastAPI sees it (lean routes included)."""
+        return list(self.openapi_app().routes)
+
+    def openapi(self) -> dict[str, Any]:
+        schema: dict[str, Any] = self.openapi_app().openapi()
+        return schema
+
+    # --- lifespan ------------------------------------------------------------------------
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[SigserveApp]:
+        """Open the services, warm the default signal up, and close them on exit."""
+        settings = self.settings
+        state = self.server_state
+        async with Services.open(settings) as services:
+            settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
+            services.engine.prepared_ttl_s = settings.server_prepared_ttl_s
+            state.services = services
+            await warm_up(state)
+            services.engine.observer = self.metrics.observe_stage
+            # What startup allocated lives as long as the process: keep it out of the collector's
+            # full passes (measured: a full pass over it paused a request for ~60 ms). Again once
+            # the FastAPI app is built.
+            gc.freeze()
+            building = asyncio.get_running_loop().run_in_executor(None, self.openapi_app)
+            building.add_done_callback(lambda _: gc.freeze())
+            try:
+                yield self
+            finally:
+                gc.unfreeze()
+                state.services = None
+                try:
+                    await building
+                except Exception as exc:  # reported; the lean routes never needed it
+                    log.error("building the FastAPI app failed: %s", exc, exc_info=exc)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        await receive()  # lifespan.startup
+        context = self.running()
+        try:
+            await context.__aenter__()
+        except BaseException as exc:
+            await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
+            raise
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        try:
+            await context.__aexit__(None, None, None)
+        except Exception as exc:
+            await send({"type": "lifespan.shutdown.failed", "message": f"{type(exc).__name__}: {exc}"})
+            raise
+        await send({"type": "lifespan.shutdown.complete"})
+
+
+def create_app(settings: Settings | None = None) -> SigserveApp:
     """The app; refuses (``validation_error``) a token that cannot protect it (see
     ``Settings.check_serving``)."""
     settings = settings or Settings()
     settings.check_serving()
     if settings.auth_token.strip() == DEV_TOKEN_SENTINEL:
         log.warning("serving with the development token; set SIGSERVE_AUTH_TOKEN outside development")
-    metrics = Metrics()
-    state = ServerState(settings, metrics)
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        async with Services.open(settings) as services:
-            settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
-            services.engine.prepared_ttl_s = settings.server_prepared_ttl_s
-            state.services = services
-            await warm_up(state)
-            services.engine.observer = metrics.observe_stage
-            # What startup allocated lives as long as the process: keep it out of the collector's
-            # full passes (measured: a full pass over it paused a request for ~60 ms).
-            gc.freeze()
-            try:
-                yield
-            finally:
-                gc.unfreeze()
-                state.services = None
-
-    # FastAPI's native OpenTelemetry asks the global providers on every request unless it is off
-    # (older FastAPI versions keep the option in ``app.extra``, unused).
-    telemetry: Any = {"tracing": settings.otel, "metrics": settings.otel, "logs": settings.otel}
-    app = FastAPI(title="sigserve", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan, docs_url=None, redoc_url=None,
-                  default_response_class=JSONResp, telemetry=telemetry)
-    app.state.sigserve = state
-    api_errors.install(app, metrics)
-    build(app, state)
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
-            components = schema.setdefault("components", {})
-            components.setdefault("securitySchemes", {})["bearer"] = {"type": "http", "scheme": "bearer"}
-            schema["security"] = [{"bearer": []}]
-            for path in PUBLIC_PATHS:
-                for operation in schema.get("paths", {}).get(path, {}).values():
-                    operation["security"] = []
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-    @app.get("/docs", include_in_schema=False)
-    async def docs() -> Response:
-        return docs_page(openapi())
-
-    app.add_middleware(EdgeMiddleware, token=settings.auth_token, metrics=metrics)
-    return app
+    return SigserveApp(settings)
 
 
 async def warm_up(state: ServerState) -> None:

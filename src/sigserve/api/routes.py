@@ -16,13 +16,12 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import asdict
 from enum import Enum
 from typing import Any, TypeVar
 
 import numpy as np
-from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
@@ -31,7 +30,7 @@ from ..domain import ACTIONS, SERVABLE_STAGES, Stage, Task
 from ..errors import DeadlineExceeded, ModelNotFound, StoreUnavailable, ValidationError
 from ..timeutil import check_window, parse_ts, validate_interval
 from .errors import STARTED_KEY
-from .lean import LeanRoute
+from .lean import RouteTable, lean
 from .metrics import CONTENT_TYPE
 from .responses import JSONResp, dumps
 from .schemas import (
@@ -121,27 +120,16 @@ async def _within_budget(state: ServerState, work: Awaitable[T], deadline: float
         raise
 
 
-def lean(app: FastAPI, path: str, methods: list[str], tags: list[str | Enum],
-         **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """``@app.get``/``@app.post`` for a :class:`LeanRoute`."""
-    def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
-        app.router.add_api_route(path, endpoint, methods=methods, tags=tags,
-                                 route_class_override=LeanRoute, **kwargs)
-        return endpoint
-
-    return register
-
-
-def build(app: FastAPI, state: ServerState) -> None:
-    """Add the routes to the app itself, the hot ones first (routes are matched in order, and an
-    included router costs a matching pass of its own on every request)."""
+def build(app: RouteTable, state: ServerState) -> None:
+    """Declare every endpoint on the route table (the edge serves the lean ones, FastAPI the
+    rest and the schema)."""
     _inference(app, state)
     _health(app, state)
     _models(app, state)
 
 
 # --- health, metrics ---------------------------------------------------------------------------
-def _health(router: FastAPI, state: ServerState) -> None:
+def _health(router: RouteTable, state: ServerState) -> None:
     tags: list[str | Enum] = ["operations"]
 
     @lean(router, "/healthz", ["GET"], tags, response_model=None, responses={200: {"model": Health}})
@@ -184,7 +172,7 @@ def _health(router: FastAPI, state: ServerState) -> None:
 
 
 # --- inference -----------------------------------------------------------------------------------
-def _inference(router: FastAPI, state: ServerState) -> None:
+def _inference(router: RouteTable, state: ServerState) -> None:
     tags: list[str | Enum] = ["inference"]
     settings = state.settings
     metrics = state.metrics
@@ -295,7 +283,7 @@ def _inference(router: FastAPI, state: ServerState) -> None:
 
 
 # --- models --------------------------------------------------------------------------------------
-def _models(router: FastAPI, state: ServerState) -> None:
+def _models(router: RouteTable, state: ServerState) -> None:
     tags: list[str | Enum] = ["models"]
 
     @lean(router, "/models", ["GET"], tags, response_model=None,
