@@ -52,7 +52,7 @@ from .errors import (
 )
 from .registry.models import ModelRegistry
 from .runtimes.base import Runtime
-from .signals.policy import PolicyPlan, resolve_positions
+from .signals.policy import PolicyPlan, resolve_one, resolve_positions
 from .stores.base import Store
 from .timeutil import TS_DTYPE, format_ts, validate_interval
 
@@ -213,6 +213,9 @@ class Engine:
             predicted = time.perf_counter()
             observer("predict", predicted - started)
         plan = prepared.plan
+        if n == 1:
+            return self._policy_one(prepared, features, output, start_side, source, latency_ms,
+                                    min_confidence, started, predicted if observer is not None else 0.0)
         raw, confidence = plan.decide(output)
         if min_confidence > 0.0:
             raw = np.where(confidence < min_confidence, np.int8(HOLD), raw).astype(np.int8)
@@ -241,6 +244,44 @@ class Engine:
             raw_output=np.ascontiguousarray(output, dtype=np.float64), entry_price=entry,
             stop_loss=stop, take_profit=take, recommended_size=size,
             feature_keys=features.feature_keys, latency_ms=latency, flags=flags,
+        )
+        return batch, end_side
+
+    def _policy_one(self, prepared: Prepared, features: FeatureBatch, output: np.ndarray,
+                    start_side: int, source: str, latency_ms: np.ndarray | float | None,
+                    min_confidence: float, started: float, predicted: float) -> tuple[SignalBatch, int]:
+        """:meth:`compute`'s policy for one bar, on Python floats (bit for bit the vectorised
+        result; see :mod:`.signals.policy`)."""
+        plan = prepared.plan
+        raw, confidence = plan.decide_one(output[0])
+        if min_confidence > 0.0 and confidence < min_confidence:
+            raw = HOLD
+        if prepared.definition.policy.position_aware:
+            action, end_side = resolve_one(raw, start_side)
+        else:
+            action, end_side = raw, start_side
+        atr = None if plan.atr_column is None else float(features.values[0, plan.atr_column])
+        entry, stop, take, size, invalid = plan.levels_one(action, float(features.close[0]), atr)
+        observer = self.observer
+        if observer is not None:
+            observer("policy", time.perf_counter() - predicted)
+        if latency_ms is None:
+            latency = (time.perf_counter() - started) * 1000.0
+        elif isinstance(latency_ms, float):
+            latency = latency_ms
+        else:
+            latency = float(np.asarray(latency_ms, dtype=np.float64).reshape(-1)[0])
+        definition, card = prepared.definition, prepared.card
+        batch = SignalBatch(
+            signal_id=definition.signal_id, symbol=features.symbol, interval=features.interval,
+            model_name=card.name, model_version=card.version, model_sha256=card.sha256 or "",
+            source=source, ts=features.ts, action=np.array([action], dtype=np.int8),
+            confidence=np.array([confidence]),
+            raw_output=np.ascontiguousarray(output, dtype=np.float64),
+            entry_price=np.array([entry]), stop_loss=np.array([stop]), take_profit=np.array([take]),
+            recommended_size=np.array([size]), feature_keys=features.feature_keys,
+            latency_ms=np.array([latency]),
+            flags=np.array(["levels_invalid" if invalid else ""], dtype=object),
         )
         return batch, end_side
 

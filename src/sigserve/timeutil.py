@@ -72,9 +72,14 @@ def _from_datetime(dt: datetime) -> np.datetime64:
 
 
 def format_ts(ts: np.datetime64 | datetime) -> str:
-    """ISO 8601 with a ``Z``: the one way sigserve prints a timestamp."""
+    """ISO 8601 with a ``Z``, to the second: the one way sigserve prints a timestamp."""
     if isinstance(ts, datetime):
         ts = _from_datetime(ts)
+    # datetime's own formatting is ~10x faster than np.datetime_as_string on one value; NaT and
+    # years datetime cannot hold take numpy's way.
+    value = ts.astype(TS_DTYPE).item()
+    if isinstance(value, datetime):
+        return value.replace(microsecond=0).isoformat() + "Z"
     return str(np.datetime_as_string(ts.astype(TS_DTYPE), unit="s")) + "Z"
 
 

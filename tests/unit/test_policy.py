@@ -22,7 +22,7 @@ from sigserve.domain import (
     Task,
 )
 from sigserve.errors import ValidationError
-from sigserve.signals.policy import PolicyPlan, default_class_actions, resolve_positions
+from sigserve.signals.policy import PolicyPlan, default_class_actions, resolve_one, resolve_positions
 
 NAMES = ("ret_1", "atr_14", "rsi_14")
 
@@ -309,3 +309,61 @@ def test_resolve_positions_split_anywhere_is_the_same(seed: int) -> None:
         tail, end = resolve_positions(raw[cut:], side)
         assert np.concatenate([head, tail]).tolist() == whole.tolist()
         assert end == whole_end
+
+
+# --- one bar: the scalar path agrees with the vectorised one bit for bit -------------------------
+
+
+def _same(a: float, b: float) -> bool:
+    """Bit-identical floats (NaN equal to NaN)."""
+    return np.float64(a).tobytes() == np.float64(b).tobytes()
+
+
+def _outputs(task: Task, rng: np.random.Generator, n: int, width: int) -> np.ndarray:
+    if task is Task.REGRESSION:
+        out = rng.normal(0.0, 0.01, size=(n, 1))
+    elif task is Task.BINARY:
+        out = binary_output(rng.uniform(0.0, 1.0, size=n).tolist())
+    else:
+        out = rng.dirichlet(np.ones(width), size=n)
+        out[::17] = 1.0 / width  # exact ties: argmax takes the first
+    out[::13, -1] = np.nan
+    out[::29] = np.nan
+    return out
+
+
+@pytest.mark.parametrize("task", [Task.BINARY, Task.MULTICLASS, Task.REGRESSION])
+@pytest.mark.parametrize("seed", range(3))
+def test_one_bar_policy_is_the_vectorised_policy_bit_for_bit(task: Task, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    classes = ("down", "flat", "up") if task is Task.MULTICLASS else ()
+    threshold = {Task.BINARY: 0.55, Task.MULTICLASS: 0.4, Task.REGRESSION: 0.002}[task]
+    p = plan(task, classes, threshold=threshold, atr_feature="atr_14", atr_multiplier_sl=1.5,
+             atr_multiplier_tp=3.0, equity=10_000.0, risk_fraction=0.01, max_leverage=2.0)
+    n = 600
+    output = _outputs(task, rng, n, 3)
+    close = rng.uniform(50.0, 150.0, size=n)
+    close[::31] = np.nan
+    close[::37] = -1.0
+    atr = rng.uniform(0.0, 5.0, size=n)
+    atr[::11] = 0.0
+    atr[::19] = np.nan
+    atr[::23] = 200.0  # a short's target below zero
+    raw, confidence = p.decide(output)
+    sides = rng.choice([LONG, SHORT, FLAT], size=n)
+    for i in range(n):
+        one_action, one_confidence = p.decide_one(output[i])
+        assert one_action == int(raw[i]), (i, output[i])
+        assert _same(one_confidence, confidence[i]), (i, output[i])
+        actions, side_after = resolve_positions(raw[i:i + 1], int(sides[i]))
+        assert resolve_one(one_action, int(sides[i])) == (int(actions[0]), side_after)
+        vector = p.levels(actions, close[i:i + 1], atr[i:i + 1])
+        scalar = p.levels_one(int(actions[0]), float(close[i]), float(atr[i]))
+        for got, want in zip(scalar[:4], vector[:4], strict=True):
+            assert _same(got, want[0]), (i, scalar, vector)
+        assert scalar[4] == bool(vector[4][0])
+    no_atr = p.levels_one(BUY, 100.0, None)
+    assert all(np.isnan(no_atr[:4])) and no_atr[4] is False
+    # the sample reached every kind of answer, so the agreement above is not vacuous
+    assert {HOLD, BUY, SELL} <= set(raw.tolist())
+    assert any(p.levels_one(int(a), float(c), float(t))[4] for a, c, t in zip(raw, close, atr, strict=True))
