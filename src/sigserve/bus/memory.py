@@ -370,8 +370,8 @@ class MemoryBus:
                                                 details={"subject": subject}))
         else:
             future.set_result(ack)
-            if not ack.duplicate:
-                self._fan_out(subject, data, hdrs or None)
+            # as on NATS, core subscribers get every publish; only the stream drops a duplicate
+            self._fan_out(subject, data, hdrs or None)
         return future
 
     async def consume(self, stream: str, durable: str, subject: str, handler: Handler, *,

@@ -1,0 +1,1024 @@
+"""The live driver: feature messages in, trading signals out, through the one engine.
+
+``features.{symbol}.{interval}`` -> parse -> route to the active signal definitions -> the
+engine's ``compute`` (predict + policy, vectorised over the messages that arrived together) ->
+validate -> publish ``signals.{symbol}.{interval}`` (also stored by the ``TRADING_SIGNALS``
+stream, deduplicated with ``Nats-Msg-Id`` = the upsert key) -> upsert the rows -> ack.
+
+Guarantees (JetStream on):
+
+- A feature message is acked only after its rows are written and its signals are stored by the
+  audit stream. A failure that may pass (``store_unavailable``, ``bus_unavailable``) naks it and
+  it comes again; while the store is down the worker stops taking messages (it naks them with a
+  delay), pings the store, and drains the backlog once it answers.
+- A poison message (bad JSON or fields, no signal for its symbol and interval, missing or
+  non-numeric features, a deadline miss without ``fallback_to_hold``) goes to
+  ``features.deadletter`` with its ``error_code`` and is acked; the worker keeps running.
+- An invalid signal (levels that failed validation, confidence outside 0..1, an unknown type) is
+  stored with its flag (the engine's row, as on every driver) but never published; a rejection
+  record with ``error_code`` goes to ``sigserve.rejected``.
+- Redelivery is harmless: rows are upserts and a signal's ``signal_id`` is a uuid5 of its
+  upsert key, so a repeated publish carries the same id (and the audit stream drops it).
+- Micro-batching: the messages that arrived while the previous batch was being handled form the
+  next batch (up to ``max_batch``), so a quiet stream pays no wait and a busy one pays one store
+  transaction per (signal, symbol) per batch. A bar's row is the same as ``predict_bar``'s for the
+  same features (the engine's invariant; ``tests/integration/test_stream.py`` checks it).
+- On start, after a reconnect, and when no live message came for a bar within the grace period,
+  bars stored since the last stored signal are computed from the store (``source=catchup_scan``).
+
+Usage::
+
+    worker = StreamWorker(services, bus, StreamOptions(signals=("trend-1h",)))
+    await worker.start()
+    ...
+    await worker.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import orjson
+
+from .bus.base import Bus, BusMessage, Subscription
+from .domain import ACTIONS, HOLD, FeatureBatch, SignalBatch, SignalDefinition, Source
+from .engine import DEADLINE_FLAG, Engine, Prepared
+from .errors import (
+    BusUnavailable,
+    DeadlineExceeded,
+    FeatureValueMissing,
+    SigserveError,
+    StoreUnavailable,
+    ValidationError,
+)
+from .hotconfig import BUCKET as CONFIG_BUCKET
+from .hotconfig import LiveConfig, StreamConfig
+from .stores.base import Store
+from .timeutil import TS_DTYPE, interval_us, parse_ts, validate_interval
+
+log = logging.getLogger("sigserve.stream")
+T = TypeVar("T")
+SIGNAL_NAMESPACE = uuid.UUID("6f1d8c1e-2f0a-4c51-9a43-5b7b0f0d7a11")
+ERROR_HEADER = "Sigserve-Error-Code"
+_MISSING = object()
+
+
+# --- names ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Names:
+    """Subjects, streams and the durable name; ``prefix`` namespaces them all (tests, tenants)."""
+
+    prefix: str = ""
+    features_stream: str = "FEATURES"
+    signals_stream: str = "TRADING_SIGNALS"
+
+    def subject(self, rest: str) -> str:
+        return f"{self.prefix}.{rest}" if self.prefix else rest
+
+    def stream(self, base: str) -> str:
+        return f"{self.prefix}_{base}" if self.prefix else base
+
+    @property
+    def features(self) -> str:
+        return self.subject("features.>")
+
+    @property
+    def deadletter(self) -> str:
+        return self.subject("features.deadletter")
+
+    @property
+    def rejected(self) -> str:
+        return self.subject("sigserve.rejected")
+
+    def signals(self, symbol: str, interval: str) -> str:
+        return self.subject(f"signals.{symbol}.{interval}")
+
+    @property
+    def signals_all(self) -> str:
+        return self.subject("signals.>")
+
+    @property
+    def config_bucket(self) -> str:
+        return f"{self.prefix}_{CONFIG_BUCKET}" if self.prefix else CONFIG_BUCKET
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    signals: tuple[str, ...] = ()  # empty: every active signal definition
+    subject: str | None = None  # default: {prefix.}features.*.*
+    queue_group: str | None = None
+    durable: str = "sigserve"
+    names: Names = field(default_factory=Names)
+    config_file: Path | None = None
+    max_batch: int = 512
+    max_inflight: int = 4  # batches whose writes/acks are still pending
+    ack_wait_s: float = 30.0
+    max_ack_pending: int = 8192
+    write_first: bool = False  # True: write the rows before publishing (slower, never unstored)
+    catchup: bool = True
+    catchup_max_bars: int = 10_000
+    duplicate_window_s: float = 600.0
+    features_max_age_s: float = 7 * 86_400.0
+    kafka_bootstrap: str | None = None
+    kafka_topic: str = "trading_signals_archive"
+
+    @property
+    def feature_subject(self) -> str:
+        return self.subject or self.names.subject("features.*.*")
+
+
+# --- messages ------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class FeatureMessage:
+    symbol: str
+    interval: str
+    ts: np.datetime64
+    features: dict[str, Any]
+    feature_key: str | None = None
+    close: float | None = None
+
+
+def parse_feature_message(data: bytes, subject: str | None = None) -> FeatureMessage:
+    """A feature message, or ``validation_error`` saying what is wrong with it."""
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ValidationError(f"the message is not JSON: {exc}", details={"reason": "bad_json"}) from exc
+    if not isinstance(body, dict):
+        raise ValidationError("the message must be a JSON object", details={"reason": "not_object"})
+    symbol, interval, ts, feats = (body.get(k) for k in ("symbol", "interval", "ts", "features"))
+    if not isinstance(symbol, str) or not symbol or "." in symbol or " " in symbol:
+        raise ValidationError("symbol must be a non-empty string without dots or spaces",
+                              details={"field": "symbol", "value": str(symbol)})
+    if not isinstance(interval, str):
+        raise ValidationError("interval must be a string such as 1h", details={"field": "interval"})
+    validate_interval(interval)
+    if ts is None or isinstance(ts, bool | dict | list):
+        raise ValidationError("ts must be an ISO 8601 time or epoch seconds/milliseconds",
+                              details={"field": "ts"})
+    when = parse_ts(ts)
+    if not isinstance(feats, dict):
+        raise ValidationError("features must be an object of name -> number", details={"field": "features"})
+    key = body.get("feature_key")
+    if key is not None and (not isinstance(key, str) or not key):
+        raise ValidationError("feature_key must be a non-empty string", details={"field": "feature_key"})
+    close = body.get("close", feats.get("close"))
+    if close is not None:
+        if isinstance(close, bool) or not isinstance(close, int | float):
+            raise ValidationError("close must be a number", details={"field": "close"})
+        close = float(close)
+    if subject is not None:
+        parts = subject.split(".")
+        if len(parts) >= 3 and (parts[-2] != symbol or parts[-1] != interval):
+            raise ValidationError(f"subject {subject!r} does not match the message's symbol and"
+                                  f" interval ({symbol}, {interval})",
+                                  details={"subject": subject, "symbol": symbol, "interval": interval})
+    return FeatureMessage(symbol, interval, when, feats, key, close)
+
+
+def feature_row(names: tuple[str, ...], features: dict[str, Any], out: np.ndarray) -> None:
+    """Fill ``out`` with the named values; ``feature_value_missing`` / ``validation_error`` else.
+    None is a missing value (NaN), as in ``Engine.predict_inline``."""
+    missing: list[str] = []
+    bad: dict[str, str] = {}
+    for i, name in enumerate(names):
+        value = features.get(name, _MISSING)
+        kind = type(value)
+        if kind is float or kind is int:
+            out[i] = value
+        elif value is None:
+            out[i] = math.nan
+        elif value is _MISSING:
+            missing.append(name)
+        else:
+            bad[name] = kind.__name__
+    if bad:
+        raise ValidationError(f"feature values must be numbers: {sorted(bad)}", details={"not_numeric": bad})
+    if missing:
+        raise FeatureValueMissing(f"the message lacks features the model reads: {missing}",
+                                  details={"missing": missing})
+
+
+def upsert_key(signal_id: str, model_version: int, symbol: str, interval: str, ts_us: int) -> str:
+    """The natural key of a signal row; also the audit stream's ``Nats-Msg-Id``."""
+    return f"{signal_id}|{model_version}|{symbol}|{interval}|{ts_us}"
+
+
+def _num(x: float) -> float | None:
+    return None if x != x else float(x)  # NaN -> None
+
+
+def signal_message(batch: SignalBatch, i: int, *, definition_id: str, model_type: str,
+                   features_used: list[str], latency_ms: float) -> dict[str, Any]:
+    """Row ``i`` of a signal batch in the published format (seed 001)."""
+    ts_us = int(batch.ts[i].astype(np.int64))
+    key = upsert_key(definition_id, batch.model_version, batch.symbol, batch.interval, ts_us)
+    return {
+        "signal_id": str(uuid.uuid5(SIGNAL_NAMESPACE, key)),
+        "symbol": batch.symbol,
+        "timeframe": batch.interval,
+        "timestamp_ms": ts_us // 1000,
+        "signal_type": ACTIONS[int(batch.action[i])],
+        "confidence_score": float(batch.confidence[i]),
+        "entry_price": _num(batch.entry_price[i]),
+        "stop_loss": _num(batch.stop_loss[i]),
+        "take_profit": _num(batch.take_profit[i]),
+        "position_size_recommended": _num(batch.recommended_size[i]),
+        "model_version": f"{batch.model_name}:{batch.model_version}",
+        "metadata": {
+            "features_used": features_used,
+            "prediction_latency_ms": round(latency_ms, 4),
+            "model_type": model_type,
+            "model_sha256": batch.model_sha256,
+            "feature_key": str(batch.feature_keys[i]),
+            "definition_id": definition_id,
+        },
+    }
+
+
+def validate_signal(message: dict[str, Any], flags: str = "") -> str | None:
+    """Why a signal must not be published, or None. Entries carry all four levels (entry, stop,
+    target, size) or none of them (a definition without an ATR feature); a long's stop is below
+    its entry and its target above (the reverse for a short); a hold or close carries none."""
+    kind = message.get("signal_type")
+    if kind not in ACTIONS:
+        return f"unknown signal_type {kind!r}"
+    confidence = message.get("confidence_score")
+    if not isinstance(confidence, float | int) or not 0.0 <= confidence <= 1.0:
+        return f"confidence_score {confidence!r} is outside 0..1"
+    if "levels_invalid" in flags:
+        return "levels failed validation (levels_invalid)"
+    levels = [message.get(k) for k in ("entry_price", "stop_loss", "take_profit", "position_size_recommended")]
+    present = [v is not None for v in levels]
+    if kind in ("buy", "sell"):
+        if not any(present):
+            return None
+        if not all(present):
+            return "an entry carries some levels but not all"
+        entry, stop, take, size = (float(v) for v in levels)  # type: ignore[arg-type]
+        if not all(math.isfinite(v) and v > 0 for v in (entry, stop, take, size)):
+            return "levels must be finite and > 0"
+        if kind == "buy" and not stop < entry < take:
+            return "a buy needs stop_loss < entry_price < take_profit"
+        if kind == "sell" and not take < entry < stop:
+            return "a sell needs take_profit < entry_price < stop_loss"
+    elif any(present):
+        return f"a {kind} carries no levels"
+    return None
+
+
+# --- the store's thread -------------------------------------------------------------------------
+class StoreRunner:
+    """Runs store calls off the event loop for an embedded (blocking) store.
+
+    DuckDB calls block their thread for 1-4 ms a statement; on a thread of their own (with its own
+    event loop, in submission order) they leave the bus loop free to receive and publish. A store
+    with async I/O (PostgreSQL) is awaited on the caller's loop.
+    """
+
+    def __init__(self, store: Store) -> None:
+        from .stores.duckdb_store import DuckDBStore
+
+        self.store = store
+        self.offload = isinstance(store, DuckDBStore)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if not self.offload or self._thread is not None:
+            return
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            ready.set()
+            loop.run_forever()
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="sigserve-store", daemon=True)
+        self._thread.start()
+        ready.wait()
+
+    def submit(self, factory: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+        """Start the call now (in order with the others); a future of its result."""
+        if self._loop is None:
+            return asyncio.ensure_future(factory())
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(factory(), self._loop))  # type: ignore[arg-type]
+
+    async def call(self, factory: Callable[[], Awaitable[T]]) -> T:
+        return await self.submit(factory)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop = None
+            self._thread = None
+
+
+# --- routes --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Route:
+    """One active signal definition, resolved (with the live config's overrides) and loaded."""
+
+    signal_id: str
+    prepared: Prepared
+    symbols: frozenset[str]  # empty: every symbol
+    feature_key: str | None
+    features_used: list[str]
+    model_type: str
+    source_definition: SignalDefinition  # as stored, before overrides
+
+    @property
+    def interval(self) -> str:
+        return self.prepared.definition.interval
+
+    def covers(self, symbol: str) -> bool:
+        return not self.symbols or symbol in self.symbols
+
+
+def apply_config(definition: SignalDefinition, config: StreamConfig) -> SignalDefinition:
+    """The definition with the live config's model and signal-generation overrides."""
+    model = config.model
+    name = model.name or definition.model_name
+    ref = model.ref or (definition.model_ref if name == definition.model_name else "@production")
+    overrides: dict[str, Any] = config.signal_generation.overrides()
+    policy = replace(definition.policy, **overrides) if overrides else definition.policy
+    if name == definition.model_name and ref == definition.model_ref and policy is definition.policy:
+        return definition
+    return replace(definition, model_name=name, model_ref=ref, policy=policy)
+
+
+@dataclass
+class _Flight:
+    """One batch between its publish and its acks."""
+
+    messages: list[BusMessage] = field(default_factory=list)
+    writes: list[asyncio.Future[int]] = field(default_factory=list)
+    publishes: list[Awaitable[Any]] = field(default_factory=list)
+    after_write: list[Callable[[], Awaitable[list[Awaitable[Any]]]]] = field(default_factory=list)
+    keys: list[tuple[str, int, str]] = field(default_factory=list)
+
+
+class StreamWorker:
+    """One live worker. ``services`` is :class:`sigserve.app.Services` (store, registry, engine)."""
+
+    def __init__(self, services: Any, bus: Bus, options: StreamOptions | None = None,
+                 live_config: LiveConfig | None = None) -> None:
+        self.services = services
+        self.store: Store = services.store
+        self.engine: Engine = services.engine
+        self.bus = bus
+        self.options = options or StreamOptions()
+        self.names = self.options.names
+        self.config = live_config or LiveConfig(self.options.config_file, bus,
+                                                bucket=self.names.config_bucket)
+        self.runner = StoreRunner(self.store)
+        self.routes: dict[str, Route] = {}
+        self._by_interval: dict[str, list[Route]] = {}
+        self._inbox: collections.deque[BusMessage] = collections.deque()
+        self._wake = asyncio.Event()
+        self._inflight: asyncio.Queue[_Flight | None] = asyncio.Queue(maxsize=max(1, self.options.max_inflight))
+        self._sides: dict[tuple[str, int, str], tuple[np.datetime64, int]] = {}
+        self._last_ts: dict[tuple[str, str], np.datetime64] = {}
+        self._live_at: dict[tuple[str, str], float] = {}
+        self._lock = asyncio.Lock()  # batches and catch-ups take turns on positions and writes
+        self._paused = False
+        self._stopping = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._subs: list[Subscription] = []
+        self._rebuild_task: asyncio.Task[None] | None = None
+        self._catchup_pending = False
+        self.kafka: Any = None
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.started = asyncio.Event()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Streams, config, routes, catch-up, then consume. Refuses (raises) when nothing to serve."""
+        self.runner.start()
+        options, names, bus = self.options, self.names, self.bus
+        if bus.durable:
+            await bus.ensure_stream(names.stream(names.features_stream), [names.features],
+                                    max_age_s=options.features_max_age_s,
+                                    duplicate_window_s=options.duplicate_window_s)
+            await bus.ensure_stream(names.stream(names.signals_stream), [names.signals_all],
+                                    duplicate_window_s=options.duplicate_window_s)
+        else:
+            log.warning("the bus has no JetStream: at-most-once input, no audit stream")
+        await self.config.start()
+        self.config.subscribe(self._on_config)
+        await self._load_routes(initial=True)
+        if options.kafka_bootstrap:
+            from .stream_kafka import KafkaSink
+
+            self.kafka = KafkaSink(options.kafka_bootstrap, options.kafka_topic)
+            await self.kafka.start()
+        if options.catchup:
+            await self.catch_up()
+        bus.on_reconnect(self._on_reconnect)
+        loop = asyncio.get_running_loop()
+        self._tasks += [loop.create_task(self._process_loop(), name="stream-process"),
+                        loop.create_task(self._ack_loop(), name="stream-acks"),
+                        loop.create_task(self._housekeeping(), name="stream-housekeeping")]
+        subject = options.feature_subject
+        if bus.durable:
+            durable = options.queue_group or options.durable
+            self._subs.append(await bus.consume(
+                names.stream(names.features_stream), durable, subject, self._on_message,
+                queue=options.queue_group, ack_wait_s=options.ack_wait_s,
+                max_ack_pending=options.max_ack_pending))
+        else:
+            self._subs.append(await bus.subscribe(subject, self._on_message, queue=options.queue_group))
+        await bus.flush()
+        self.started.set()
+        log.info("streaming %s -> %s for %s", subject, names.signals_all, sorted(self.routes))
+
+    async def stop(self) -> None:
+        """Stop taking messages, finish the batches in flight (acks), and release everything."""
+        self._stopping = True
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.stop()
+        self._wake.set()
+        # let the processing loop hand over what it holds, then close the acks
+        for task in self._tasks[:1]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, 30)
+        await self._inflight.put(None)
+        for task in self._tasks[1:2]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, 30)
+        for task in [*self._tasks, *([self._rebuild_task] if self._rebuild_task else [])]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for msg in self._inbox:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+        self._inbox.clear()
+        await self.config.stop()
+        if self.kafka is not None:
+            await self.kafka.stop()
+        self.runner.stop()
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
+
+    # --- routes -----------------------------------------------------------------------------------
+    async def _definitions(self) -> list[SignalDefinition]:
+        store = self.store
+        if self.options.signals:
+            found = []
+            for signal_id in self.options.signals:
+                definition = await self.runner.call(functools.partial(store.get_signal, signal_id))
+                if definition is None:
+                    from .errors import SignalNotFound
+
+                    raise SignalNotFound(f"no signal {signal_id!r}", details={"signal_id": signal_id})
+                found.append(definition)
+            return found
+        return [d for d in await self.runner.call(store.list_signals) if d.active]
+
+    async def _route(self, definition: SignalDefinition, config: StreamConfig) -> Route:
+        effective = apply_config(definition, config)
+        prepared = await self.runner.call(lambda: self.engine.prepare_definition(effective))
+        card = prepared.card
+        return Route(definition.signal_id, prepared, frozenset(definition.symbols), definition.feature_key,
+                     list(card.feature_names), card.flavor, definition)
+
+    async def _load_routes(self, *, initial: bool = False) -> None:
+        """Resolve every definition in scope (in the background after the start): a new model is
+        loaded and sha-verified off the hot path, then the routes are swapped in one assignment."""
+        config = self.config.current
+        routes: dict[str, Route] = {}
+        for definition in await self._definitions():
+            if not definition.active:
+                if initial and self.options.signals:
+                    from .errors import SignalRetired
+
+                    raise SignalRetired(f"signal {definition.signal_id!r} is retired",
+                                        details={"signal_id": definition.signal_id})
+                continue
+            current = self.routes.get(definition.signal_id)
+            effective = apply_config(definition, config)
+            if current is not None and not initial:
+                card = await self.runner.call(functools.partial(
+                    self.services.registry.resolve, effective.model_name, effective.model_ref))
+                if (card.sha256 == current.prepared.card.sha256 and card.version == current.prepared.card.version
+                        and card.stage == current.prepared.card.stage
+                        and effective == current.prepared.definition):
+                    routes[definition.signal_id] = current
+                    continue
+            try:
+                routes[definition.signal_id] = await self._route(definition, config)
+            except SigserveError as exc:
+                if initial:
+                    raise
+                self.stats["reload_failed"] += 1
+                log.error("signal %s keeps its current model: %s", definition.signal_id, exc)
+                if current is not None:
+                    routes[definition.signal_id] = current
+        if initial and not routes:
+            raise ValidationError("no active signal definition to stream: create one (sigserve signals"
+                                  " create) or pass --signals", details={"signals": list(self.options.signals)})
+        self._swap(routes)
+
+    def _swap(self, routes: dict[str, Route]) -> None:
+        before = {k: (r.prepared.card.ref, r.prepared.card.sha256) for k, r in self.routes.items()}
+        by_interval: dict[str, list[Route]] = {}
+        for route in routes.values():
+            by_interval.setdefault(route.interval, []).append(route)
+        self.routes, self._by_interval = routes, by_interval  # the hot path reads these once a batch
+        after = {k: (r.prepared.card.ref, r.prepared.card.sha256) for k, r in routes.items()}
+        if before and before != after:
+            self.stats["model_swaps"] += sum(1 for k in after if before.get(k) != after[k])
+            log.info("routes swapped: %s", {k: v[0] for k, v in after.items()})
+
+    def _on_config(self, old: StreamConfig, new: StreamConfig) -> None:
+        if (old.model, old.signal_generation) != (new.model, new.signal_generation):
+            self._schedule_rebuild()
+
+    def _schedule_rebuild(self) -> None:
+        if self._rebuild_task is not None and not self._rebuild_task.done():
+            self._rebuild_task.add_done_callback(lambda _: self._schedule_rebuild())
+            return
+        self._rebuild_task = asyncio.get_running_loop().create_task(self._rebuild(), name="stream-rebuild")
+
+    async def _rebuild(self) -> None:
+        try:
+            await self._load_routes()
+        except SigserveError as exc:
+            self.stats["reload_failed"] += 1
+            log.error("route reload failed, current routes stay: %s", exc)
+
+    def _on_reconnect(self) -> None:
+        self.stats["reconnects"] += 1
+        if self.options.catchup:
+            self._catchup_pending = True
+
+    # --- receiving --------------------------------------------------------------------------------
+    async def _on_message(self, msg: BusMessage) -> None:
+        if self._paused or self._stopping:
+            await msg.nak(delay=2.0)
+            return
+        self._inbox.append(msg)
+        self._wake.set()
+
+    async def _process_loop(self) -> None:
+        inbox = self._inbox
+        while True:
+            if not inbox:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self._paused:
+                await self._wait_for_store()
+                continue
+            n = min(len(inbox), self.options.max_batch)
+            batch = [inbox.popleft() for _ in range(n)]
+            try:
+                async with self._lock:
+                    await self._process(batch)
+            except Exception as exc:  # never die on one batch: hand it back to the bus
+                self.stats["batch_errors"] += 1
+                log.exception("batch of %d failed; naked for redelivery", len(batch))
+                if isinstance(exc, StoreUnavailable):
+                    self._pause()
+                for msg in batch:
+                    await msg.nak(delay=1.0)
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self._sides.clear()
+            self.stats["store_outages"] += 1
+            log.error("the store is unavailable: not acking; messages are naked until it answers")
+
+    async def _wait_for_store(self) -> None:
+        while self._inbox:
+            await self._inbox.popleft().nak(delay=2.0)
+        delay = 0.1
+        while self._paused and not self._stopping:
+            try:
+                await self.runner.call(self.store.ping)
+            except SigserveError:
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+                continue
+            self._paused = False
+            log.warning("the store answers again: draining the backlog")
+            if self.options.catchup:
+                self._catchup_pending = True
+
+    # --- one batch ----------------------------------------------------------------------------------
+    async def _process(self, batch: list[BusMessage]) -> None:
+        config = self.config.current
+        by_interval = self._by_interval
+        flight = _Flight()
+        dead: list[tuple[BusMessage, SigserveError, str | None]] = []
+        groups: dict[tuple[str, str], list[tuple[BusMessage, FeatureMessage]]] = {}
+        deadletter = self.names.deadletter
+        self.stats["received"] += len(batch)
+        now = time.monotonic()
+        for msg in batch:
+            if msg.subject == deadletter:
+                flight.messages.append(msg)
+                continue
+            try:
+                fm = parse_feature_message(msg.data, msg.subject)
+            except SigserveError as exc:
+                dead.append((msg, exc, None))
+                continue
+            matched = False
+            for route in by_interval.get(fm.interval, ()):
+                if not route.covers(fm.symbol):
+                    continue
+                if route.feature_key and fm.feature_key and fm.feature_key != route.feature_key:
+                    continue
+                groups.setdefault((route.signal_id, fm.symbol), []).append((msg, fm))
+                self._live_at[(route.signal_id, fm.symbol)] = now
+                matched = True
+            if matched:
+                flight.messages.append(msg)
+            else:
+                dead.append((msg, ValidationError(
+                    f"no active signal covers {fm.symbol} {fm.interval}",
+                    details={"symbol": fm.symbol, "interval": fm.interval, "reason": "unknown_symbol"}), None))
+        for (signal_id, symbol), items in groups.items():
+            served = self.routes.get(signal_id)
+            if served is None:  # swapped out between routing and now
+                dead.extend((m, ValidationError(f"signal {signal_id} is no longer served"), signal_id)
+                            for m, _ in items)
+                continue
+            await self._group(served, symbol, items, config, flight, dead)
+        for msg, err, sid in dead:
+            if msg not in flight.messages:
+                flight.messages.append(msg)
+            flight.publishes.append(await self._dead_letter(msg, err, sid))
+        self.stats["batches"] += 1
+        if flight.messages:
+            await self._inflight.put(flight)
+
+    async def _group(self, route: Route, symbol: str, items: list[tuple[BusMessage, FeatureMessage]],
+                     config: StreamConfig, flight: _Flight,
+                     dead: list[tuple[BusMessage, SigserveError, str | None]]) -> None:
+        prepared = route.prepared
+        names = prepared.read_names
+        interval = route.interval
+        items.sort(key=lambda item: item[1].ts)
+        # one row per bar: a later message for the same bar replaces an earlier one
+        unique: list[tuple[BusMessage, FeatureMessage]] = []
+        for item in items:
+            if unique and unique[-1][1].ts == item[1].ts:
+                unique[-1] = item
+            else:
+                unique.append(item)
+        values = np.empty((len(unique), len(names)), dtype=np.float64)
+        keep: list[int] = []
+        for i, (msg, fm) in enumerate(unique):
+            try:
+                feature_row(names, fm.features, values[i])
+            except SigserveError as exc:
+                dead.append((msg, exc, route.signal_id))
+                continue
+            keep.append(i)
+        if not keep:
+            return
+        if len(keep) != len(unique):
+            unique = [unique[i] for i in keep]
+            values = values[keep]
+        ts = np.array([fm.ts for _, fm in unique], dtype=TS_DTYPE)
+        close = np.array([math.nan if fm.close is None else fm.close for _, fm in unique])
+        default_key = route.feature_key or "stream"
+        keys = np.array([fm.feature_key or default_key for _, fm in unique], dtype=object)
+        if np.isnan(close).any():
+            await self._fill_close(symbol, interval, ts, close)
+        card = prepared.card
+        side_key = (route.signal_id, card.version, symbol)
+        cached = self._sides.get(side_key)
+        if cached is not None and ts[0] > cached[0] and self.options.queue_group is None:
+            start_side = cached[1]
+        else:
+            sides = await self.runner.call(lambda: self.store.position_sides(
+                route.signal_id, card.version, symbol, interval, ts[:1]))
+            start_side = int(sides[0])
+        features = FeatureBatch(symbol, interval, ts, values, names, keys, close)
+        settings = config.inference_settings
+        signals, end_side = self.engine.compute(prepared, features, start_side, Source.STREAM,
+                                                latency_ms=0.0,
+                                                min_confidence=settings.confidence_threshold)
+        self._sides[side_key] = (ts[-1], end_side)
+        last_key = (route.signal_id, symbol)
+        previous = self._last_ts.get(last_key)
+        if previous is None or ts[-1] > previous:
+            self._last_ts[last_key] = ts[-1]
+        # latency: receipt -> now (the publish follows at once); the deadline applies here
+        received = np.array([msg.received for msg, _ in unique])
+        latency = (time.perf_counter() - received) * 1000.0
+        if settings.max_latency_ms is not None:
+            late = latency > settings.max_latency_ms
+            if late.any():
+                self.stats["late"] += int(late.sum())
+                self._sides.pop(side_key, None)
+                if settings.fallback_to_hold:
+                    holds = self.engine.hold_batch(prepared, symbol, interval, ts[late], Source.STREAM,
+                                                   DEADLINE_FLAG, keys[late])
+                    for name in ("action", "confidence", "raw_output", "entry_price", "stop_loss",
+                                 "take_profit", "recommended_size", "flags"):
+                        getattr(signals, name)[late] = getattr(holds, name)
+                else:
+                    for j in np.flatnonzero(late).tolist():
+                        dead.append((unique[j][0], DeadlineExceeded(
+                            f"the signal was ready {latency[j]:.2f} ms after receipt, over max_latency_ms"
+                            f" {settings.max_latency_ms}", details={"latency_ms": float(latency[j])}),
+                            route.signal_id))
+                    on_time = np.flatnonzero(~late)
+                    if on_time.size == 0:
+                        return
+                    signals = _take(signals, on_time)
+                    unique = [unique[i] for i in on_time]
+                    latency = latency[on_time]
+        signals.latency_ms[:] = latency
+        redelivered = any(msg.num_delivered > 1 for msg, _ in unique)
+        self.stats["signals"] += len(signals)
+        flight.keys.append(side_key)
+        if self.options.write_first or redelivered:
+            # a redelivered bar may have been published already: publish only once it is stored
+            flight.writes.append(self.runner.submit(lambda: self.store.write_signals(signals)))
+
+            async def publish_later() -> list[Awaitable[Any]]:
+                return await self._publish(route, signals, config)
+
+            flight.after_write.append(publish_later)
+        else:
+            flight.publishes.extend(await self._publish(route, signals, config))
+            flight.writes.append(self.runner.submit(lambda: self.store.write_signals(signals)))
+
+    async def _fill_close(self, symbol: str, interval: str, ts: np.ndarray, close: np.ndarray) -> None:
+        """Bars whose message carried no close take it from the stored candle, as predict_bar does."""
+        candles = await self.runner.call(lambda: self.store.read_candles(symbol, interval, ts.min(), ts.max()))
+        if len(candles.ts) == 0:
+            return
+        idx = np.searchsorted(candles.ts, ts)
+        idx_clipped = np.minimum(idx, len(candles.ts) - 1)
+        found = (candles.ts[idx_clipped] == ts) & np.isnan(close)
+        close[found] = candles.close[idx_clipped[found]]
+
+    async def _publish(self, route: Route, signals: SignalBatch, config: StreamConfig) -> list[Awaitable[Any]]:
+        """Publish every valid signal of the batch; futures of the audit stream's acks."""
+        bus, durable = self.bus, self.bus.durable
+        publish_holds = config.inference_settings.publish_holds
+        log_signals = config.monitoring.log_signals
+        subject = self.names.signals(signals.symbol, signals.interval)
+        futures: list[Awaitable[Any]] = []
+        kafka = self.kafka
+        for i in range(len(signals)):
+            message = signal_message(signals, i, definition_id=route.signal_id,
+                                     model_type=route.model_type, features_used=route.features_used,
+                                     latency_ms=float(signals.latency_ms[i]))
+            problem = validate_signal(message, str(signals.flags[i]))
+            if problem is not None:
+                self.stats["rejected"] += 1
+                log.warning("signal rejected, not published: %s: %s", problem, message["signal_id"])
+                rejection = ValidationError(f"invalid signal: {problem}",
+                                            details={"signal": message, "flags": str(signals.flags[i])})
+                await self._safe_publish(self.names.rejected, orjson.dumps(rejection.to_envelope()),
+                                         {ERROR_HEADER: rejection.code})
+                continue
+            if not publish_holds and signals.action[i] == HOLD:
+                self.stats["holds_suppressed"] += 1
+                continue
+            data = orjson.dumps(message)
+            key = upsert_key(route.signal_id, signals.model_version, signals.symbol, signals.interval,
+                             int(signals.ts[i].astype(np.int64)))
+            if durable:
+                futures.append(await bus.publish_durable(subject, data, msg_id=key))
+            else:
+                await bus.publish(subject, data)
+            self.stats["published"] += 1
+            if kafka is not None:
+                kafka.offer(message["signal_id"].encode(), data)
+            if log_signals:
+                log.info("signal %s", data.decode())
+        return futures
+
+    async def _safe_publish(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
+        try:
+            await self.bus.publish(subject, data, headers)
+        except SigserveError as exc:
+            log.error("could not publish to %s: %s", subject, exc)
+
+    async def _dead_letter(self, msg: BusMessage, exc: SigserveError, signal_id: str | None) -> Awaitable[Any]:
+        self.stats["deadlettered"] += 1
+        details = dict(exc.details)
+        if signal_id is not None:
+            details["signal_id"] = signal_id
+        body = {"error_code": exc.code, "message": exc.message, "details": details,
+                "subject": msg.subject, "data": msg.data.decode("utf-8", "replace"),
+                "num_delivered": msg.num_delivered}
+        data = orjson.dumps(body, default=str)
+        headers = {ERROR_HEADER: exc.code}
+        log.warning("dead letter (%s): %s", exc.code, exc.message)
+        if self.bus.durable:
+            return await self.bus.publish_durable(self.names.deadletter, data, headers=headers)
+        await self.bus.publish(self.names.deadletter, data, headers)
+        return _done()
+
+    # --- acks ---------------------------------------------------------------------------------------
+    async def _ack_loop(self) -> None:
+        while True:
+            flight = await self._inflight.get()
+            if flight is None:
+                return
+            ok = True
+            error: BaseException | None = None
+            for write in flight.writes:
+                try:
+                    self.stats["rows_written"] += await write
+                except BaseException as exc:
+                    ok, error = False, exc
+            if ok:
+                for publish_later in flight.after_write:
+                    try:
+                        flight.publishes.extend(await publish_later())
+                    except BaseException as exc:
+                        ok, error = False, exc
+            if flight.publishes:
+                results = await asyncio.gather(*flight.publishes, return_exceptions=True)
+                for result in results:
+                    if isinstance(result, BaseException):
+                        ok, error = False, result
+            if ok:
+                for msg in flight.messages:
+                    await msg.ack()
+                self.stats["acked"] += len(flight.messages)
+                continue
+            self.stats["naked"] += len(flight.messages)
+            for key in flight.keys:
+                self._sides.pop(key, None)
+            if isinstance(error, StoreUnavailable):
+                self._pause()
+            elif isinstance(error, BusUnavailable):
+                log.warning("bus failure, batch naked for redelivery: %s", error)
+            else:
+                log.error("batch failed, naked for redelivery: %r", error)
+            for msg in flight.messages:
+                await msg.nak(delay=1.0)
+
+    # --- catch-up and fallback ----------------------------------------------------------------------
+    def _symbols(self, route: Route) -> Iterable[str]:
+        if route.symbols:
+            return sorted(route.symbols)
+        return sorted({sym for (sid, sym) in self._last_ts if sid == route.signal_id})
+
+    async def catch_up(self, only: set[tuple[str, str]] | None = None, *, fallback: bool = False) -> int:
+        """Compute bars stored since the last stored signal (``source=catchup_scan``), publish
+        them, and return how many rows were written."""
+        total = 0
+        for route in list(self.routes.values()):
+            for symbol in self._symbols(route):
+                if only is not None and (route.signal_id, symbol) not in only:
+                    continue
+                try:
+                    async with self._lock:
+                        total += await self._catch_up_one(route, symbol)
+                except SigserveError as exc:
+                    self.stats["catchup_failed"] += 1
+                    log.warning("catch-up of %s %s failed: %s", route.signal_id, symbol, exc)
+                    if isinstance(exc, StoreUnavailable):
+                        self._pause()
+                        return total
+        if total:
+            self.stats["fallback_rows" if fallback else "catchup_rows"] += total
+            log.info("%s: %d bars computed from the store", "fallback" if fallback else "catch-up", total)
+        return total
+
+    async def _catch_up_one(self, route: Route, symbol: str) -> int:
+        store, engine, interval = self.store, self.engine, route.interval
+        step = np.timedelta64(interval_us(interval), "us")
+        last = await self.runner.call(lambda: store.last_signal_ts(route.signal_id, symbol, interval))
+        if last is None:
+            return 0  # no history to continue: a backfill's job
+        start = last + step
+        count, _, newest = await self.runner.call(
+            lambda: store.feature_window_stats(symbol, interval, start, None))
+        if not count or newest is None:
+            return 0
+        if count > self.options.catchup_max_bars:
+            log.warning("catch-up of %s %s: %d bars missed, computing the newest %d", route.signal_id,
+                        symbol, count, self.options.catchup_max_bars)
+            start = max(start, newest - (self.options.catchup_max_bars - 1) * step)
+        result = await self.runner.call(lambda: engine.run_window(
+            route.signal_id, symbol, interval, start, None, source=Source.CATCHUP_SCAN,
+            prepared=route.prepared))
+        batch = result.batch
+        if len(batch) == 0:
+            return 0
+        self._sides[(route.signal_id, route.prepared.card.version, symbol)] = (batch.ts[-1], result.end_side)
+        self._last_ts[(route.signal_id, symbol)] = batch.ts[-1]
+        futures = await self._publish(route, batch, self.config.current)
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            log.warning("catch-up: %d signals not confirmed by the audit stream: %s", len(failed), failed[0])
+        return result.rows_written
+
+    async def fallback(self) -> int:
+        """Keys whose next bar is overdue by the grace period and that got no live message
+        within it: take the store's newest feature rows (seed 001's rule)."""
+        grace = self.config.current.inference_settings.grace_period_s
+        if grace is None:
+            return 0
+        now_mono = time.monotonic()
+        now_us = np.datetime64(int(time.time() * 1_000_000), "us")
+        due: set[tuple[str, str]] = set()
+        for route in self.routes.values():
+            step = np.timedelta64(interval_us(route.interval), "us")
+            for symbol in self._symbols(route):
+                key = (route.signal_id, symbol)
+                if now_mono - self._live_at.get(key, 0.0) < grace:
+                    continue
+                last = self._last_ts.get(key)
+                # the bar after ``last`` closes at last + 2 steps; overdue past the grace period
+                if last is None or last + 2 * step + np.timedelta64(int(grace * 1e6), "us") < now_us:
+                    due.add(key)
+        if not due:
+            return 0
+        return await self.catch_up(due, fallback=True)
+
+    async def _housekeeping(self) -> None:
+        """Catch-up after reconnects and outages, the fallback timer, model reloads, stats."""
+        last_reload = last_stats = last_fallback = time.monotonic()
+        while True:
+            await asyncio.sleep(0.25)
+            if self._stopping:
+                return
+            config = self.config.current
+            now = time.monotonic()
+            try:
+                if self._catchup_pending and not self._paused:
+                    self._catchup_pending = False
+                    await self.catch_up()
+                grace = config.inference_settings.grace_period_s
+                if grace is not None and now - last_fallback >= max(0.25, grace / 4) and not self._paused:
+                    last_fallback = now
+                    await self.fallback()
+                if config.model.auto_reload and now - last_reload >= config.model.reload_interval_s:
+                    last_reload = now
+                    if self._rebuild_task is None or self._rebuild_task.done():
+                        self._schedule_rebuild()
+                if now - last_stats >= config.monitoring.stats_interval_s:
+                    last_stats = now
+                    log.info("stream stats: %s", dict(self.stats))
+            except Exception:
+                log.exception("housekeeping step failed")
+
+
+def _take(batch: SignalBatch, idx: np.ndarray) -> SignalBatch:
+    columns = {name: getattr(batch, name)[idx] for name in (
+        "ts", "action", "confidence", "raw_output", "entry_price", "stop_loss", "take_profit",
+        "recommended_size", "feature_keys", "latency_ms", "flags")}
+    return replace(batch, **columns)
+
+
+def _done() -> asyncio.Future[None]:
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    future.set_result(None)
+    return future
+
+
+__all__ = [
+    "FeatureMessage",
+    "Names",
+    "Route",
+    "StoreRunner",
+    "StreamOptions",
+    "StreamWorker",
+    "apply_config",
+    "feature_row",
+    "parse_feature_message",
+    "signal_message",
+    "upsert_key",
+    "validate_signal",
+]
