@@ -4,16 +4,17 @@ Three layers, outermost first:
 
 1. the edge (:class:`.middleware.EdgeMiddleware`): request id, bearer auth, the 500 safety net,
    request latency metrics;
-2. the lean routes (fixed paths: predictions, health, metrics, model info), served by a dict
-   lookup and :func:`.lean.compile_handler`, with errors rendered as envelopes here;
-3. everything else (``/docs``, ``/openapi.json``, ``/models/{name}``, 404 and 405) goes to a
-   FastAPI app built from the same route table (:mod:`.openapi_app`).
+2. the routes of the route table, matched by a dict lookup (a regex for a path with parameters)
+   and served by :func:`.lean.compile_handler`; errors, 404 ``route_not_found`` and 405
+   ``method_not_allowed`` are rendered as envelopes here;
+3. ``/docs`` and ``/openapi.json`` (and any route declared the ordinary way) go to a FastAPI app
+   built from the same route table (:mod:`.openapi_app`) on the first request that needs it.
 
 Startup (the ASGI lifespan, or :meth:`SigserveApp.running`) opens the store, the registry and the
 engine once (the engine keeps resolved signals for ``SIGSERVE_SERVER_PREPARED_TTL_S`` and reports
 its stage timings to the metrics), then loads and verifies the default signal's model and runs one
-prediction through it, so that the first request pays no load. The FastAPI app is then built in a
-worker thread: a server answers its first prediction before FastAPI (~0.25 s of imports) is loaded.
+prediction through it, so that the first request pays no load. FastAPI (~0.25 s of imports) is not
+loaded until a request needs the schema: a server answers predictions without it.
 
 Usage::
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -46,8 +48,8 @@ from ..config import DEV_TOKEN_SENTINEL, Settings
 from ..domain import FLAT, FeatureBatch, Source
 from ..errors import SigserveError
 from ..timeutil import TS_DTYPE
-from .errors import error_body, request_id_of
-from .lean import Handler, RouteTable, compile_handler
+from .errors import METHOD_NOT_ALLOWED, ROUTE_NOT_FOUND, error_body, error_response, request_id_of
+from .lean import Handler, RouteTable, compile_handler, path_params, path_regex
 from .metrics import Metrics
 from .middleware import EdgeMiddleware
 from .routes import build
@@ -59,12 +61,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("sigserve.api")
 
 
+DOC_PATHS = frozenset({"/docs", "/openapi.json"})  # served by the FastAPI app
+
+
 class HotRoute:
-    """A lean route as the edge serves it; ``path`` is the metrics' route label."""
+    """A route as the edge serves it: ``path`` (the template) is the metrics' route label;
+    ``handler`` None hands the request to the FastAPI app."""
 
     __slots__ = ("handler", "path")
 
-    def __init__(self, path: str, handler: Handler) -> None:
+    def __init__(self, path: str, handler: Handler | None) -> None:
         self.path = path
         self.handler = handler
 
@@ -80,12 +86,21 @@ class SigserveApp:
         self.state = SimpleNamespace(sigserve=self.server_state)
         self.table = RouteTable()
         build(self.table, self.server_state)
-        self._hot: dict[str, dict[str, HotRoute]] = {}
+        self._exact: dict[str, dict[str, HotRoute]] = {}
+        self._templates: list[tuple[re.Pattern[str], dict[str, HotRoute]]] = []
+        by_path: dict[str, dict[str, HotRoute]] = {}
         for spec in self.table.routes:
-            if spec.lean:
-                route = HotRoute(spec.path, compile_handler(spec.endpoint))
-                for method in spec.methods:
-                    self._hot.setdefault(spec.path, {})[method] = route
+            params = path_params(spec.path)
+            handler = compile_handler(spec.endpoint, params) if spec.lean else None
+            methods = by_path.get(spec.path)
+            if methods is None:
+                methods = by_path[spec.path] = {}
+                if params:
+                    self._templates.append((path_regex(spec.path), methods))
+                else:
+                    self._exact[spec.path] = methods
+            for method in spec.methods:
+                methods[method] = HotRoute(spec.path, handler)
         self._openapi_app: FastAPI | None = None
         self._openapi_lock = threading.Lock()
         self._edge = EdgeMiddleware(self._dispatch, token=settings.auth_token, metrics=self.metrics)
@@ -98,20 +113,51 @@ class SigserveApp:
 
     # --- requests ------------------------------------------------------------------------
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        methods = self._hot.get(scope["path"]) if scope["type"] == "http" else None
-        route = methods.get(scope["method"]) if methods is not None else None
+        path = scope["path"]
+        methods = self._exact.get(path)
+        params: dict[str, str] | None = None
+        if methods is None:
+            for regex, candidate in self._templates:
+                found = regex.match(path)
+                if found is not None:
+                    methods, params = candidate, found.groupdict()
+                    break
+        if methods is None or scope["type"] != "http":
+            if path in DOC_PATHS or scope["type"] != "http":
+                await self._forward(scope, receive, send)
+            else:
+                await self._refuse(scope, receive, send, 404, ROUTE_NOT_FOUND, f"no route {path}",
+                                   {"path": path})
+            return
+        route = methods.get(scope["method"])
         if route is None:
-            app = self._openapi_app
-            if app is None:
-                app = await asyncio.to_thread(self.openapi_app)
-            await app(scope, receive, send)
+            allow = sorted(methods)
+            await self._refuse(scope, receive, send, 405, METHOD_NOT_ALLOWED,
+                               f"{scope['method']} is not allowed on {path}; use {', '.join(allow)}",
+                               {"method": scope["method"], "allow": allow}, {"Allow": ", ".join(allow)})
             return
         scope["route"] = route
+        if params is not None:
+            scope["path_params"] = params
+        if route.handler is None:
+            await self._forward(scope, receive, send)
+            return
         try:
             response = await route.handler(Request(scope, receive))
         except SigserveError as exc:
             response = self._refusal(scope, exc)
         await response(scope, receive, send)
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = self._openapi_app
+        if app is None:
+            app = await asyncio.to_thread(self.openapi_app)
+        await app(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, code: str,
+                      message: str, details: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        self.metrics.count_error(code)
+        await error_response(status, code, message, details, request_id_of(scope), headers)(scope, receive, send)
 
     def _refusal(self, scope: Scope, exc: SigserveError) -> Response:
         self.metrics.count_error(exc.code)
@@ -133,7 +179,7 @@ class SigserveApp:
 
     @property
     def routes(self) -> list[Any]:
-        """Every route, as FastAPI sees it (lean routes included)."""
+        """Every route, as FastAPI sees it (the lean ones included)."""
         return list(self.openapi_app().routes)
 
     def openapi(self) -> dict[str, Any]:
@@ -153,20 +199,13 @@ class SigserveApp:
             await warm_up(state)
             services.engine.observer = self.metrics.observe_stage
             # What startup allocated lives as long as the process: keep it out of the collector's
-            # full passes (measured: a full pass over it paused a request for ~60 ms). Again once
-            # the FastAPI app is built.
+            # full passes (measured: a full pass over it paused a request for ~60 ms).
             gc.freeze()
-            building = asyncio.get_running_loop().run_in_executor(None, self.openapi_app)
-            building.add_done_callback(lambda _: gc.freeze())
             try:
                 yield self
             finally:
                 gc.unfreeze()
                 state.services = None
-                try:
-                    await building
-                except Exception as exc:  # reported; the lean routes never needed it
-                    log.error("building the FastAPI app failed: %s", exc, exc_info=exc)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup

@@ -1,14 +1,14 @@
 """Lean endpoints: the route table and the handlers that serve it without FastAPI.
 
 An endpoint is declared once, on a :class:`RouteTable`, with the arguments FastAPI's decorators
-take (``tags``, ``responses``, ...). The edge serves every *lean* endpoint (a fixed path) itself:
-one dict lookup, the body decoded and validated in one pass by pydantic-core
+take (``tags``, ``responses``, ...). The edge serves every *lean* endpoint itself: a dict lookup (or,
+for a path with parameters, a regex), the body decoded and validated in one pass by pydantic-core
 (``model_validate_json``), no dependency solving, no router walk. The FastAPI app behind the
 edge (built on first need, see :mod:`.openapi_app`) registers the same endpoints for the OpenAPI
-schema and ``/docs``, and serves the routes that are not lean (path parameters).
+schema and ``/docs``, and serves the routes declared the ordinary way (``table.get``...).
 
-A lean endpoint has one of the signatures ``()``, ``(request)``, ``(body)`` or
-``(body, request)``, where ``body`` is a pydantic model. A body that fails validation is a
+A lean endpoint takes its path parameters by keyword, and then one of ``()``, ``(request)``,
+``(body)`` or ``(body, request)``, where ``body`` is a pydantic model. A body that fails validation is a
 ``validation_error`` whose ``details.errors`` lists ``loc``, ``msg`` and ``type`` per field
 (never the input itself), the same answer FastAPI's own validation gives.
 
@@ -19,13 +19,14 @@ Usage::
     @table.lean("/inference/run", ["POST"], ["inference"], responses={...})
     async def run(body: RunRequest, request: Request) -> Response: ...
 
-    @table.get("/models/{name}", tags=["models"])      # served by FastAPI
+    @table.lean("/models/{name}", ["GET"], ["models"])
     async def show(name: str) -> Response: ...
 """
 
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
@@ -67,11 +68,26 @@ def invalid_request(errors: list[dict[str, Any]]) -> ValidationError:
     return ValidationError(message, details={"errors": errors})
 
 
-def body_model(endpoint: Endpoint) -> tuple[type[pydantic.BaseModel] | None, bool]:
+_PATH_PARAM = re.compile(r"{([A-Za-z_][A-Za-z0-9_]*)}")
+
+
+def path_params(path: str) -> tuple[str, ...]:
+    """The parameter names of a path template: ``/models/{name}`` -> ``("name",)``."""
+    return tuple(_PATH_PARAM.findall(path))
+
+
+def path_regex(path: str) -> re.Pattern[str]:
+    """A template as a regex; a parameter matches one non-empty segment (as Starlette's ``str``)."""
+    parts = _PATH_PARAM.split(path)
+    pattern = "".join(re.escape(part) if i % 2 == 0 else f"(?P<{part}>[^/]+)" for i, part in enumerate(parts))
+    return re.compile(f"^{pattern}$")
+
+
+def body_model(endpoint: Endpoint, params: tuple[str, ...] = ()) -> tuple[type[pydantic.BaseModel] | None, bool]:
     """The endpoint's body model (or None) and whether it takes the request; refuses other
-    signatures."""
+    signatures. ``params`` are the path parameters (keyword arguments, strings)."""
     hints = get_type_hints(endpoint)
-    names = list(inspect.signature(endpoint).parameters)
+    names = [n for n in inspect.signature(endpoint).parameters if n not in params]
     model: type[pydantic.BaseModel] | None = None
     for name in names:
         hint = hints.get(name)
@@ -80,17 +96,19 @@ def body_model(endpoint: Endpoint) -> tuple[type[pydantic.BaseModel] | None, boo
     kinds = tuple("body" if hints.get(n) is model else "request" for n in names)
     if kinds not in ((), ("request",), ("body",), ("body", "request")) or (
             model is None and "body" in kinds):
-        raise TypeError(f"a lean endpoint takes (), (request), (body) or (body, request):"
-                        f" {endpoint.__name__}{kinds}")
+        raise TypeError(f"a lean endpoint takes path parameters and (), (request), (body) or"
+                        f" (body, request): {endpoint.__name__}{kinds}")
     return model, "request" in kinds
 
 
-def compile_handler(endpoint: Endpoint) -> Handler:
-    """``endpoint`` as a ``(request) -> Response`` coroutine function (signatures above)."""
-    model, wants_request = body_model(endpoint)
+def compile_handler(endpoint: Endpoint, params: tuple[str, ...] = ()) -> Handler:
+    """``endpoint`` as a ``(request) -> Response`` coroutine function (signatures above); path
+    parameters come from ``request.path_params``."""
+    model, wants_request = body_model(endpoint, params)
     if model is None:
         async def plain(request: Request) -> Response:
-            result: Response = await (endpoint(request) if wants_request else endpoint())
+            named = {p: request.path_params[p] for p in params}
+            result: Response = await (endpoint(request, **named) if wants_request else endpoint(**named))
             return result
 
         return plain
@@ -109,7 +127,9 @@ def compile_handler(endpoint: Endpoint) -> Handler:
         except pydantic.ValidationError as exc:
             errors = exc.errors(include_url=False, include_input=False, include_context=False)
             raise invalid_request(field_errors([{**e, "loc": ("body", *e["loc"])} for e in errors])) from None
-        result: Response = await (endpoint(body, request) if wants_request else endpoint(body))
+        named = {p: request.path_params[p] for p in params}
+        result: Response = await (endpoint(body, request, **named) if wants_request
+                                  else endpoint(body, **named))
         return result
 
     return with_body
@@ -134,12 +154,10 @@ class RouteTable:
 
     def lean(self, path: str, methods: list[str], tags: list[Any],
              **options: Any) -> Callable[[Endpoint], Endpoint]:
-        """Declare a lean endpoint at a fixed path (the edge serves it)."""
-        if "{" in path:
-            raise ValueError(f"a lean route has a fixed path: {path}")
-
+        """Declare a lean endpoint (the edge serves it); ``{name}`` segments are path parameters
+        passed by keyword."""
         def register(endpoint: Endpoint) -> Endpoint:
-            body_model(endpoint)  # refuse a wrong signature at declaration
+            body_model(endpoint, path_params(path))  # refuse a wrong signature at declaration
             self.routes.append(RouteSpec(path, tuple(m.upper() for m in methods), endpoint, True,
                                          {"tags": tags, **options}))
             return endpoint

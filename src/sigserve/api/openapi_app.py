@@ -1,10 +1,10 @@
-"""The FastAPI app behind the edge: the OpenAPI schema, ``/docs``, the routes with path
-parameters, and the 404/405 answers.
+"""The FastAPI app behind the edge: the OpenAPI schema, ``/docs``, and any route declared the
+ordinary way (``RouteTable.get``...).
 
 It registers every endpoint of the route table, the lean ones included (the schema documents
-them; the edge serves them). It is built on first need, off the request path where it can be
-(importing FastAPI costs ~0.25 s, a quarter of the cold-start budget), so a server answers its
-first prediction before FastAPI is imported.
+them; the edge serves them). It is built on the first request that needs it, in a worker thread:
+importing FastAPI costs ~0.25 s, a quarter of the cold-start budget, and a build in the
+background right after startup was measured to delay the first predictions past their deadline.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .. import __version__
 from ..errors import InternalError, SigserveError
 from .auth import PUBLIC_PATHS
 from .errors import METHOD_NOT_ALLOWED, ROUTE_NOT_FOUND, error_body, error_response, request_id_of
-from .lean import RouteTable, compile_handler, field_errors, invalid_request
+from .lean import RouteTable, compile_handler, field_errors, invalid_request, path_params
 from .metrics import Metrics
 from .responses import JSONResp
 from .routes import docs_page
@@ -43,7 +43,7 @@ class LeanRoute(APIRoute):
     """An APIRoute documented like any other, served by :func:`.lean.compile_handler`."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        return compile_handler(self.endpoint)
+        return compile_handler(self.endpoint, path_params(self.path))
 
 
 def build_openapi_app(table: RouteTable, metrics: Metrics, *, otel: bool = False) -> FastAPI:

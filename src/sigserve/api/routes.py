@@ -308,8 +308,8 @@ def _models(router: RouteTable, state: ServerState) -> None:
             })
         return JSONResp({"models": models})
 
-    @router.get("/models/{name}", tags=tags, response_model=None,
-                responses={200: {"model": ModelDetail}, **errors_doc(404, 503)})
+    @lean(router, "/models/{name}", ["GET"], tags, response_model=None,
+          responses={200: {"model": ModelDetail}, **errors_doc(404, 503)})
     async def show_model(name: str) -> Response:
         """A model's card (the production version's, else the newest's), every version's card,
         and the lifecycle events."""
