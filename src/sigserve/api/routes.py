@@ -126,6 +126,8 @@ def build(app: RouteTable, state: ServerState) -> None:
     _inference(app, state)
     _health(app, state)
     _models(app, state)
+    from .candles import build_candles  # POST /predict, /predict/batch (candles in)
+    build_candles(app, state)
 
 
 # --- health, metrics ---------------------------------------------------------------------------
@@ -334,6 +336,7 @@ def _models(router: RouteTable, state: ServerState) -> None:
             "runtime": getattr(prepared.runtime, "name", prepared.card.flavor),
             "read_features": list(prepared.read_names),
             "policy": asdict(definition.policy),
+            "class_metrics": prepared.card.extra.get("class_metrics"),  # per class, test part (sigserve train)
         })
 
     @lean(router, "/model/labels", ["GET"], tags, response_model=None,
