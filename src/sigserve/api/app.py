@@ -260,3 +260,15 @@ async def warm_up(state: ServerState) -> None:
         engine.compute(prepared, row, FLAT, Source.STREAM)
     except Exception as exc:  # a model that fails on zeros still serves real rows
         log.warning("warm-up prediction of %r failed: %s", signal_id, exc)
+    # One stored bar through the read path (feature and candle read, position read, predict,
+    # policy; no write): the store's first read pays its lazy imports (pyarrow's timestamp
+    # conversion imports pandas: ~0.3 s, which put the first /inference/run past its deadline).
+    definition = prepared.definition
+    if not definition.symbols:
+        return
+    symbol = definition.symbols[0]
+    try:
+        newest = await engine.newest_bar(symbol, definition.interval)
+        await engine.predict_bar(signal_id, symbol, definition.interval, newest, write=False)
+    except SigserveError as exc:
+        log.info("no stored bar of %s to warm the read path up with: %s", symbol, exc.message)
