@@ -20,7 +20,7 @@ range          ``(h - l) / o``
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -85,3 +85,34 @@ CANDLE_FUNCTIONS: dict[str, Callable[[Arrays], np.ndarray]] = {
     "gap": _gap,
     "range": _range,
 }
+
+
+def candle_features(a: Arrays, names: Sequence[str]) -> list[np.ndarray]:
+    """The named features (in ``names`` order) from one pass: the body, the wicks and the range
+    are computed once and shared. Equal to the single-feature functions above, bit for bit."""
+    o, h, lo, c = a["open"], a["high"], a["low"], a["close"]
+    body = c - o
+    top = np.maximum(o, c)
+    bottom = np.minimum(o, c)
+    span = h - lo
+    abs_body = np.abs(body)
+    wanted = set(names)
+    out: dict[str, np.ndarray] = {}
+    if "body_size" in wanted:
+        out["body_size"] = abs_body / o
+    if "body_direction" in wanted:
+        out["body_direction"] = np.sign(body)
+    if "upper_wick" in wanted:
+        out["upper_wick"] = (h - top) / o
+    if "lower_wick" in wanted:
+        out["lower_wick"] = (bottom - lo) / o
+    if "wick_ratio" in wanted:
+        out["wick_ratio"] = _wick_ratio(a)
+    if "body_to_range" in wanted:
+        safe = np.where(span > 0.0, span, 1.0)
+        out["body_to_range"] = np.where(span > 0.0, abs_body / safe, 0.0)
+    if "gap" in wanted:
+        out["gap"] = _gap(a)
+    if "range" in wanted:
+        out["range"] = span / o
+    return [out[name] for name in names]

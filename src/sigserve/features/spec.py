@@ -53,7 +53,7 @@ import numpy as np
 
 from ..errors import ValidationError, missing_extra
 from ..timeutil import TS_DTYPE, interval_us
-from .candles import CANDLE_FEATURES, CANDLE_FUNCTIONS, CANDLE_LOOKBACK
+from .candles import CANDLE_FEATURES, CANDLE_FUNCTIONS, CANDLE_LOOKBACK, candle_features
 
 log = logging.getLogger("sigserve.features")
 
@@ -78,6 +78,13 @@ def import_talib() -> Any:
 # --- steps ---------------------------------------------------------------------------------------
 class _Step:
     names: tuple[str, ...]
+
+    def last(self, a: Arrays, lo: int) -> list[float]:
+        """The newest value of each column, computed over the candles ``lo..`` of ``a``."""
+        part = a if lo == 0 else {c: a[c][lo:] for c in self.needs}
+        return [float(column[-1]) for column in self.compute(part)]
+
+    needs: tuple[str, ...] = ("ts", *PRICE_COLUMNS)  # the candle columns compute() reads
     lookback: int  # leading rows that are NaN
     window: int  # candles the newest value needs (lookback + 1 + convergence tail)
     canonical: dict[str, Any]
@@ -145,6 +152,7 @@ class _TalibStep(_Step):
         self.fn: Callable[..., Any] = getattr(talib, name)
         self.params = params
         self.inputs = tuple(inputs)
+        self.needs = tuple(dict.fromkeys(inputs))
         parts = [_fmt(v) for k, v in params.items() if k.endswith("period")]
         parts += [_fmt(v) for k, v in params.items()
                   if not k.endswith("period") and v != defaults[k]]
@@ -176,6 +184,13 @@ class _TalibStep(_Step):
         if isinstance(out, tuple | list):
             return [np.asarray(o, dtype=np.float64) for o in out]
         return [np.asarray(out, dtype=np.float64)]
+
+    def last(self, a: Arrays, lo: int) -> list[float]:
+        """The newest value(s): the same function as :meth:`compute`, on ``a[c][lo:]``."""
+        out = self.fn(*(a[c][lo:] for c in self.inputs), **self.params)
+        if isinstance(out, tuple | list):
+            return [float(o[-1]) for o in out]
+        return [float(out[-1])]
 
     def _calibrate(self, period: int) -> int:
         """The shortest convergence tail (in bars) after which the newest value of a window
@@ -231,18 +246,22 @@ def _calibration_market(n: int) -> Arrays:
 
 
 class _CandleStep(_Step):
-    def __init__(self, name: str) -> None:
-        if name not in CANDLE_FUNCTIONS:
-            raise ValidationError(f"unknown candle feature {name!r}; use {list(CANDLE_FEATURES)}",
-                                  details={"name": name, "known": list(CANDLE_FEATURES)})
-        self.fn = CANDLE_FUNCTIONS[name]
-        self.names = (name,)
-        self.lookback = CANDLE_LOOKBACK[name]
+    """The candle features of the spec, in its order, computed in one pass."""
+
+    needs = ("open", "high", "low", "close")
+
+    def __init__(self, names: Sequence[str]) -> None:
+        unknown = [n for n in names if n not in CANDLE_FUNCTIONS]
+        if unknown:
+            raise ValidationError(f"unknown candle feature {unknown[0]!r}; use {list(CANDLE_FEATURES)}",
+                                  details={"name": unknown[0], "known": list(CANDLE_FEATURES)})
+        self.names = tuple(names)
+        self.lookback = max(CANDLE_LOOKBACK[n] for n in names)
         self.window = self.lookback + 1
-        self.canonical = {"kind": "candle", "name": name}
+        self.canonical = {"kind": "candles", "names": list(self.names)}
 
     def compute(self, a: Arrays) -> list[np.ndarray]:
-        return [self.fn(a)]
+        return candle_features(a, self.names)
 
 
 class _CustomStep(_Step):
@@ -339,11 +358,14 @@ class FeatureSpec:
         self.spec_hash = hashlib.sha256(text.encode()).hexdigest()
         self.feature_key = f"spec-{self.spec_hash[:16]}"
         self._source: dict[str, Any] = {}
-        # the incremental path: steps grouped by window, so each slice is made once
-        groups: dict[int, list[_Step]] = {}
+        # the incremental path: per step, its window, the input columns it reads, and where its
+        # outputs go in the row
+        plan = []
+        slot = 0
         for step in self.steps:
-            groups.setdefault(step.window, []).append(step)
-        self._by_window = sorted(groups.items())
+            plan.append((step, step.window, tuple(range(slot, slot + len(step.names)))))
+            slot += len(step.names)
+        self._plan = tuple(plan)
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -366,7 +388,8 @@ class FeatureSpec:
             candles = list(CANDLE_FEATURES)
         if not isinstance(candles, list):
             raise ValidationError("features.candles: a list of names, or `all`")
-        steps.extend(_CandleStep(str(name)) for name in candles)
+        if candles:
+            steps.append(_CandleStep([str(name) for name in candles]))
         for entry in section.get("custom") or []:
             if not isinstance(entry, Mapping):
                 raise ValidationError(f"features.custom: each entry is a mapping, got {entry!r}")
@@ -399,8 +422,8 @@ class FeatureSpec:
                     if key in c:
                         entry[key] = c[key]
                 indicators.append(entry)
-            elif c["kind"] == "candle":
-                candles.append(c["name"])
+            elif c["kind"] == "candles":
+                candles.extend(c["names"])
             else:
                 custom.append({k: v for k, v in c.items() if k != "kind"})
         return {"indicators": indicators, "candles": candles, "custom": custom}
@@ -431,19 +454,35 @@ class FeatureSpec:
 
     def compute_last(self, candles: Any, *, validate: bool = True) -> np.ndarray:
         """The features of the newest bar from the last ``window`` candles: each step runs the
-        same function as :meth:`compute` on its own last ``step.window`` candles."""
-        a = candle_arrays(candles, validate=validate)
+        same function as :meth:`compute` on its own last ``step.window`` candles.
+
+        ``validate`` checks the newest candle (and that its ts follows the previous one): a live
+        caller validated every earlier candle when it was the newest. :meth:`compute` checks all.
+        """
+        a = candle_arrays(candles, validate=False)
         n = a["close"].shape[0]
         values = np.full(len(self.names), np.nan)
         if n == 0:
             return values
-        index = {name: i for i, name in enumerate(self.names)}
-        for window, steps in self._by_window:
-            part = a if n <= window else {k: v[n - window:] for k, v in a.items()}
-            for step in steps:
-                for name, column in zip(step.names, step.compute(part), strict=True):
-                    values[index[name]] = column[-1]
+        if validate:
+            _check_newest(a)
+        for step, window, slots in self._plan:
+            newest = step.last(a, n - window if n > window else 0)
+            for slot, value in zip(slots, newest, strict=True):
+                values[slot] = value
         return values
+
+
+def _check_newest(a: Arrays) -> None:
+    i = a["close"].shape[0] - 1
+    o, h, lo, c, v = (float(a[k][i]) for k in PRICE_COLUMNS)
+    if not (math.isfinite(o) and math.isfinite(h) and math.isfinite(lo) and math.isfinite(c)
+            and math.isfinite(v) and 0.0 < lo <= min(o, c) and h >= max(o, c) and v >= 0.0):
+        raise ValidationError("inconsistent newest candle (need finite values, 0 < low <= open,"
+                              " close <= high, volume >= 0)", details={"index": i})
+    if i > 0 and not a["ts"][i] > a["ts"][i - 1]:
+        raise ValidationError("the newest candle's ts does not follow the previous one",
+                              details={"index": i})
 
 
 def load_yaml(path: Path) -> Any:
