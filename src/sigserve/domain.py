@@ -182,6 +182,68 @@ class SignalDefinition:
         return self.status == "active"
 
 
+ROLLOUT_STAGES = ("none", "shadow", "canary", "full")
+
+
+@dataclass(frozen=True)
+class TrafficPolicy:
+    """Which model versions serve a signal definition (``sigserve rollout``; one row per signal).
+
+    ``champion`` serves every request the challenger does not take. ``challenger`` takes the
+    (symbol, trading date) buckets below ``share`` (see :mod:`sigserve.routing`); with share 0 it
+    is only predicted as a shadow. ``shadows`` are further versions predicted on the same feature
+    row, stored with ``shadow = true`` and never returned. ``stage`` names the rollout step.
+    """
+
+    signal_id: str
+    champion: int
+    challenger: int | None = None
+    share: float = 0.0
+    shadows: tuple[int, ...] = ()
+    stage: str = "none"
+    updated_at: str = ""
+    updated_by: str = ""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0.0 <= self.share <= 1.0:
+            problems.append("share must be in [0, 1]")
+        if self.champion < 1 or (self.challenger is not None and self.challenger < 1):
+            problems.append("versions are >= 1")
+        if self.challenger is not None and self.challenger == self.champion:
+            problems.append("the challenger must differ from the champion")
+        if self.challenger is None and self.share:
+            problems.append("a share needs a challenger")
+        if self.stage not in ROLLOUT_STAGES:
+            problems.append(f"stage must be one of {list(ROLLOUT_STAGES)}")
+        if problems:
+            raise ValidationError("invalid traffic policy: " + "; ".join(problems),
+                                  details={"problems": problems, "signal_id": self.signal_id})
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """Every version the policy predicts with: champion, challenger, shadows (no repeats)."""
+        out = [self.champion]
+        for v in (self.challenger, *self.shadows):
+            if v is not None and v not in out:
+                out.append(v)
+        return tuple(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["shadows"] = list(self.shadows)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrafficPolicy:
+        return cls(signal_id=data["signal_id"], champion=int(data["champion"]),
+                   challenger=None if data.get("challenger") is None else int(data["challenger"]),
+                   share=float(data.get("share") or 0.0),
+                   shadows=tuple(int(v) for v in data.get("shadows") or ()),
+                   stage=str(data.get("stage") or "none"), updated_at=str(data.get("updated_at") or ""),
+                   updated_by=str(data.get("updated_by") or ""))
+
+
 @dataclass
 class FeatureBatch:
     """Feature rows for one symbol and interval, in ts order, columns in ``names`` order."""

@@ -837,3 +837,41 @@ async def test_training_runs_listing_and_failed_runs(store: Store) -> None:
     assert await store.list_training_runs("none") == []
     with pytest.raises(ValidationError):
         TrainingRun("r4", "lightgbm", "a", "h", "v", status="done")
+
+
+# --- traffic policies (rollouts) ----------------------------------------------------------------
+
+async def test_traffic_policy_round_trip_and_audit(store: Store) -> None:
+    from sigserve.domain import TrafficPolicy
+
+    assert await store.get_traffic_policy("sig-a") is None
+    assert await store.rollout_events("sig-a") == []
+    first = await store.set_traffic_policy(
+        TrafficPolicy("sig-a", champion=1, challenger=2, share=0.0, shadows=(3,), stage="shadow"),
+        actor="cli:alice", action="start")
+    assert (first.champion, first.challenger, first.share, first.shadows, first.stage) == (1, 2, 0.0, (3,), "shadow")
+    assert first.updated_by == "cli:alice" and first.updated_at
+    assert await store.get_traffic_policy("sig-a") == first
+    second = await store.set_traffic_policy(
+        TrafficPolicy("sig-a", champion=1, challenger=2, share=0.1, shadows=(3,), stage="canary"),
+        actor="token:ops", action="advance")
+    assert await store.get_traffic_policy("sig-a") == second
+    await store.set_traffic_policy(TrafficPolicy("sig-b", champion=4), actor="cli:bob", action="start")
+    assert [p.signal_id for p in await store.list_traffic_policies()] == ["sig-a", "sig-b"]
+    events = await store.rollout_events("sig-a")
+    assert [e["action"] for e in events] == ["start", "advance"]
+    assert [e["actor"] for e in events] == ["cli:alice", "token:ops"]
+    assert events[0]["from"] is None
+    assert events[0]["to"]["challenger"] == 2 and events[0]["to"]["share"] == 0.0
+    assert events[1]["from"]["share"] == 0.0 and events[1]["to"]["share"] == 0.1
+    assert events[1]["to"]["shadows"] == [3] and events[1]["at"] >= events[0]["at"]
+    assert [e["action"] for e in await store.rollout_events("sig-b")] == ["start"]
+
+
+async def test_traffic_policy_refuses_invalid_values() -> None:
+    from sigserve.domain import TrafficPolicy
+
+    for bad in ({"share": 1.5, "challenger": 2}, {"challenger": 1}, {"share": 0.2},
+                {"stage": "launch"}, {"champion": 0}):
+        with pytest.raises(ValidationError):
+            TrafficPolicy("s", **{"champion": 1, **bad})  # type: ignore[arg-type]

@@ -28,7 +28,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..domain import FeatureBatch, ModelCard, SignalBatch, SignalDefinition, Stage, TrainingRun
+from ..domain import (
+    FeatureBatch,
+    ModelCard,
+    SignalBatch,
+    SignalDefinition,
+    Stage,
+    TrafficPolicy,
+    TrainingRun,
+)
 
 
 @dataclass(frozen=True)
@@ -163,3 +171,20 @@ class Store(Protocol):
 
     async def list_training_runs(self, experiment: str | None = None) -> list[TrainingRun]:
         """Oldest first (created_at, then run_id)."""
+
+    # --- traffic policies (rollouts) ------------------------------------------------------
+    async def get_traffic_policy(self, signal_id: str) -> TrafficPolicy | None:
+        """The signal's traffic policy (champion, challenger, share, shadows), or None."""
+
+    async def list_traffic_policies(self) -> list[TrafficPolicy]:
+        """Every stored policy, by signal_id."""
+
+    async def set_traffic_policy(self, policy: TrafficPolicy, *, actor: str,
+                                 action: str) -> TrafficPolicy:
+        """Replace the signal's policy and append one audit row (``rollout_events``: when, actor,
+        action, from = the previous policy or None, to = this one) in one transaction. Returns the
+        stored policy (``updated_at``, ``updated_by`` set)."""
+
+    async def rollout_events(self, signal_id: str) -> list[dict[str, Any]]:
+        """The audit rows of a signal's policy changes, oldest first: ``at``, ``actor``,
+        ``action``, ``from`` and ``to`` (policy dicts; ``from`` None for the first)."""

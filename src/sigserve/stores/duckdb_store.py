@@ -40,6 +40,7 @@ from ..domain import (
     SignalDefinition,
     Stage,
     Task,
+    TrafficPolicy,
     TrainingRun,
 )
 from ..errors import InternalError, SigserveError, StoreUnavailable, ValidationError
@@ -136,6 +137,21 @@ MIGRATIONS.append((
         config_hash VARCHAR NOT NULL, dataset_version VARCHAR NOT NULL, metrics JSON, details JSON,
         status VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL, completed_at TIMESTAMP,
         CHECK (status IN ('running','completed','failed'))
+    );
+    """,
+))
+
+MIGRATIONS.append((
+    4,
+    """
+    CREATE TABLE traffic_policies (
+        signal_id VARCHAR PRIMARY KEY, policy JSON NOT NULL, updated_at TIMESTAMP NOT NULL,
+        updated_by VARCHAR NOT NULL
+    );
+    CREATE TABLE rollout_events (
+        signal_id VARCHAR NOT NULL, seq BIGINT NOT NULL, occurred_at TIMESTAMP NOT NULL,
+        actor VARCHAR NOT NULL, action VARCHAR NOT NULL, from_policy JSON, to_policy JSON NOT NULL,
+        PRIMARY KEY (signal_id, seq)
     );
     """,
 ))
@@ -1037,3 +1053,59 @@ class DuckDBStore:
                 f"SELECT {self._RUN_COLUMNS} FROM training_runs WHERE ? IS NULL OR experiment = ?"
                 " ORDER BY created_at, run_id", [experiment, experiment]).fetchall()
         return [self._run(r) for r in rows]
+
+    # --- traffic policies -----------------------------------------------------------------
+    @staticmethod
+    def _policy(row: tuple[Any, ...]) -> TrafficPolicy:
+        data = json.loads(row[0])
+        data.update(updated_at=row[1].replace(tzinfo=UTC).isoformat(), updated_by=row[2])
+        return TrafficPolicy.from_dict(data)
+
+    async def get_traffic_policy(self, signal_id: str) -> TrafficPolicy | None:
+        with self._guard():
+            row = _first(self._con.execute(
+                "SELECT policy, updated_at, updated_by FROM traffic_policies WHERE signal_id=?",
+                [signal_id]).fetchall())
+        return self._policy(row) if row else None
+
+    async def list_traffic_policies(self) -> list[TrafficPolicy]:
+        with self._guard():
+            rows = self._con.execute("SELECT policy, updated_at, updated_by FROM traffic_policies"
+                                     " ORDER BY signal_id").fetchall()
+        return [self._policy(r) for r in rows]
+
+    async def set_traffic_policy(self, policy: TrafficPolicy, *, actor: str,
+                                 action: str) -> TrafficPolicy:
+        def work(con: Any) -> TrafficPolicy:
+            def txn() -> TrafficPolicy:
+                now = _now()
+                body = {k: v for k, v in policy.to_dict().items() if k not in ("updated_at", "updated_by")}
+                old = _first(con.execute(
+                    "SELECT policy, updated_at, updated_by FROM traffic_policies WHERE signal_id=?",
+                    [policy.signal_id]).fetchall())
+                seq = _first(con.execute("SELECT coalesce(max(seq), 0) + 1 FROM rollout_events"
+                                         " WHERE signal_id=?", [policy.signal_id]).fetchall())[0]
+                con.execute("DELETE FROM traffic_policies WHERE signal_id=?", [policy.signal_id])
+                con.execute("INSERT INTO traffic_policies VALUES (?, ?, ?, ?)",
+                            [policy.signal_id, json.dumps(body), now, actor])
+                previous = self._policy(old).to_dict() if old else None
+                stored = TrafficPolicy.from_dict({**body, "updated_at": now.replace(tzinfo=UTC).isoformat(),
+                                                  "updated_by": actor})
+                con.execute("INSERT INTO rollout_events VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            [policy.signal_id, int(seq), now, actor, action,
+                             None if previous is None else json.dumps(previous),
+                             json.dumps(stored.to_dict())])
+                return stored
+
+            return self._transaction(con, txn)
+
+        with self._lock:
+            return await self._bulk(0, work)
+
+    async def rollout_events(self, signal_id: str) -> list[dict[str, Any]]:
+        with self._guard():
+            rows = self._con.execute(
+                "SELECT occurred_at, actor, action, from_policy, to_policy FROM rollout_events"
+                " WHERE signal_id=? ORDER BY seq", [signal_id]).fetchall()
+        return [{"at": r[0].replace(tzinfo=UTC).isoformat(), "actor": r[1], "action": r[2],
+                 "from": json.loads(r[3]) if r[3] else None, "to": json.loads(r[4])} for r in rows]

@@ -59,6 +59,7 @@ from ..domain import (
     SignalDefinition,
     Stage,
     Task,
+    TrafficPolicy,
     TrainingRun,
 )
 from ..errors import (
@@ -172,6 +173,22 @@ MIGRATIONS.append((
         CHECK (status IN ('running','completed','failed'))
     );
     CREATE INDEX training_runs_by_experiment ON training_runs (experiment, created_at);
+    """,
+))
+
+MIGRATIONS.append((
+    3,
+    """
+    CREATE TABLE traffic_policies (
+        signal_id text PRIMARY KEY, policy jsonb NOT NULL, updated_at timestamp NOT NULL,
+        updated_by text NOT NULL
+    );
+    CREATE TABLE rollout_events (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, signal_id text NOT NULL,
+        occurred_at timestamp NOT NULL, actor text NOT NULL, action text NOT NULL,
+        from_policy jsonb, to_policy jsonb NOT NULL
+    );
+    CREATE INDEX rollout_events_by_signal ON rollout_events (signal_id, id);
     """,
 ))
 
@@ -1242,6 +1259,51 @@ class PostgresStore:
                 f"SELECT {self._RUN_COLUMNS} FROM training_runs WHERE $1::text IS NULL OR experiment = $1"
                 " ORDER BY created_at, run_id", experiment)
         return [self._run(r) for r in rows]
+
+    # --- traffic policies -----------------------------------------------------------------
+    @staticmethod
+    def _policy(row: Any) -> TrafficPolicy:
+        data = dict(row[0])
+        data.update(updated_at=_iso(row[1]), updated_by=row[2])
+        return TrafficPolicy.from_dict(data)
+
+    async def get_traffic_policy(self, signal_id: str) -> TrafficPolicy | None:
+        async with self._connection() as con:
+            row = await con.fetchrow("SELECT policy, updated_at, updated_by FROM traffic_policies"
+                                     " WHERE signal_id = $1", signal_id)
+        return self._policy(row) if row else None
+
+    async def list_traffic_policies(self) -> list[TrafficPolicy]:
+        async with self._connection() as con:
+            rows = await con.fetch("SELECT policy, updated_at, updated_by FROM traffic_policies"
+                                   " ORDER BY signal_id")
+        return [self._policy(r) for r in rows]
+
+    async def set_traffic_policy(self, policy: TrafficPolicy, *, actor: str,
+                                 action: str) -> TrafficPolicy:
+        body = {k: v for k, v in policy.to_dict().items() if k not in ("updated_at", "updated_by")}
+        async with self._connection() as con, con.transaction():
+            old = await con.fetchrow("SELECT policy, updated_at, updated_by FROM traffic_policies"
+                                     " WHERE signal_id = $1 FOR UPDATE", policy.signal_id)
+            row = await con.fetchrow(
+                f"INSERT INTO traffic_policies VALUES ($1, $2, {_NOW}, $3) ON CONFLICT (signal_id)"
+                " DO UPDATE SET policy = excluded.policy, updated_at = excluded.updated_at,"
+                " updated_by = excluded.updated_by RETURNING policy, updated_at, updated_by",
+                policy.signal_id, body, actor)
+            stored = self._policy(row)
+            previous = self._policy(old).to_dict() if old else None
+            await con.execute(
+                "INSERT INTO rollout_events (signal_id, occurred_at, actor, action, from_policy,"
+                " to_policy) VALUES ($1, $2, $3, $4, $5, $6)", policy.signal_id, row[1], actor, action,
+                previous, stored.to_dict())
+        return stored
+
+    async def rollout_events(self, signal_id: str) -> list[dict[str, Any]]:
+        async with self._connection() as con:
+            rows = await con.fetch("SELECT occurred_at, actor, action, from_policy, to_policy"
+                                   " FROM rollout_events WHERE signal_id = $1 ORDER BY id", signal_id)
+        return [{"at": _iso(r[0]), "actor": r[1], "action": r[2],
+                 "from": dict(r[3]) if r[3] else None, "to": dict(r[4])} for r in rows]
 
 
 def _empty_batch(symbol: str, interval: str, names: tuple[str, ...]) -> FeatureBatch:
