@@ -181,3 +181,27 @@ def test_bad_candles_are_refused() -> None:
         spec.compute(bad)
     with pytest.raises(ValidationError):
         spec.compute({**bad, "high": np.array([11.0, 11.0]), "ts": ts[::-1]})
+
+
+def test_one_pass_candle_features_equal_the_single_feature_functions(market: dict[str, np.ndarray]) -> None:
+    from sigserve.features.candles import CANDLE_FEATURES, CANDLE_FUNCTIONS, candle_features
+
+    a = {k: np.asarray(v, dtype=np.float64) for k, v in market.items() if k != "ts"}
+    together = candle_features(a, CANDLE_FEATURES)
+    for name, column in zip(CANDLE_FEATURES, together, strict=True):
+        np.testing.assert_array_equal(column, CANDLE_FUNCTIONS[name](a))
+    # a subset, in the spec's own order
+    spec = FeatureSpec.from_dict({"candles": ["range", "gap", "body_size"]})
+    assert spec.names == ("range", "gap", "body_size") and spec.warmup == 1
+
+
+def test_compute_last_checks_the_newest_candle(spec: FeatureSpec, market: dict[str, np.ndarray]) -> None:
+    window = {k: v[-spec.window:].copy() for k, v in market.items()}
+    window["low"][-1] = window["high"][-1] * 2
+    with pytest.raises(ValidationError):
+        spec.compute_last(window)
+    window = {k: v[-spec.window:].copy() for k, v in market.items()}
+    window["ts"][-1] = window["ts"][-2]
+    with pytest.raises(ValidationError):
+        spec.compute_last(window)
+    assert np.isnan(spec.compute_last({k: v[:0] for k, v in market.items()})).all()
