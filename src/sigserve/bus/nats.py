@@ -38,6 +38,21 @@ def _nats() -> Any:
     return nats
 
 
+async def _reachable(url: str, timeout: float) -> bool:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname or "127.0.0.1", parts.port or 4222), timeout)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
+    return True
+
+
 class _Sub:
     def __init__(self, stop: Callable[[], Awaitable[None]]) -> None:
         self._stop = stop
@@ -112,6 +127,11 @@ class NatsBus:
             log.warning("NATS: %s: %s", type(exc).__name__, exc)
 
         servers = [u.strip() for u in self.url.split(",") if u.strip()]
+        # nats-py retries the first connect as often as reconnects (forever here): fail fast
+        # instead when no server answers now, and reconnect forever once connected.
+        if not any([await _reachable(u, self.connect_timeout_s) for u in servers]):
+            raise BusUnavailable(f"cannot connect to NATS at {self.url}: no server accepts connections",
+                                 details={"bus": self.url})
         try:
             self._nc = await nats.connect(
                 servers=servers, name=self.name, connect_timeout=self.connect_timeout_s,

@@ -1,0 +1,212 @@
+"""``sigserve stream`` and ``sigserve config get|set`` (registered on the main CLI by cli.py).
+
+    sigserve stream --nats nats://127.0.0.1:4222 --signals trend-1h --queue-group workers
+    sigserve config get                                  # the effective config (file + KV)
+    sigserve config set inference_settings.confidence_threshold 0.6 --nats nats://127.0.0.1:4222
+    sigserve config set model_config.version 3           # into the YAML file (no --nats)
+
+Refusals print ``error_code: message`` and exit non-zero, as everywhere in the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .cli import JsonOpt, _settings, _split, app, console
+from .config import Settings
+from .errors import StoreUnavailable, ValidationError
+
+config_app = typer.Typer(no_args_is_help=True,
+                         help="Hot configuration of the stream worker: YAML file + NATS KV bucket sigserve-config.")
+app.add_typer(config_app, name="config")
+
+NatsOpt = Annotated[str | None, typer.Option("--nats", envvar="SIGSERVE_NATS_URL",
+                                             help="NATS URL(s), comma-separated.")]
+PrefixOpt = Annotated[str, typer.Option(help="Namespace for subjects, streams and the KV bucket (default none).")]
+FileOpt = Annotated[Path | None, typer.Option("--config-file", envvar="SIGSERVE_STREAM_CONFIG",
+                                              help="YAML config file (default: HOME/stream.yaml).")]
+
+
+def _config_file(settings: Settings, path: Path | None) -> Path:
+    return path if path is not None else settings.home / "stream.yaml"
+
+
+@app.command("stream")
+def stream_cmd(
+    nats: NatsOpt = None,
+    signals: Annotated[list[str] | None, typer.Option(help="Signal ids (a,b); default: every active signal.")] = None,
+    queue_group: Annotated[str | None, typer.Option(help="NATS queue group: workers in one share the load.")] = None,
+    subject: Annotated[str | None, typer.Option(help="Feature subject, wildcards allowed (features.*.*).")] = None,
+    prefix: PrefixOpt = "",
+    store: Annotated[str | None, typer.Option(help="Store URL (overrides SIGSERVE_STORE).")] = None,
+    config_file: FileOpt = None,
+    write_first: Annotated[bool, typer.Option(help="Write each row before publishing its signal.")] = False,
+    catchup: Annotated[bool, typer.Option(help="Compute stored bars missed since the last signal.")] = True,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most messages handled together.")] = 512,
+    kafka: Annotated[str | None, typer.Option(envvar="SIGSERVE_KAFKA_BOOTSTRAP",
+                                              help="Kafka bootstrap servers for the archive sink.")] = None,
+    log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
+) -> None:
+    """Live worker: features.{symbol}.{interval} in, signals.{symbol}.{interval} out (JetStream:
+    durable input, audit stream TRADING_SIGNALS, acks after the row is written)."""
+    from .app import Services
+    from .bus.nats import NatsBus
+    from .stream import Names, StreamOptions, StreamWorker
+
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        raise ValidationError(f"--log-level {log_level!r}: use debug, info, warning or error")
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings()
+    if store is not None:
+        settings = settings.model_copy(update={"store": store})
+    options = StreamOptions(
+        signals=tuple(_split(signals)), subject=subject, queue_group=queue_group,
+        names=Names(prefix=prefix), config_file=_config_file(settings, config_file),
+        max_batch=max_batch, write_first=write_first, catchup=catchup, kafka_bootstrap=kafka)
+    url = nats or "nats://127.0.0.1:4222"
+
+    async def main() -> dict[str, int]:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            opened = Services.open(settings)
+            services = await opened.__aenter__()
+        except StoreUnavailable as exc:
+            if settings.store_url.startswith("duckdb") and "lock" in exc.message.lower():
+                raise StoreUnavailable(
+                    f"the DuckDB store {settings.store_url} is open in another process: a DuckDB file"
+                    " has one writing process, so run one stream worker on it (or use a PostgreSQL"
+                    " store, --store postgresql://..., for several workers in a queue group)",
+                    details={"store": settings.store_url}) from exc
+            raise
+        try:
+            bus = NatsBus(url)
+            await bus.connect()
+            try:
+                worker = StreamWorker(services, bus, options)
+                await worker.start()
+                console.print(f"streaming {options.feature_subject} -> {options.names.signals_all} on {url}"
+                              f" for {', '.join(sorted(worker.routes))}"
+                              + (f" (queue group {queue_group})" if queue_group else "")
+                              + "; Ctrl-C stops", highlight=False)
+                try:
+                    await stop.wait()
+                finally:
+                    await worker.stop()
+                return dict(worker.stats)
+            finally:
+                await bus.close()
+        finally:
+            await opened.__aexit__(None, None, None)
+
+    stats = asyncio.run(main())
+    console.print(f"stopped: {stats}", highlight=False)
+
+
+async def _with_bus(url: str | None, work: Any) -> Any:
+    if url is None:
+        return await work(None)
+    from .bus.nats import NatsBus
+
+    bus = NatsBus(url)
+    await bus.connect()
+    try:
+        if not bus.durable:
+            from .errors import BusUnavailable
+
+            raise BusUnavailable(f"NATS at {url} has no JetStream: the KV bucket needs it (nats-server -js)")
+        return await work(bus)
+    finally:
+        await bus.close()
+
+
+@config_app.command("get")
+def config_get(
+    key: Annotated[str | None, typer.Argument(help="SECTION or SECTION.FIELD; default: everything.")] = None,
+    nats: NatsOpt = None,
+    prefix: PrefixOpt = "",
+    config_file: FileOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the effective config: defaults < the YAML file < the KV bucket (with --nats)."""
+    from .hotconfig import build, read_file, read_kv, split_key
+    from .stream import Names
+
+    path = _config_file(_settings(), config_file)
+    bucket = Names(prefix=prefix).config_bucket
+
+    async def work(bus: Any) -> dict[str, Any]:
+        kv = await read_kv(bus, bucket) if bus is not None else {}
+        return build(read_file(path), kv).to_dict()
+
+    data: Any = asyncio.run(_with_bus(nats, work))
+    if key is not None:
+        section, field = split_key(key)
+        data = data[section] if field is None else data[section].get(field, _missing(key))
+    if as_json or not isinstance(data, dict):
+        sys.stdout.write(json.dumps(data, indent=2 if isinstance(data, dict) else None) + "\n")
+        return
+    import yaml
+
+    sys.stdout.write(yaml.safe_dump(data, sort_keys=True))
+
+
+def _missing(key: str) -> Any:
+    raise ValidationError(f"unknown config key {key!r}", details={"key": key})
+
+
+@config_app.command("set")
+def config_set(
+    key: Annotated[str, typer.Argument(help="SECTION.FIELD, e.g. inference_settings.confidence_threshold.")],
+    value: Annotated[str, typer.Argument(help="A YAML value: 0.6, true, null, production, 3 ...")],
+    nats: NatsOpt = None,
+    prefix: PrefixOpt = "",
+    config_file: FileOpt = None,
+) -> None:
+    """Change one setting: in the KV bucket with --nats (every worker applies it at once), else in
+    the YAML file (workers that read it apply it within a second). The whole config is validated
+    first; an invalid value is refused and nothing is written."""
+    from .hotconfig import build, decode_section, parse_value, read_file, read_kv, set_key, split_key
+    from .stream import Names
+
+    path = _config_file(_settings(), config_file)
+    bucket = Names(prefix=prefix).config_bucket
+    parsed = parse_value(value)
+    section, field = split_key(key)
+    if field is None and not isinstance(parsed, dict):
+        raise ValidationError(f"{key!r} is a section: set {key}.FIELD, or give a mapping")
+
+    async def work(bus: Any) -> str:
+        file_layer = read_file(path)
+        if bus is None:
+            updated = set_key(file_layer, key, parsed)
+            build(updated)  # refuse before writing
+            from .hotconfig import write_file
+
+            write_file(path, updated)
+            return f"in {path}"
+        kv = await read_kv(bus, bucket)
+        updated = set_key(kv, key, parsed)
+        build(file_layer, updated)
+        raw = json.dumps(updated[section], sort_keys=True).encode()
+        decode_section(section, raw)
+        revision = await bus.kv_put(bucket, section, raw)
+        return f"in KV {bucket} (revision {revision})"
+
+    where = asyncio.run(_with_bus(nats, work))
+    console.print(f"{key} = {json.dumps(parsed)} {where}", highlight=False)
+
+
+__all__ = ["config_app", "stream_cmd"]
