@@ -578,6 +578,54 @@ HostOpt = Annotated[str, typer.Option(envvar="SIGSERVE_HOST",
 PortOpt = Annotated[int, typer.Option(envvar="SIGSERVE_PORT", min=1, max=65535, help="TCP port.")]
 
 
+@app.command("train")
+def train_cmd(
+    config: Annotated[Path, typer.Option("--config", help="Pipeline YAML (see examples/pipeline.yaml).")],
+    stage: Annotated[str, typer.Option(help="Stop after this stage: features | labels | train.")] = "train",
+    as_json: JsonOpt = False,
+) -> None:
+    """Raw OHLCV (+ annotations) -> spec features in the store -> labels -> split -> fit ->
+    metrics, plots, MLflow -> registered model (and signal). One row of training_runs per run."""
+    from .train.config import load_config
+    from .train.run import STAGES, run_pipeline
+
+    if stage not in STAGES:
+        raise ValidationError(f"unknown stage {stage!r}: use one of {list(STAGES)}")
+    pipeline = load_config(config)
+    out = Console(stderr=True) if as_json else console
+    summary = _run(lambda s: run_pipeline(s, pipeline, stage=stage, console=out))
+    if as_json:
+        _print_json(summary)
+        return
+    _print_training(summary)
+
+
+def _print_training(summary: dict[str, Any]) -> None:
+    console.print(f"run [bold]{summary['run_id']}[/] ({summary['stage']}): {summary['status']};"
+                  f" files in {summary['run_dir']}")
+    features = summary.get("features") or {}
+    if features:
+        console.print(f"features: {features['rows_written']} rows as feature_key [bold]{features['feature_key']}[/]"
+                      f" ({len(features['names'])} features, {features['warmup_rows_dropped']} warm-up rows dropped)")
+    dataset = summary.get("dataset")
+    if dataset:
+        console.print(f"labels: {dataset['rows']} rows ({dataset['target']}), counts {dataset['stats']['counts']};"
+                      f" dataset_version {dataset['version'][:16]}")
+    metrics = summary.get("metrics")
+    if metrics:
+        shown = {k: round(v, 4) for k, v in metrics.items()
+                 if k in ("accuracy", "f1_macro", "f1_weighted", "auc", "rmse", "ic_spearman", "hit_rate",
+                          "n_train", "n_valid", "n_test")}
+        console.print(f"test metrics: {shown}")
+    if summary.get("model"):
+        console.print(f"registered [bold]{summary['model']}[/] ({summary.get('model_stage')})"
+                      + (f", signal {summary['signal_id']}" if summary.get("signal_id") else ""))
+    if summary.get("mlflow_run_id"):
+        console.print(f"MLflow run {summary['mlflow_run_id']} at {summary.get('mlflow_uri')}")
+    if summary.get("note"):
+        console.print(f"[yellow]{summary['note']}[/]")
+
+
 @app.command("serve")
 def serve_cmd(
     host: HostOpt = "127.0.0.1",
