@@ -123,9 +123,13 @@ class Engine:
         # or deprecate made elsewhere takes effect within the TTL; forget() applies it at once.
         self.prepared_ttl_s = prepared_ttl_s
         self._prepared: dict[str, tuple[float, Prepared]] = {}
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
+        self._generation = 0  # bumped by forget()
 
     def forget(self, signal_id: str | None = None) -> None:
-        """Drop cached resolutions (all, or one signal's)."""
+        """Drop cached resolutions (all, or one signal's); a background re-resolution that
+        started before this call does not put its older answer back."""
+        self._generation += 1
         if signal_id is None:
             self._prepared.clear()
         else:
@@ -133,16 +137,37 @@ class Engine:
 
     # --- resolution -----------------------------------------------------------------------
     async def prepare(self, signal_id: str) -> Prepared:
-        """Resolve and check everything that can refuse before a feature is read."""
+        """Resolve and check everything that can refuse before a feature is read.
+
+        With a TTL, a resolution past it is still served while one background task resolves
+        the signal again (a re-resolution is 4-5 ms of store reads: on the request path it was
+        the p99 of a server's one-bar answers). A refusal found by that task (a retired signal,
+        a rejected model, the store gone) drops the entry, so the next call resolves in line and
+        refuses: a change made elsewhere takes effect within the TTL plus one resolution.
+        """
         if self.prepared_ttl_s > 0:
             cached = self._prepared.get(signal_id)
             now = time.monotonic()
-            if cached is not None and now - cached[0] < self.prepared_ttl_s:
+            if cached is not None:
+                if now - cached[0] >= self.prepared_ttl_s and signal_id not in self._refreshing:
+                    task = asyncio.get_running_loop().create_task(self._refresh(signal_id))
+                    self._refreshing[signal_id] = task
                 return cached[1]
             prepared = await self._resolve(signal_id)
             self._prepared[signal_id] = (now, prepared)
             return prepared
         return await self._resolve(signal_id)
+
+    async def _refresh(self, signal_id: str) -> None:
+        generation = self._generation
+        try:
+            prepared = await self._resolve(signal_id)
+            if generation == self._generation:
+                self._prepared[signal_id] = (time.monotonic(), prepared)
+        except Exception:  # the next call resolves in line and raises it to its caller
+            self._prepared.pop(signal_id, None)
+        finally:
+            self._refreshing.pop(signal_id, None)
 
     async def _resolve(self, signal_id: str) -> Prepared:
         definition = await self.store.get_signal(signal_id)

@@ -1,0 +1,92 @@
+"""A server's cache of resolved signals (``Engine.prepared_ttl_s``): past the TTL the cached
+resolution is still served while one background task resolves the signal again, so no request
+waits on those store reads; a refusal found by that task reaches the next call; ``forget()`` wins
+over a re-resolution that started before it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from sigserve.app import Services
+from sigserve.errors import SignalRetired
+from tests.integration.test_engine import ModelFactory, models, ready  # noqa: F401  (fixtures)
+
+TTL = 0.2
+
+
+class CountingGets:
+    """Wraps ``store.get_signal``: counts calls, and can hold them until released."""
+
+    def __init__(self, services: Services) -> None:
+        self.store = services.store
+        self.original = services.store.get_signal
+        self.calls = 0
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self, signal_id: str) -> Any:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        return await self.original(signal_id)
+
+
+@pytest.fixture
+def counted(ready: Services, monkeypatch: pytest.MonkeyPatch) -> CountingGets:  # noqa: F811
+    counter = CountingGets(ready)
+    monkeypatch.setattr(ready.store, "get_signal", counter)
+    ready.engine.prepared_ttl_s = TTL
+    return counter
+
+
+async def settle(engine: Any) -> None:
+    while engine._refreshing:
+        await asyncio.sleep(0.01)
+
+
+async def test_a_stale_resolution_is_served_while_it_is_refreshed(ready: Services,  # noqa: F811
+                                                                  counted: CountingGets) -> None:
+    engine = ready.engine
+    first = await engine.prepare("sig")
+    assert counted.calls == 1
+    assert await engine.prepare("sig") is first and counted.calls == 1  # within the TTL
+    await asyncio.sleep(TTL * 1.5)
+    counted.gate = asyncio.Event()  # the re-resolution cannot finish until released
+    served = await asyncio.wait_for(engine.prepare("sig"), timeout=1.0)
+    assert served is first  # answered without waiting on the store
+    await asyncio.sleep(0.05)
+    assert counted.calls == 2  # one background resolution, however many calls
+    assert await engine.prepare("sig") is first and counted.calls == 2
+    counted.gate.set()
+    await settle(engine)
+    fresh = await engine.prepare("sig")
+    assert fresh is not first and fresh.card.sha256 == first.card.sha256
+
+
+async def test_a_refusal_found_in_the_background_reaches_the_next_call(
+        ready: Services, counted: CountingGets) -> None:  # noqa: F811
+    engine = ready.engine
+    await engine.prepare("sig")
+    await ready.store.set_signal_status("sig", "retired")
+    await asyncio.sleep(TTL * 1.5)
+    await engine.prepare("sig")  # stale, served; the refresh finds the retirement
+    await settle(engine)
+    with pytest.raises(SignalRetired):
+        await engine.prepare("sig")
+
+
+async def test_forget_wins_over_an_older_refresh(ready: Services, counted: CountingGets) -> None:  # noqa: F811
+    engine = ready.engine
+    first = await engine.prepare("sig")
+    await asyncio.sleep(TTL * 1.5)
+    counted.gate = asyncio.Event()
+    await engine.prepare("sig")  # starts a refresh that blocks in get_signal
+    await asyncio.sleep(0.02)
+    engine.forget("sig")
+    counted.gate.set()
+    await settle(engine)
+    assert "sig" not in engine._prepared  # the older answer was not put back
+    again = await engine.prepare("sig")  # resolved in line
+    assert again is not first and counted.calls == 3
