@@ -219,3 +219,35 @@ def test_cli_train_with_candle_files(tmp_path: Path) -> None:
     assert bad.returncode == 2 and bad.stderr.startswith("validation_error: unknown stage")
     settings = Settings(home=home)
     assert settings.home.is_dir()
+
+
+def test_cli_features_compute_is_idempotent(tmp_path: Path) -> None:
+    """``sigserve features compute --spec`` writes the spec's rows under its feature_key; a rerun
+    writes the same rows again (upserts), and a bad spec is one validation_error line."""
+    import yaml
+
+    market = generate_ohlcv("BTCUSDT", "1h", "2024-01-01", 400)
+    write_csv(tmp_path / "btc.csv", market)
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"name": "x", "features": FEATURES}))
+    home = tmp_path / "home"
+    env = {"COLUMNS": "200", "PATH": "/usr/bin:/bin"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sigserve", "--home", str(home), *args],
+                              capture_output=True, text=True, timeout=120, check=False, env=env)
+
+    imported = run("candles", "import", str(tmp_path / "btc.csv"), "--symbol", "BTCUSDT", "--interval", "1h")
+    assert imported.returncode == 0, imported.stderr
+    spec = FeatureSpec.from_dict(FEATURES)
+    for _ in range(2):
+        proc = run("features", "compute", "--spec", str(tmp_path / "pipeline.yaml"), "--symbol", "BTCUSDT",
+                   "--interval", "1h", "--chunk-rows", "100", "--json")
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout)
+        assert report["feature_key"] == spec.feature_key and report["rows_written"] == 400 - spec.warmup
+        assert report["warmup_rows_dropped"] == spec.warmup and report["chunks"] == 4
+    check = run("features", "check", "--interval", "1h", "--json")
+    assert json.loads(check.stdout)["bars_missing_features"] == spec.warmup
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"features": {"indicators": ["OBV"]}}))
+    bad = run("features", "compute", "--spec", str(tmp_path / "bad.yaml"), "--symbol", "BTCUSDT", "--interval", "1h")
+    assert bad.returncode == 2 and bad.stderr.startswith("validation_error: OBV depends on the whole history")

@@ -152,6 +152,7 @@ class _TalibStep(_Step):
         self.name = name
         self.fn: Callable[..., Any] = getattr(talib, name)
         self.params = params
+        self.args = tuple(params.values())  # TA-Lib's own parameter order: positional is cheaper
         self.inputs = tuple(inputs)
         self.needs = tuple(dict.fromkeys(inputs))
         parts = [_fmt(v) for k, v in params.items() if k.endswith("period")]
@@ -181,14 +182,14 @@ class _TalibStep(_Step):
             self.canonical["window"] = self.window
 
     def compute(self, a: Arrays) -> list[np.ndarray]:
-        out = self.fn(*(a[c] for c in self.inputs), **self.params)
+        out = self.fn(*[a[c] for c in self.inputs], *self.args)
         if isinstance(out, tuple | list):
             return [np.asarray(o, dtype=np.float64) for o in out]
         return [np.asarray(out, dtype=np.float64)]
 
     def last(self, a: Arrays, lo: int) -> list[float]:
         """The newest value(s): the same function as :meth:`compute`, on ``a[c][lo:]``."""
-        out = self.fn(*(a[c][lo:] for c in self.inputs), **self.params)
+        out = self.fn(*[a[c][lo:] for c in self.inputs], *self.args)
         if isinstance(out, tuple | list):
             return [float(o[-1]) for o in out]
         return [float(out[-1])]
