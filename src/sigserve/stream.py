@@ -55,7 +55,7 @@ import orjson
 
 from .bus.base import Bus, BusMessage, Subscription
 from .domain import ACTIONS, HOLD, FeatureBatch, SignalBatch, SignalDefinition, Source
-from .engine import DEADLINE_FLAG, Engine, Prepared
+from .engine import DEADLINE_FLAG, Engine, Prepared, check_feature_keys
 from .errors import (
     BusUnavailable,
     DeadlineExceeded,
@@ -586,14 +586,14 @@ class StreamWorker:
     async def _process_loop(self) -> None:
         inbox = self._inbox
         while True:
+            if self._paused and not self._stopping:
+                await self._wait_for_store()
+                continue
             if not inbox:
                 if self._stopping:
                     return
                 self._wake.clear()
                 await self._wake.wait()
-                continue
-            if self._paused:
-                await self._wait_for_store()
                 continue
             n = min(len(inbox), self.options.max_batch)
             batch = [inbox.popleft() for _ in range(n)]
@@ -613,6 +613,7 @@ class StreamWorker:
             self._paused = True
             self._sides.clear()
             self.stats["store_outages"] += 1
+            self._wake.set()  # the processing loop pings the store until it answers
             log.error("the store is unavailable: not acking; messages are naked until it answers")
 
     async def _wait_for_store(self) -> None:
@@ -696,8 +697,11 @@ class StreamWorker:
                 unique.append(item)
         values = np.empty((len(unique), len(names)), dtype=np.float64)
         keep: list[int] = []
+        spec_key = prepared.spec_key
         for i, (msg, fm) in enumerate(unique):
             try:
+                if spec_key is not None and fm.feature_key is not None and fm.feature_key != spec_key:
+                    check_feature_keys(prepared, np.array([fm.feature_key], dtype=object))
                 feature_row(names, fm.features, values[i])
             except SigserveError as exc:
                 dead.append((msg, exc, route.signal_id))
@@ -710,7 +714,7 @@ class StreamWorker:
             values = values[keep]
         ts = np.array([fm.ts for _, fm in unique], dtype=TS_DTYPE)
         close = np.array([math.nan if fm.close is None else fm.close for _, fm in unique])
-        default_key = route.feature_key or "stream"
+        default_key = route.feature_key or spec_key or "stream"
         keys = np.array([fm.feature_key or default_key for _, fm in unique], dtype=object)
         if np.isnan(close).any():
             await self._fill_close(symbol, interval, ts, close)
