@@ -105,7 +105,8 @@ async def run_backfill(engine: Engine, request: BackfillRequest, *, max_rows: in
         report.rows_written = result.rows_written
         report.rows_skipped_missing_features = result.rows_skipped_missing_features
         report.chunks = 1
-        actions += np.bincount(result.batch.action, minlength=5)
+        for batch in (result.batch, *result.extra):  # a rollout routes bars to two versions
+            actions += np.bincount(batch.action, minlength=5)
         if progress:
             progress(int(wanted.size), int(wanted.size))
     else:
@@ -139,8 +140,9 @@ async def run_backfill(engine: Engine, request: BackfillRequest, *, max_rows: in
                 report.rows_written += result.rows_written
                 report.rows_skipped_missing_features += result.rows_skipped_missing_features
                 report.chunks += 1
-                actions += np.bincount(result.batch.action, minlength=5)
-                done += len(result.batch)
+                for batch in (result.batch, *result.extra):  # a rollout: two versions' rows
+                    actions += np.bincount(batch.action, minlength=5)
+                    done += len(batch)
                 if progress:
                     progress(min(done, count), count)
                 chunk_start = chunk_end + np.timedelta64(1, "us")

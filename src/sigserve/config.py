@@ -37,6 +37,10 @@ class Settings(BaseSettings):
         default=False, description="past the budget, answer (and store) hold instead of deadline_exceeded")
     server_prepared_ttl_s: float = Field(
         default=1.0, ge=0, description="how long the server keeps a resolved signal (0: resolve every call)")
+    auth_token_label: str = Field(default="default", min_length=1, max_length=64,
+                                  description="who the token is in audit rows (token:LABEL)")
+    shadow_queue_size: int = Field(default=1024, gt=0, description="shadow jobs a server queues;"
+                                   " more are dropped and counted")
     access_log: bool = Field(default=False, description="uvicorn access log (costs latency)")
     otel: bool = Field(default=False, description="FastAPI's native OpenTelemetry through the global"
                        " providers (costs latency on every request)")

@@ -26,7 +26,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -73,6 +73,10 @@ class Prepared:
     # the feature_key of the spec the model was trained on (its card's spec hash), else None:
     # a feature row with another key is refused with feature_spec_mismatch
     spec_key: str | None = None
+    # A signal with a traffic policy: the routing.RolloutSet (set on the champion that prepare()
+    # returns); a routed version carries the other versions it predicts as shadows.
+    rollout: Any = None
+    shadows: tuple[Prepared, ...] = ()
 
     @property
     def n_model_features(self) -> int:
@@ -106,6 +110,8 @@ class RunResult:
     rows_written: int
     rows_skipped_missing_features: int
     end_side: int
+    extra: tuple[SignalBatch, ...] = ()  # a rollout's other routed version's rows (backfill)
+    features: FeatureBatch | None = None
 
 
 class Engine:
@@ -125,6 +131,8 @@ class Engine:
         self._prepared: dict[str, tuple[float, Prepared]] = {}
         self._refreshing: dict[str, asyncio.Task[None]] = {}
         self._generation = 0  # bumped by forget()
+        # routing.shadow.ShadowRunner of a server: shadows off the request path (None: inline)
+        self.shadow_runner: Any = None
 
     def forget(self, signal_id: str | None = None) -> None:
         """Drop cached resolutions (all, or one signal's); a background re-resolution that
@@ -134,6 +142,10 @@ class Engine:
             self._prepared.clear()
         else:
             self._prepared.pop(signal_id, None)
+
+    def install(self, signal_id: str, prepared: Prepared) -> None:
+        """Swap a resolution in (one reference assignment): the next call uses it."""
+        self._prepared[signal_id] = (time.monotonic(), prepared)
 
     # --- resolution -----------------------------------------------------------------------
     async def prepare(self, signal_id: str) -> Prepared:
@@ -175,6 +187,13 @@ class Engine:
             raise SignalNotFound(f"no signal {signal_id!r}", details={"signal_id": signal_id})
         if not definition.active:
             raise SignalRetired(f"signal {signal_id!r} is retired", details={"signal_id": signal_id})
+        traffic = await self.store.get_traffic_policy(signal_id)
+        if traffic is not None:  # a rollout (sigserve rollout): its champion, not the definition's ref
+            if traffic.challenger is not None or traffic.shadows:
+                from .routing.rollout import prepare_rollout
+
+                return await prepare_rollout(self, definition, traffic)
+            return await self.prepare_definition(replace(definition, model_ref=str(traffic.champion)))
         return await self.prepare_definition(definition)
 
     async def prepare_definition(self, definition: SignalDefinition) -> Prepared:
@@ -351,6 +370,10 @@ class Engine:
         observer = self.observer
         if prepared.spec_key is not None and len(features):
             check_feature_keys(prepared, features.feature_keys)
+        if prepared.rollout is not None and len(features):
+            from .routing.rollout import finish_rollout
+
+            return await finish_rollout(self, prepared, features, skipped, str(Source(source)), write)
         if start_side is None:
             start_side = FLAT
             if len(features):
@@ -366,7 +389,7 @@ class Engine:
         else:
             batch, end_side = self.compute(prepared, features, start_side, src)
         written = await self._write(batch) if write else 0
-        return RunResult(batch, written, skipped, end_side)
+        return RunResult(batch, written, skipped, end_side, features=features)
 
     async def _write(self, batch: SignalBatch) -> int:
         observer = self.observer
@@ -388,8 +411,11 @@ class Engine:
         flagged ``deadline_fallback_hold`` is stored and returned instead.
         """
         prepared = await self.prepare(signal_id)  # one-time model load is not bar latency
+        if prepared.rollout is not None:
+            prepared = prepared.rollout.pick(symbol, ts)
         started = time.perf_counter()
         when = np.array([ts], dtype=TS_DTYPE)
+        result: RunResult | None = None
         if deadline is not None and started > deadline:
             self.check_target(prepared, symbol, interval)
             batch = self._late(prepared, symbol, interval, when, source, deadline, fallback_to_hold,
@@ -411,7 +437,23 @@ class Engine:
         batch.latency_ms[:] = (time.perf_counter() - started) * 1000.0
         if write:
             await self._write(batch)
+        if prepared.shadows and result is not None and batch is result.batch and result.features is not None:
+            await self._shadow(prepared, result.features, batch, source, write)
         return batch.row(0)
+
+    async def _shadow(self, routed: Prepared, features: FeatureBatch, served: SignalBatch,
+                      source: str, write: bool) -> None:
+        """The routed version's shadows on the same feature row: queued for a server's
+        background runner (dropped and counted when its queue is full), else computed here."""
+        runner = self.shadow_runner
+        if runner is not None:
+            runner.submit(routed, features, served, source, write)
+            return
+        for other in routed.shadows:
+            shadow, _ = self.compute(other, features, FLAT, str(Source(source)))
+            shadow.shadow = True
+            if write:
+                await self._write(shadow)
 
     async def _refuse_other_spec(self, prepared: Prepared, symbol: str, interval: str,
                                  when: np.ndarray) -> None:
@@ -446,6 +488,8 @@ class Engine:
         is flagged ``levels_need_close``. The position before the bar is flat.
         """
         prepared = await self.prepare(signal_id)
+        if prepared.rollout is not None:
+            prepared = prepared.rollout.pick(symbol, ts)
         started = time.perf_counter()
         interval = prepared.definition.interval
         self.check_target(prepared, symbol, interval)
@@ -484,6 +528,8 @@ class Engine:
             signals = self._late(prepared, symbol, interval, batch.ts, Source.STREAM, deadline,
                                  fallback_to_hold, "the answer", batch.feature_keys)
         signals.latency_ms[:] = (time.perf_counter() - started) * 1000.0
+        if prepared.shadows and signals.flags[0] != DEADLINE_FLAG:
+            await self._shadow(prepared, batch, signals, Source.STREAM, False)
         return signals.row(0)
 
     # --- holds -----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from ..backfill import BackfillRequest, run_backfill
 from ..domain import ACTIONS, SERVABLE_STAGES, Stage, Task
 from ..errors import DeadlineExceeded, ModelNotFound, StoreUnavailable, ValidationError
 from ..timeutil import check_window, parse_ts, validate_interval
+from .admin import ensure_shadow_runner
 from .errors import STARTED_KEY
 from .lean import RouteTable, lean
 from .metrics import CONTENT_TYPE
@@ -128,6 +129,8 @@ def build(app: RouteTable, state: ServerState) -> None:
     _models(app, state)
     from .candles import build_candles  # POST /predict, /predict/batch (candles in)
     build_candles(app, state)
+    from .admin import build_admin  # /admin/rollouts (champion / challenger / shadow)
+    build_admin(app, state)
 
 
 # --- health, metrics ---------------------------------------------------------------------------
@@ -188,6 +191,8 @@ def _inference(router: RouteTable, state: ServerState) -> None:
         ts = to_ts(body.ts, "ts")
         validate_interval(body.interval_name)
         deadline = started + state.budget_s
+        if state.engine.shadow_runner is None:
+            ensure_shadow_runner(state)
         row = await _within_budget(state, state.engine.predict_bar(
             body.signal_id, body.symbol, body.interval_name, ts, source=body.source, write=True,
             deadline=deadline, fallback_to_hold=settings.fallback_to_hold), deadline)
@@ -226,6 +231,8 @@ def _inference(router: RouteTable, state: ServerState) -> None:
         used, and nothing is written either (``/inference/run`` is the audited write path)."""
         started = request.scope.get(STARTED_KEY) or time.perf_counter()
         engine = state.engine
+        if engine.shadow_runner is None:
+            ensure_shadow_runner(state)
         signal_id = body.signal_id or await state.default_signal()
         deadline = started + state.budget_s
         features = body.features
