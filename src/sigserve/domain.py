@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ValidationError
+from .timeutil import format_ts
 
 
 class Stage(StrEnum):
@@ -289,11 +290,8 @@ class SignalBatch:
 
     def row(self, i: int) -> dict[str, Any]:
         """One signal as a plain dict (for the CLI and the HTTP edge)."""
-        from .timeutil import format_ts
-
-        def num(x: float) -> float | None:
-            return None if np.isnan(x) else float(x)
-
+        entry, stop, take, size = (float(self.entry_price[i]), float(self.stop_loss[i]),
+                                   float(self.take_profit[i]), float(self.recommended_size[i]))
         return {
             "signal_id": self.signal_id,
             "symbol": self.symbol,
@@ -301,11 +299,11 @@ class SignalBatch:
             "ts": format_ts(self.ts[i]),
             "action": ACTIONS[int(self.action[i])],
             "confidence": float(self.confidence[i]),
-            "entry_price": num(self.entry_price[i]),
-            "stop_loss": num(self.stop_loss[i]),
-            "take_profit": num(self.take_profit[i]),
-            "recommended_size": num(self.recommended_size[i]),
-            "raw_output": [float(v) for v in self.raw_output[i]],
+            "entry_price": None if entry != entry else entry,  # NaN -> None
+            "stop_loss": None if stop != stop else stop,
+            "take_profit": None if take != take else take,
+            "recommended_size": None if size != size else size,
+            "raw_output": self.raw_output[i].tolist(),
             "model_name": self.model_name,
             "model_version": self.model_version,
             "model_sha256": self.model_sha256,

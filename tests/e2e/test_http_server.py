@@ -224,3 +224,56 @@ def test_demo_ends_by_serving_and_its_curl_commands_work(tmp_path: Path) -> None
             except subprocess.TimeoutExpired:  # pragma: no cover
                 process.kill()
                 process.wait()
+
+
+def _read_responses(sock: socket.socket, count: int, timeout: float = 10.0) -> list[tuple[int, dict[str, str], bytes]]:
+    """``count`` whole HTTP/1.1 responses (Content-Length framed) from a raw socket."""
+    sock.settimeout(timeout)
+    buffer = b""
+    responses: list[tuple[int, dict[str, str], bytes]] = []
+    while len(responses) < count:
+        while b"\r\n\r\n" not in buffer:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed after {len(responses)} responses"
+            buffer += chunk
+        head, _, buffer = buffer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        length = int(headers["content-length"])
+        while len(buffer) < length:
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed inside a body"
+            buffer += chunk
+        responses.append((status, headers, buffer[:length]))
+        buffer = buffer[length:]
+    return responses
+
+
+def test_pipelined_requests_get_whole_answers_in_order(server: Server, world: World) -> None:
+    """The server's transport gathers a response's head and body into one write: over one raw
+    keep-alive connection, pipelined requests get whole answers, in order; then a
+    ``Connection: close`` request gets its answer before the server closes."""
+    import json
+
+    port = int(server.url.rsplit(":", 1)[1])
+    body = json.dumps({"symbol": BTC, "features": world.feature_dict(BTC, 300)}).encode()
+    requests = b"".join([
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-ID: pipe-1\r\n\r\n",
+        b"POST /api/v1/predict HTTP/1.1\r\nHost: x\r\nX-Request-ID: pipe-2\r\nAuthorization: Bearer "
+        + TOKEN.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode() + b"\r\n\r\n" + body,
+        b"GET /nowhere HTTP/1.1\r\nHost: x\r\nX-Request-ID: pipe-3\r\nAuthorization: Bearer "
+        + TOKEN.encode() + b"\r\n\r\n",
+    ])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(requests)
+        answers = _read_responses(sock, 3)
+        assert [(s, h["x-request-id"]) for s, h, _ in answers] == [(200, "pipe-1"), (200, "pipe-2"),
+                                                                  (404, "pipe-3")]
+        assert json.loads(answers[1][2])["action"] in ("BUY", "SELL", "HOLD")
+        assert json.loads(answers[2][2])["error_code"] == "route_not_found"
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        (status, _, payload), = _read_responses(sock, 1)
+        assert status == 200 and json.loads(payload) == {"status": "ok"}
+        assert sock.recv(1) == b""  # closed by the server after the answer

@@ -39,8 +39,11 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000, workers
     check(settings, workers)
     import uvicorn
 
+    from .protocol import CoalescingHttpToolsProtocol
+
     common = {"host": host, "port": port, "access_log": settings.access_log,
-              "server_header": False, "log_level": "info", "timeout_graceful_shutdown": 10}
+              "server_header": False, "log_level": "info", "timeout_graceful_shutdown": 10,
+              "http": os.environ.get("SIGSERVE_UVICORN_HTTP") or CoalescingHttpToolsProtocol}
     if workers == 1:
         from .app import create_app
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -16,6 +17,8 @@ from ..errors import ValidationError
 from . import as_matrix, import_lean, output_width, to_output
 
 _PARALLEL_ROWS = 20_000  # below this many rows one thread wins over a thread pool
+# lleaves' float64 entry point: (features, out, start row, end row); CFUNCTYPE releases the GIL
+_ENTRY_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32)
 
 
 class LleavesRuntime:
@@ -37,9 +40,15 @@ class LleavesRuntime:
         self.n_features: int | None = int(model.num_feature())
         self._k = int(model.num_model_per_iteration())
         self.width = output_width(task, self._k)
-        # The compiled entry point (it drops the GIL); calling it directly saves lleaves' own
-        # per-call checks on small batches. Fall back to Model.predict if lleaves renames it.
-        self._entry = getattr(model, "_c_entry_func", None)
+        # The compiled entry point (it drops the GIL), called directly on small batches: that
+        # saves lleaves' own per-call checks. Declared with untyped pointers so a call passes the
+        # arrays' addresses as ints (no ctypes pointer objects per call). Falls back to
+        # Model.predict if lleaves renames it.
+        entry = getattr(model, "_c_entry_func", None)
+        self._entry: Any = None
+        address = ctypes.cast(entry, ctypes.c_void_p).value if entry is not None else None
+        if address:
+            self._entry = _ENTRY_TYPE(address)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         x = as_matrix(features, self.n_features)
@@ -48,8 +57,7 @@ class LleavesRuntime:
             return np.empty((0, self.width), dtype=np.float64)
         if n < _PARALLEL_ROWS and self._entry is not None:
             raw = np.zeros(n * self._k, dtype=np.float64)
-            ptr = ctypes.POINTER(ctypes.c_double)
-            self._entry(x.ctypes.data_as(ptr), raw.ctypes.data_as(ptr), 0, n)
+            self._entry(x.ctypes.data, raw.ctypes.data, 0, n)
         else:
             jobs = self.threads if n >= _PARALLEL_ROWS else 1
             raw = self._model.predict(x, n_jobs=jobs)
