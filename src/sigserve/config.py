@@ -41,6 +41,17 @@ class Settings(BaseSettings):
                                   description="who the token is in audit rows (token:LABEL)")
     shadow_queue_size: int = Field(default=1024, gt=0, description="shadow jobs a server queues;"
                                    " more are dropped and counted")
+    # --- risk checks of /api/v1/predict (risk_check: true); None: that limit is not enforced ---
+    risk_max_position_units: float | None = Field(default=None, gt=0)
+    risk_max_position_notional: float | None = Field(default=None, gt=0)
+    risk_max_concentration: float | None = Field(default=None, gt=0, le=1)
+    risk_max_signals_per_window: int | None = Field(default=None, gt=0)
+    risk_window_s: float = Field(default=3600.0, gt=0)
+    risk_min_confidence: float | None = Field(default=None, ge=0, le=1)
+    audit_bus: str | None = Field(default=None, description="nats://host:4222 (or memory://): every"
+                                  " /api/v1/predict decision is also a trading_decision event there")
+    audit_subject: str = Field(default="audit.trading_decision", description="the events' subject"
+                               " prefix (then .SYMBOL)")
     access_log: bool = Field(default=False, description="uvicorn access log (costs latency)")
     otel: bool = Field(default=False, description="FastAPI's native OpenTelemetry through the global"
                        " providers (costs latency on every request)")

@@ -20,6 +20,10 @@ feature_value_missing       409    no feature row at that ts
 feature_spec_mismatch       409    a feature row's feature_key comes from another spec than the
                                    one the model was trained on (its card's spec hash)
 backfill_window_too_large   413    the window holds more bars than SIGSERVE_MAX_BACKFILL_ROWS
+risk_rejected               403    ``risk_check: true`` and the decision fails a risk check
+                                   (the checks, pass or fail, in ``details.checks``)
+explanation_unsupported     409    ``explain: true`` and the served model's flavor has no
+                                   native TreeSHAP (only LightGBM and XGBoost have)
 artifact_corrupt            502    the file's sha256 differs from the registered one
 store_unavailable           503    the database cannot be reached
 bus_unavailable             503    the message bus (NATS) cannot be reached or refused a request
@@ -112,6 +116,25 @@ class FeatureValueMissing(SigserveError):
 
 class FeatureSpecMismatch(SigserveError):
     code = "feature_spec_mismatch"
+    http_status = 409
+
+
+class RiskRejected(SigserveError):
+    """A decision refused by a risk check (``risk_check: true``): the request was understood and
+    authorised, but the decision it would give is forbidden (403), not a bad request. Not in
+    ``ERROR_CODES`` until DESIGN.md's table lists it (issue 5's note asks for it)."""
+
+    code = "risk_rejected"
+    http_status = 403
+
+
+class ExplanationUnsupported(SigserveError):
+    """``explain: true`` for a model whose flavor has no native TreeSHAP. 409, like the other
+    refusals caused by the state of the served model (not by the request's shape, which is valid:
+    the same request explains once a LightGBM or XGBoost version serves). Not in ``ERROR_CODES``
+    until DESIGN.md's table lists it."""
+
+    code = "explanation_unsupported"
     http_status = 409
 
 

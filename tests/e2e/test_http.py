@@ -359,8 +359,8 @@ async def test_predict_inline_reads_and_writes_nothing(home: Path, world: World,
         assert set(answer) == PREDICT_KEYS
         assert uuid.UUID(answer["decision_id"]).version == 4
         assert answer["symbol"] == BTC
-        assert (answer["regime_probabilities"], answer["strategy_weights"], answer["risk_validation"]) \
-            == (None, None, None)
+        assert (answer["regime_probabilities"], answer["strategy_weights"]) == (None, None)  # one model
+        assert answer["risk_validation"]["approved"] is True  # risk_check: true, no limits set
         meta = answer["metadata"]
         assert meta["timestamp"] == world.t(250)
         assert (meta["model_version"], meta["model_name"], meta["signal_id"]) == (1, MODEL, SIGNAL)

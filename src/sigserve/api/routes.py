@@ -27,10 +27,12 @@ from starlette.responses import HTMLResponse, Response
 
 from ..backfill import BackfillRequest, run_backfill
 from ..domain import ACTIONS, SERVABLE_STAGES, Stage, Task
+from ..ensemble import ENSEMBLE_PARTS
 from ..errors import DeadlineExceeded, ModelNotFound, StoreUnavailable, ValidationError
 from ..timeutil import check_window, parse_ts, validate_interval
 from .admin import ensure_shadow_runner
 from .errors import STARTED_KEY
+from .extras import Extras
 from .lean import RouteTable, lean
 from .metrics import CONTENT_TYPE
 from .responses import JSONResp, dumps
@@ -60,8 +62,9 @@ ACTION_COLORS = {"BUY": "#16a34a", "SELL": "#dc2626", "HOLD": "#6b7280"}
 _ERROR_TEXT = {
     401: "unauthorized: missing or wrong bearer token",
     404: "signal_not_found, model_not_found or route_not_found",
+    403: "risk_rejected (risk_check: true; the checks in details.checks)",
     409: "signal_retired, model_lifecycle_refused, model_artifact_missing, feature_not_registered,"
-         " feature_value_missing",
+         " feature_value_missing, explanation_unsupported (explain: true)",
     413: "backfill_window_too_large",
     422: "validation_error",
     500: "internal_error (details.request_id)",
@@ -181,6 +184,8 @@ def _inference(router: RouteTable, state: ServerState) -> None:
     tags: list[str | Enum] = ["inference"]
     settings = state.settings
     metrics = state.metrics
+    extras = Extras(state)  # risk book, decision events (api/extras.py)
+    ensemble_parts = ENSEMBLE_PARTS  # a regime-gated ensemble's last one-row parts (ensemble.py)
 
     @lean(router, "/inference/run", ["POST"], tags, response_model=None,
                  responses={200: {"model": SignalRow}, **errors_doc(404, 409, 422, 502, 503, 504)})
@@ -224,7 +229,7 @@ def _inference(router: RouteTable, state: ServerState) -> None:
         return Response(dumps(report.to_dict()), media_type="application/json")
 
     @lean(router, "/api/v1/predict", ["POST"], tags, response_model=None,
-                 responses={200: {"model": PredictResponse}, **errors_doc(404, 409, 422, 502, 503, 504)})
+                 responses={200: {"model": PredictResponse}, **errors_doc(403, 404, 409, 422, 502, 503, 504)})
     async def predict(body: PredictRequest, request: Request) -> Response:
         """A trading decision for one bar. With ``features`` inline nothing is read from the
         store or written; without them the store's row at ``timestamp`` (or the newest bar) is
@@ -287,6 +292,10 @@ def _inference(router: RouteTable, state: ServerState) -> None:
                            "take_profit": row["take_profit"]},
             },
         }
+        if body.risk_check or body.explain or ensemble_parts.value is not None:
+            await extras.enrich(body, signal_id, row, features, answer)
+        if extras.publisher is not None:
+            extras.publisher.submit(answer)
         return Response(dumps(answer), media_type="application/json")
 
 

@@ -58,9 +58,11 @@ class PredictRequest(_Body):
         description="inline feature values (no store read, nothing written); null is a missing"
         " value; the reserved key `close` is the bar's close price, used for levels and size")
     strategy_override: None = Field(default=None, description="not supported yet: must be null")
-    risk_check: bool = Field(default=False, description="risk checks do not exist yet:"
-                             " risk_validation is always null")
-    explain: bool = Field(default=False, description="explanations do not exist yet")
+    risk_check: bool = Field(default=False, description="run the risk checks (SIGSERVE_RISK_*):"
+                             " risk_validation in the answer; a failed check is 403 risk_rejected")
+    explain: bool = Field(default=False, description="top features by TreeSHAP contribution in"
+                          " metadata.explanation (LightGBM, XGBoost; else 409 explanation_unsupported)")
+    explain_top_k: int = Field(default=5, ge=1, le=100, description="how many features explain returns")
 
 
 # --- responses (documentation) -----------------------------------------------------------------
@@ -126,6 +128,16 @@ class PredictMetadata(BaseModel):
     flags: str
     inline_features: bool
     levels: Levels
+    explanation: dict[str, Any] | None = Field(
+        default=None, description="with explain: true: method, explained class, base_value,"
+        " raw_margin, top_features [{feature, value, contribution}], latency_ms")
+
+
+class RiskValidation(BaseModel):
+    approved: bool
+    warnings: list[str]
+    checks: dict[str, Literal["pass", "fail"]] = Field(
+        description="max_position, max_concentration, max_signals_per_window, min_confidence, levels")
 
 
 class PredictResponse(BaseModel):
@@ -134,9 +146,12 @@ class PredictResponse(BaseModel):
     action: Literal["BUY", "SELL", "HOLD"]
     confidence: float
     recommended_quantity: float | None
-    regime_probabilities: None = None
-    strategy_weights: None = None
-    risk_validation: None = None
+    regime_probabilities: dict[str, float] | None = Field(
+        default=None, description="a regime-gated ensemble's regime probabilities, and their"
+        " entropy (nats) under the key 'entropy'; null for a single model")
+    strategy_weights: dict[str, float] | None = Field(
+        default=None, description="the ensemble's weight per specialist ('REGIME:MODEL')")
+    risk_validation: RiskValidation | None = Field(default=None, description="with risk_check: true")
     metadata: PredictMetadata
 
 

@@ -181,6 +181,10 @@ class ModelRegistry:
     async def runtime(self, card: ModelCard) -> Runtime:
         """A loaded runtime for a servable card: sha verified on every load from disk, cached."""
         self.check_servable(card)
+        if card.flavor == "ensemble":  # a regime-gated ensemble: its parts load (and refuse) here
+            from ..ensemble import load_ensemble
+
+            return await load_ensemble(self, card)
         # The runtime was checked against this card's task and classes: the same bytes under
         # another card (re-registered with --task/--classes) get their own checked runtime.
         key = (card.sha256 or "", card.runtime, str(card.task), card.classes)
