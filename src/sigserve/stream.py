@@ -40,6 +40,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 import threading
@@ -54,7 +55,7 @@ import numpy as np
 import orjson
 
 from .bus.base import Bus, BusMessage, Subscription
-from .domain import ACTIONS, HOLD, FeatureBatch, SignalBatch, SignalDefinition, Source
+from .domain import ACTIONS, FeatureBatch, SignalBatch, SignalDefinition, Source
 from .engine import DEADLINE_FLAG, Engine, Prepared, check_feature_keys
 from .errors import (
     BusUnavailable,
@@ -217,36 +218,63 @@ def upsert_key(signal_id: str, model_version: int, symbol: str, interval: str, t
     return f"{signal_id}|{model_version}|{symbol}|{interval}|{ts_us}"
 
 
-def _num(x: float) -> float | None:
-    return None if x != x else float(x)  # NaN -> None
+_NAMESPACE_BYTES = SIGNAL_NAMESPACE.bytes
+
+
+def signal_uuid(key: str) -> str:
+    """``str(uuid.uuid5(SIGNAL_NAMESPACE, key))``, without building UUID objects (hot path)."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + key.encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def signal_messages(batch: SignalBatch, *, definition_id: str, model_type: str,
+                    features_used: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Every row of a signal batch in the published format (seed 001), with its upsert key.
+    ``metadata.prediction_latency_ms`` is the row's ``latency_ms``."""
+    prefix = f"{definition_id}|{batch.model_version}|{batch.symbol}|{batch.interval}|"
+    symbol, interval, sha = batch.symbol, batch.interval, batch.model_sha256
+    version = f"{batch.model_name}:{batch.model_version}"
+    columns = zip(batch.ts.astype(np.int64).tolist(), batch.action.tolist(), batch.confidence.tolist(),
+                  batch.entry_price.tolist(), batch.stop_loss.tolist(), batch.take_profit.tolist(),
+                  batch.recommended_size.tolist(), batch.latency_ms.tolist(), batch.feature_keys.tolist(),
+                  strict=True)
+    out = []
+    for ts_us, action, confidence, entry, stop, take, size, latency, feature_key in columns:
+        key = prefix + str(ts_us)
+        out.append((key, {
+            "signal_id": signal_uuid(key),
+            "symbol": symbol,
+            "timeframe": interval,
+            "timestamp_ms": ts_us // 1000,
+            "signal_type": ACTIONS[action],
+            "confidence_score": confidence,
+            "entry_price": None if entry != entry else entry,
+            "stop_loss": None if stop != stop else stop,
+            "take_profit": None if take != take else take,
+            "position_size_recommended": None if size != size else size,
+            "model_version": version,
+            "metadata": {
+                "features_used": features_used,
+                "prediction_latency_ms": round(latency, 4),
+                "model_type": model_type,
+                "model_sha256": sha,
+                "feature_key": str(feature_key),
+                "definition_id": definition_id,
+            },
+        }))
+    return out
 
 
 def signal_message(batch: SignalBatch, i: int, *, definition_id: str, model_type: str,
                    features_used: list[str], latency_ms: float) -> dict[str, Any]:
-    """Row ``i`` of a signal batch in the published format (seed 001)."""
-    ts_us = int(batch.ts[i].astype(np.int64))
-    key = upsert_key(definition_id, batch.model_version, batch.symbol, batch.interval, ts_us)
-    return {
-        "signal_id": str(uuid.uuid5(SIGNAL_NAMESPACE, key)),
-        "symbol": batch.symbol,
-        "timeframe": batch.interval,
-        "timestamp_ms": ts_us // 1000,
-        "signal_type": ACTIONS[int(batch.action[i])],
-        "confidence_score": float(batch.confidence[i]),
-        "entry_price": _num(batch.entry_price[i]),
-        "stop_loss": _num(batch.stop_loss[i]),
-        "take_profit": _num(batch.take_profit[i]),
-        "position_size_recommended": _num(batch.recommended_size[i]),
-        "model_version": f"{batch.model_name}:{batch.model_version}",
-        "metadata": {
-            "features_used": features_used,
-            "prediction_latency_ms": round(latency_ms, 4),
-            "model_type": model_type,
-            "model_sha256": batch.model_sha256,
-            "feature_key": str(batch.feature_keys[i]),
-            "definition_id": definition_id,
-        },
-    }
+    """Row ``i`` of a signal batch in the published format, with ``latency_ms``."""
+    one = _take(batch, np.array([i]))
+    one.latency_ms[:] = latency_ms
+    return signal_messages(one, definition_id=definition_id, model_type=model_type,
+                           features_used=features_used)[0][1]
 
 
 def validate_signal(message: dict[str, Any], flags: str = "") -> str | None:
@@ -797,11 +825,11 @@ class StreamWorker:
         subject = self.names.signals(signals.symbol, signals.interval)
         futures: list[Awaitable[Any]] = []
         kafka = self.kafka
-        for i in range(len(signals)):
-            message = signal_message(signals, i, definition_id=route.signal_id,
-                                     model_type=route.model_type, features_used=route.features_used,
-                                     latency_ms=float(signals.latency_ms[i]))
-            problem = validate_signal(message, str(signals.flags[i]))
+        messages = signal_messages(signals, definition_id=route.signal_id, model_type=route.model_type,
+                                   features_used=route.features_used)
+        flags = signals.flags.tolist()
+        for i, (key, message) in enumerate(messages):
+            problem = validate_signal(message, flags[i])
             if problem is not None:
                 self.stats["rejected"] += 1
                 log.warning("signal rejected, not published: %s: %s", problem, message["signal_id"])
@@ -810,12 +838,10 @@ class StreamWorker:
                 await self._safe_publish(self.names.rejected, orjson.dumps(rejection.to_envelope()),
                                          {ERROR_HEADER: rejection.code})
                 continue
-            if not publish_holds and signals.action[i] == HOLD:
+            if not publish_holds and message["signal_type"] == "hold":
                 self.stats["holds_suppressed"] += 1
                 continue
             data = orjson.dumps(message)
-            key = upsert_key(route.signal_id, signals.model_version, signals.symbol, signals.interval,
-                             int(signals.ts[i].astype(np.int64)))
             if durable:
                 futures.append(await bus.publish_durable(subject, data, msg_id=key))
             else:

@@ -15,10 +15,15 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
+
+import orjson
 
 from ..errors import BusUnavailable, ValidationError, missing_extra
 from .base import BusMessage, Handler, KvHandler, PublishAck, check_name, check_subject
@@ -36,6 +41,19 @@ def _nats() -> Any:
     except ImportError as exc:  # pragma: no cover - nats-py is a core dependency
         raise missing_extra("nats-py", "nats") from exc
     return nats
+
+
+def _num_delivered(msg: Any) -> int:
+    """Deliveries of a JetStream message, from its ack subject ($JS.ACK.<stream>.<consumer>.
+    <delivered>...; the long form carries a domain and an account hash first)."""
+    reply = msg.reply or ""
+    tokens = reply.split(".")
+    try:
+        if len(tokens) == 9:
+            return int(tokens[4])
+        return int(msg.metadata.num_delivered)
+    except Exception:
+        return 1
 
 
 async def _reachable(url: str, timeout: float) -> bool:
@@ -76,6 +94,12 @@ class NatsBus:
         self._durable = False
         self._reconnect_callbacks: list[Callable[[], None]] = []
         self._kv: dict[str, Any] = {}
+        self._ack_prefix: str | None = None
+        self._ack_deadlines: collections.deque[tuple[float, str, str]] = collections.deque()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._subjects_ok: set[str] = set()
+        self._ack_seq = itertools.count(1)
+        self._acks: dict[str, asyncio.Future[PublishAck]] = {}
 
     @property
     def durable(self) -> bool:
@@ -153,6 +177,11 @@ class NatsBus:
                                  details={"bus": self.url}) from exc
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         if self._nc is not None:
             nc, self._nc = self._nc, None
             with contextlib.suppress(Exception):
@@ -235,40 +264,73 @@ class NatsBus:
 
     async def publish_durable(self, subject: str, data: bytes, *, msg_id: str | None = None,
                               headers: Mapping[str, str] | None = None) -> asyncio.Future[PublishAck]:
-        check_subject(subject)
-        js = self._need_js("a durable publish")
+        """A publish with a reply inbox of ours: JetStream answers it with the PubAck. Unlike
+        nats-py's ``publish_async`` this never yields to the event loop, so a batch of publishes
+        leaves in one socket write instead of one write each."""
+        if subject not in self._subjects_ok:
+            check_subject(subject)
+            if len(self._subjects_ok) < 100_000:
+                self._subjects_ok.add(subject)
+        if not self._durable or self._nc is None:
+            self._need_js("a durable publish")
         hdrs = dict(headers) if headers else {}
         if msg_id:
             hdrs[MSG_ID] = msg_id
-        raw = await self._call("publish", js.publish_async(subject, data, headers=hdrs or None,
-                                                           wait_stall=self.request_timeout_s))
-        loop = asyncio.get_running_loop()
-        out: asyncio.Future[PublishAck] = loop.create_future()
-        timer = loop.call_later(self.request_timeout_s, self._expire, out, raw, subject)
-
-        def done(fut: asyncio.Future[Any]) -> None:
-            timer.cancel()
-            if out.done():
-                return
-            if fut.cancelled():
-                out.set_exception(BusUnavailable("publish ack cancelled", details={"subject": subject}))
-                return
-            exc = fut.exception()
-            if exc is not None:
-                err = BusUnavailable(f"NATS did not store {subject}: {type(exc).__name__}: {exc}",
-                                     details={"bus": self.url, "subject": subject})
-                err.__cause__ = exc
-                out.set_exception(err)
-                return
-            ack = fut.result()
-            out.set_result(PublishAck(ack.stream, int(ack.seq), bool(ack.duplicate)))
-
-        raw.add_done_callback(done)
+        if self._ack_prefix is None:
+            prefix = self._nc.new_inbox() + "."
+            await self._call("subscribe", self._nc.subscribe(prefix + "*", cb=self._on_pub_ack,
+                                                              pending_msgs_limit=1_000_000))
+            self._ack_prefix = prefix
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="nats-ack-sweeper")
+        token = str(next(self._ack_seq))
+        out: asyncio.Future[PublishAck] = asyncio.get_running_loop().create_future()
+        self._acks[token] = out
+        try:
+            await self._nc.publish(subject, data, reply=self._ack_prefix + token, headers=hdrs or None)
+        except Exception as exc:
+            self._acks.pop(token, None)
+            err = BusUnavailable(f"NATS publish failed: {type(exc).__name__}: {exc}", details={"bus": self.url})
+            err.__cause__ = exc
+            out.set_exception(err)
+            return out
+        self._ack_deadlines.append((time.monotonic() + self.request_timeout_s, token, subject))
         return out
 
-    def _expire(self, out: asyncio.Future[PublishAck], raw: asyncio.Future[Any], subject: str) -> None:
-        raw.cancel()  # frees nats-py's slot for pending async publishes
-        if not out.done():
+    async def _sweep(self) -> None:
+        """Fail the publish acks that did not come within the request timeout."""
+        deadlines = self._ack_deadlines
+        while True:
+            await asyncio.sleep(0.2)
+            now = time.monotonic()
+            while deadlines and deadlines[0][0] <= now:
+                _, token, subject = deadlines.popleft()
+                self._expire(token, subject)
+
+    async def _on_pub_ack(self, msg: Any) -> None:
+        token = msg.subject[msg.subject.rfind(".") + 1:]
+        out = self._acks.pop(token, None)
+        if out is None or out.done():
+            return
+        headers = msg.headers or {}
+        if headers.get("Status") == "503":
+            out.set_exception(BusUnavailable(f"no stream stores subject {msg.subject!r}",
+                                             details={"bus": self.url}))
+            return
+        try:
+            body = orjson.loads(msg.data)
+        except orjson.JSONDecodeError:
+            out.set_exception(BusUnavailable("NATS sent an unreadable publish ack", details={"bus": self.url}))
+            return
+        error = body.get("error")
+        if error:
+            out.set_exception(BusUnavailable(f"NATS did not store the message: {error.get('description', error)}",
+                                             details={"bus": self.url, "err_code": error.get("err_code")}))
+            return
+        out.set_result(PublishAck(body.get("stream", ""), int(body.get("seq", 0)), bool(body.get("duplicate"))))
+
+    def _expire(self, token: str, subject: str) -> None:
+        out = self._acks.pop(token, None)
+        if out is not None and not out.done():
             out.set_exception(BusUnavailable(f"no publish ack for {subject} within"
                                              f" {self.request_timeout_s} s", details={"subject": subject}))
 
@@ -297,10 +359,7 @@ class NatsBus:
                 except Exception as exc:  # the server will deliver it again after ack_wait
                     log.warning("NATS %s failed: %s", kind, exc)
 
-            try:
-                delivered = int(msg.metadata.num_delivered)
-            except Exception:
-                delivered = 1
+            delivered = _num_delivered(msg)
             try:
                 await handler(BusMessage(msg.subject, msg.data, msg.headers, delivered, settle))
             except Exception:
