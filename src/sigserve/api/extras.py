@@ -86,6 +86,7 @@ class DecisionPublisher:
         self.queue: asyncio.Queue[tuple[str, bytes, str]] | None = None
         self.task: asyncio.Task[None] | None = None
         self.bus: Any = None
+        self._stream = False  # the durable stream of the events is ensured
         self.counter = Counter("sigserve_decision_events", "trading_decision events, by outcome",
                                ["outcome"], registry=metrics.registry)
         self.sent = self.dropped = 0
@@ -125,9 +126,10 @@ class DecisionPublisher:
                 if self.bus is None:
                     bus = open_bus(self.url)
                     await bus.connect()
-                    if bus.durable:
-                        await bus.ensure_stream("SIGSERVE_DECISIONS", [f"{self.subject}.>"])
-                    self.bus = bus
+                    self.bus, self._stream = bus, False
+                if self.bus.durable and not self._stream:
+                    await self.bus.ensure_stream("SIGSERVE_DECISIONS", [f"{self.subject}.>"])
+                    self._stream = True
                 if self.bus.durable:
                     await (await self.bus.publish_durable(subject, data, msg_id=decision_id))
                 else:
