@@ -144,7 +144,9 @@ class Engine:
             self._prepared.pop(signal_id, None)
 
     def install(self, signal_id: str, prepared: Prepared) -> None:
-        """Swap a resolution in (one reference assignment): the next call uses it."""
+        """Swap a resolution in (one reference assignment): the next call uses it, and a
+        background re-resolution that started before this call does not put its older one back."""
+        self._generation += 1
         self._prepared[signal_id] = (time.monotonic(), prepared)
 
     # --- resolution -----------------------------------------------------------------------
