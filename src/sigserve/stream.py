@@ -124,8 +124,7 @@ class StreamOptions:
     durable: str = "sigserve"
     names: Names = field(default_factory=Names)
     config_file: Path | None = None
-    max_batch: int = 512
-    max_inflight: int = 4  # batches whose writes/acks are still pending
+    max_batch: int = 2048
     ack_wait_s: float = 30.0
     max_ack_pending: int = 8192
     write_first: bool = False  # True: write the rows before publishing (slower, never unstored)
@@ -358,6 +357,80 @@ class StoreRunner:
             self._thread = None
 
 
+class SignalWriter:
+    """Upserts the stream's signal rows in the order given, merging the batches that queued up
+    for one (signal, model version, symbol) into one store call: under load the transactions per
+    second stay at about one per key, however small the batches (a later row for the same bar
+    wins, as an upsert would). Each ``submit`` gets a future of its own batch's row count."""
+
+    def __init__(self, runner: StoreRunner, store: Store) -> None:
+        self.runner, self.store = runner, store
+        self._pending: list[tuple[SignalBatch, asyncio.Future[int]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.calls = 0
+
+    def submit(self, batch: SignalBatch) -> asyncio.Future[int]:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="stream-writer")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append((batch, future))
+        self._wake.set()
+        return future
+
+    async def _run(self) -> None:
+        while True:
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            pending, self._pending = self._pending, []
+            groups: dict[tuple[Any, ...], list[tuple[SignalBatch, asyncio.Future[int]]]] = {}
+            for batch, future in pending:
+                key = (batch.signal_id, batch.model_version, batch.symbol, batch.interval, batch.model_name,
+                       batch.model_sha256, batch.source, batch.shadow)
+                groups.setdefault(key, []).append((batch, future))
+            for items in groups.values():
+                merged = merge_batches([b for b, _ in items])
+                try:
+                    await self.runner.call(functools.partial(self.store.write_signals, merged))
+                except BaseException as exc:
+                    for _, future in items:
+                        if not future.done():
+                            future.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    continue
+                self.calls += 1
+                for batch, future in items:
+                    if not future.done():
+                        future.set_result(len(batch))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+_COLUMNS = ("ts", "action", "confidence", "raw_output", "entry_price", "stop_loss", "take_profit",
+            "recommended_size", "feature_keys", "latency_ms", "flags")
+
+
+def merge_batches(batches: list[SignalBatch]) -> SignalBatch:
+    """One batch of the rows of batches that share their key fields, in ts order; for a bar that
+    appears twice the later batch's row wins."""
+    if len(batches) == 1:
+        return batches[0]
+    columns = {name: np.concatenate([getattr(b, name) for b in batches]) for name in _COLUMNS}
+    ts = columns["ts"]
+    # the last occurrence of each ts: unique over the reversed order
+    _, first_in_reversed = np.unique(ts[::-1], return_index=True)
+    keep = np.sort(ts.shape[0] - 1 - first_in_reversed)
+    keep = keep[np.argsort(ts[keep], kind="stable")]
+    return replace(batches[-1], **{name: column[keep] for name, column in columns.items()})
+
+
 # --- routes --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Route:
@@ -420,7 +493,10 @@ class StreamWorker:
         self._by_interval: dict[str, list[Route]] = {}
         self._inbox: collections.deque[BusMessage] = collections.deque()
         self._wake = asyncio.Event()
-        self._inflight: asyncio.Queue[_Flight | None] = asyncio.Queue(maxsize=max(1, self.options.max_inflight))
+        # Unbounded: the consumer's max_ack_pending bounds what is unacked, so a slow store holds
+        # back acks (and then deliveries), never the publish of the signals already computed.
+        self._inflight: asyncio.Queue[_Flight | None] = asyncio.Queue()
+        self.writer = SignalWriter(self.runner, self.store)
         self._sides: dict[tuple[str, int, str], tuple[np.datetime64, int]] = {}
         self._last_ts: dict[tuple[str, str], np.datetime64] = {}
         self._live_at: dict[tuple[str, str], float] = {}
@@ -502,6 +578,7 @@ class StreamWorker:
         await self.config.stop()
         if self.kafka is not None:
             await self.kafka.stop()
+        await self.writer.stop()
         self.runner.stop()
 
     async def run_forever(self, stop: asyncio.Event) -> None:
@@ -797,7 +874,7 @@ class StreamWorker:
         flight.keys.append(side_key)
         if self.options.write_first or redelivered:
             # a redelivered bar may have been published already: publish only once it is stored
-            flight.writes.append(self.runner.submit(lambda: self.store.write_signals(signals)))
+            flight.writes.append(self.writer.submit(signals))
 
             async def publish_later() -> list[Awaitable[Any]]:
                 return await self._publish(route, signals, config)
@@ -805,7 +882,7 @@ class StreamWorker:
             flight.after_write.append(publish_later)
         else:
             flight.publishes.extend(await self._publish(route, signals, config))
-            flight.writes.append(self.runner.submit(lambda: self.store.write_signals(signals)))
+            flight.writes.append(self.writer.submit(signals))
 
     async def _fill_close(self, symbol: str, interval: str, ts: np.ndarray, close: np.ndarray) -> None:
         """Bars whose message carried no close take it from the stored candle, as predict_bar does."""

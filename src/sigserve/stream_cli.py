@@ -50,7 +50,7 @@ def stream_cmd(
     config_file: FileOpt = None,
     write_first: Annotated[bool, typer.Option(help="Write each row before publishing its signal.")] = False,
     catchup: Annotated[bool, typer.Option(help="Compute stored bars missed since the last signal.")] = True,
-    max_batch: Annotated[int, typer.Option(min=1, help="Most messages handled together.")] = 512,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most messages handled together.")] = 2048,
     kafka: Annotated[str | None, typer.Option(envvar="SIGSERVE_KAFKA_BOOTSTRAP",
                                               help="Kafka bootstrap servers for the archive sink.")] = None,
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
