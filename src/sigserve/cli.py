@@ -50,9 +50,10 @@ app.add_typer(candles_app, name="candles")
 app.add_typer(signals_app, name="signals")
 db_app = typer.Typer(no_args_is_help=True, help="Create or upgrade the store's schema.")
 app.add_typer(db_app, name="db")
-from .routing.cli import rollout_app  # noqa: E402  (champion / challenger / shadow)
+from .routing.cli import models_ensemble, rollout_app  # noqa: E402  (champion / challenger / shadow)
 
 app.add_typer(rollout_app, name="rollout")
+models_app.command("ensemble")(models_ensemble)
 
 console = Console()
 _state: dict[str, Any] = {}

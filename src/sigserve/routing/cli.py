@@ -134,3 +134,35 @@ def rollout_report(
     for c in report["comparisons"]:
         console.print(f"  v{c['reference']} vs v{c['version']}: {c['common_bars']} common bars,"
                       f" agreement {c['agreement_rate']}")
+
+
+def models_ensemble(
+    name: Annotated[str, typer.Argument(help="The ensemble's model name.")],
+    regime: Annotated[str, typer.Option(help="The regime model, NAME:VERSION (classes = the regimes).")],
+    specialist: Annotated[list[str], typer.Option(help="REGIME=NAME:VERSION, one per regime; repeatable.")],
+    meta: Annotated[str | None, typer.Option(help="A meta model NAME:VERSION giving the weights"
+                                             " (default: the regime probabilities).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a regime-gated ensemble (flavor ensemble) of registered models."""
+    from ..cli import _print_json, _run, console
+    from ..ensemble import register_ensemble
+    from ..errors import ValidationError
+
+    specialists: dict[str, str] = {}
+    for item in specialist:
+        label, sep, ref = item.partition("=")
+        if not sep or not label or not ref:
+            raise ValidationError(f"--specialist takes REGIME=NAME:VERSION, not {item!r}")
+        specialists[label] = ref
+
+    async def work(services: Any) -> dict[str, Any]:
+        card = await register_ensemble(services.registry, name, regime=regime, specialists=specialists,
+                                       meta=meta)
+        return card.to_dict()
+
+    card = _run(work)
+    if as_json:
+        _print_json(card)
+    else:
+        console.print(f"registered {card['name']}:{card['version']} (ensemble of {card['extra']['ensemble']})")
