@@ -451,8 +451,13 @@ class Engine:
         if runner is not None:
             runner.submit(routed, features, served, source, write)
             return
+        from .routing.rollout import align
+
         for other in routed.shadows:
-            shadow, _ = self.compute(other, features, FLAT, str(Source(source)))
+            rows = align(features, other)
+            if rows is None:  # a version reading features this row does not carry
+                continue
+            shadow, _ = self.compute(other, rows, FLAT, str(Source(source)))
             shadow.shadow = True
             if write:
                 await self._write(shadow)

@@ -256,3 +256,37 @@ def test_bucket_share_is_close_to_the_share(share: float) -> None:
     days = [str(np.datetime64("2024-01-01") + np.timedelta64(d, "D")) for d in range(2000)]
     taken = sum(bucket("BTCUSDT", d) < share for d in days) / len(days)
     assert abs(taken - share) < 0.04
+
+
+async def test_a_version_reading_other_features_is_shadowed_on_its_own_columns(
+        home: Path, world: World, tmp_path: Path) -> None:
+    names = tuple(reversed(FEATURE_NAMES[:9]))  # another order, fewer features
+    matrices = [world.features[s][:, [FEATURE_NAMES.index(n) for n in names]] for s in (BTC, ETH)]
+    path = train_forward_return_lightgbm(matrices, [world.close[s] for s in (BTC, ETH)], tmp_path / "sub.txt",
+                                         feature_names=names, n_trees=6, learning_rate=0.5, min_data_in_leaf=5)
+    async with Services.open(settings_for(home)) as services:
+        version = (await services.registry.register(path, name=MODEL, classes=["down", "up"])).version
+    async with serving(settings_for(home)) as (app, client):
+        services = services_of(app)
+        assert (await client.post(f"/admin/rollouts/{SIGNAL}/start", json={"version": version})).status_code == 200
+        for i in (200, 201):
+            r = await client.post("/inference/run", json={"signal_id": SIGNAL, "symbol": BTC, "ts": world.t(i),
+                                                          "interval_name": "1h"})
+            assert r.status_code == 200 and r.json()["model_version"] == 1
+        await services.engine.shadow_runner.idle()
+        runtime = await services.registry.runtime(await services.registry.get(MODEL, version))
+        shadows = [r for r in await services.store.read_signals(SIGNAL, BTC) if r["shadow"]]
+        assert [r["model_version"] for r in shadows] == [version, version]
+        for row, i in zip(shadows, (200, 201), strict=True):
+            own = np.array([[world.feature_dict(BTC, i)[n] for n in names]])
+            assert list(row["raw_output"]) == list(runtime.predict(own)[0])
+        # backfill: the candidate at 100% reads its own columns from the store
+        await client.post(f"/admin/rollouts/{SIGNAL}/advance", json={"share": 1.0})
+        r = await client.post("/inference/backfill", json={"signal_id": SIGNAL, "symbol": BTC, "interval_name": "1h",
+                                                           "start": world.t(300), "end": world.t(309)})
+        assert r.status_code == 200 and r.json()["rows_written"] == 10
+        served = [r for r in await services.store.read_signals(SIGNAL, BTC, start=np.datetime64(world.t(300)[:-1]))
+                  if not r["shadow"]]
+        assert {r["model_version"] for r in served} == {version}
+        own = np.array([[world.feature_dict(BTC, 300)[n] for n in names]])
+        assert list(served[0]["raw_output"]) == list(runtime.predict(own)[0])

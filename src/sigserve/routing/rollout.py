@@ -92,6 +92,31 @@ async def prepare_rollout(engine: Engine, definition: SignalDefinition,
     return replace(champion, rollout=rollout)
 
 
+def align(features: FeatureBatch, target: Prepared) -> FeatureBatch | None:
+    """``features`` with ``target``'s columns (versions of a model may read different features),
+    or None when a column is absent."""
+    if features.names == target.read_names:
+        return features
+    try:
+        columns = [features.names.index(name) for name in target.read_names]
+    except ValueError:
+        return None
+    return FeatureBatch(features.symbol, features.interval, features.ts, features.values[:, columns],
+                        target.read_names, features.feature_keys, features.close)
+
+
+async def _rows_for(engine: Engine, features: FeatureBatch, target: Prepared) -> FeatureBatch | None:
+    """``target``'s columns for the bars of ``features``: taken from them, else read from the
+    store (the same bars; None when the store lacks some)."""
+    aligned = align(features, target)
+    if aligned is not None:
+        return aligned
+    read = await engine.store.read_features(
+        features.symbol, features.interval, target.read_names, ts=features.ts,
+        feature_key=target.definition.feature_key or target.spec_key)
+    return read.batch if len(read.batch) == len(features) else None
+
+
 def _take(features: FeatureBatch, rows: np.ndarray) -> FeatureBatch:
     return FeatureBatch(features.symbol, features.interval, features.ts[rows], features.values[rows],
                         features.names, features.feature_keys[rows], features.close[rows])
@@ -117,17 +142,24 @@ async def finish_rollout(engine: Engine, base: Prepared, features: FeatureBatch,
     for routed, rows in ((rollout.champion, ~mask), (rollout.challenger, mask)):
         if routed is None or not rows.any():
             continue
-        part = _take(features, rows) if not rows.all() else features
+        part_rows = _take(features, rows) if not rows.all() else features
+        part = await _rows_for(engine, part_rows, routed)
+        if part is None:  # this version's features are missing at some of these bars
+            continue
+        others = [(other, await _rows_for(engine, part_rows, other)) for other in routed.shadows]
         side = int((await engine.store.position_sides(
             routed.definition.signal_id, routed.card.version, part.symbol, part.interval,
             part.ts[:1]))[0])
 
-        def run(routed: Prepared = routed, part: FeatureBatch = part,
-                side: int = side) -> tuple[SignalBatch, int, list[SignalBatch]]:
+        def run(routed: Prepared = routed, part: FeatureBatch = part, side: int = side,
+                others: list[tuple[Prepared, FeatureBatch | None]] = others,
+                ) -> tuple[SignalBatch, int, list[SignalBatch]]:
             batch, end = engine.compute(routed, part, side, source)
             shadows = []
-            for other in routed.shadows:
-                shadow, _ = engine.compute(other, part, FLAT, source)
+            for other, rows_of_other in others:
+                if rows_of_other is None:
+                    continue
+                shadow, _ = engine.compute(other, rows_of_other, FLAT, source)
                 shadow.shadow = True
                 shadows.append(shadow)
             return batch, end, shadows

@@ -124,16 +124,26 @@ class ShadowRunner:
         """Every job's shadows, one vectorised predict per (shadow version, symbol, source)."""
         groups: dict[tuple[int, int, str, str, bool], list[ShadowJob]] = {}
         owner: dict[tuple[int, int, str, str, bool], Prepared] = {}
-        for job in jobs:
+        from .rollout import align
+
+        aligned: dict[tuple[int, int], FeatureBatch] = {}
+        for n, job in enumerate(jobs):
             for shadow in job.routed.shadows:
+                rows = align(job.features, shadow)
+                if rows is None:  # the shadow reads features the served row does not carry
+                    self.stats["skipped_missing_features"] += 1
+                    continue
+                aligned[(n, id(shadow))] = rows
                 key = (id(shadow), job.routed.card.version, job.features.symbol, job.source, job.write)
                 groups.setdefault(key, []).append(job)
                 owner[key] = shadow
+        index = {id(job): n for n, job in enumerate(jobs)}
         out: list[SignalBatch | None] = []
         for key, members in groups.items():
             shadow = owner[key]
             started = time.perf_counter()
-            features = members[0].features if len(members) == 1 else _concat([j.features for j in members])
+            parts = [aligned[(index[id(j)], id(shadow))] for j in members]
+            features = parts[0] if len(parts) == 1 else _concat(parts)
             batch, _ = self.compute_engine.compute(shadow, features, FLAT, members[0].source)
             per_row_ms = (time.perf_counter() - started) * 1000.0 / len(members)
             batch.shadow = True
