@@ -251,6 +251,25 @@ def main() -> None:
         closed_loop(client, gated, 1.0)
         ens = [percentiles(closed_loop(client, gated, args.seconds)[0]) for _ in range(args.rounds)]
         result["ensemble"] = {"runs": ens, "median": {k: statistics.median(r[k] for r in ens) for k in ("p50", "p99")}}
+        # 2b. explanations: the same requests with explain: true (their own latency reported)
+        explained = [b[:-1] + b', "explain": true}' for b in plain]
+        closed_loop(client, explained, 1.0)
+        ex_runs, ex_own = [], []
+        for _ in range(args.rounds):
+            lat, own, i = [], [], 0
+            end = time.perf_counter() + args.seconds
+            while time.perf_counter() < end:
+                began = time.perf_counter()
+                status, body = client.post("/api/v1/predict", explained[i % len(explained)])
+                lat.append((time.perf_counter() - began) * 1000.0)
+                own.append(body["metadata"]["explanation"]["latency_ms"])
+                i += 1
+            ex_runs.append(percentiles(lat))
+            ex_own.append(percentiles(own))
+        result["explain"] = {"runs": ex_runs, "explain_stage": ex_own,
+                             "median": {k: statistics.median(r[k] for r in ex_runs) for k in ("p50", "p99")},
+                             "explain_stage_median": {k: statistics.median(r[k] for r in ex_own)
+                                                      for k in ("p50", "p99")}}
         # 3. rollback under load
         trials = []
         for _ in range(args.trials):
@@ -305,6 +324,9 @@ def main() -> None:
     print(f"ensemble (3 models) over HTTP: p50 {e['median']['p50']:.3f} ms, p99 {e['median']['p99']:.3f} ms")
     for signal, st in result["in_process"].items():
         print(f"in process, predict_inline {signal}: p50 {st['p50']:.3f} ms, p99 {st['p99']:.3f} ms")
+    x = result["explain"]
+    print(f"explain: request p50 {x['median']['p50']:.3f} ms, p99 {x['median']['p99']:.3f} ms; the explanation"
+          f" itself p50 {x['explain_stage_median']['p50']:.3f} ms, p99 {x['explain_stage_median']['p99']:.3f} ms")
     print(f"rollback under load: command {r['median_command_ms']:.2f} ms, to effect {r['median_to_effect_ms']:.2f} ms")
     print(f"20 swaps under load: {w['requests']} requests, {w['failed']} failed, versions {w['versions_seen']}")
     print(f"-> {path}")
