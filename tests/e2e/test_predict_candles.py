@@ -231,3 +231,16 @@ async def test_open_bars_are_dropped_and_the_endpoints_are_documented(
             operation = schema["paths"][path]["post"]
             assert {"200", "401", "422"} <= set(operation["responses"])
             assert operation["requestBody"]
+
+
+def test_group_spans_strips_bio_prefixes_and_splits_on_b() -> None:
+    from sigserve.api.candles import group_spans
+
+    ts = [f"t{i}" for i in range(9)]
+    labels = ["O", "B-flag", "I-flag", "I-flag", "B-flag", "O", "up", "up", "down"]
+    conf = [0.9, 0.6, 0.8, 0.7, 0.5, 0.9, 0.6, 0.4, 0.7]
+    spans = group_spans(ts, labels, conf)
+    assert [(s["label"], s["start"], s["end"], s["candles"]) for s in spans] == [
+        ("flag", "t1", "t3", 3), ("flag", "t4", "t4", 1), ("up", "t6", "t7", 2), ("down", "t8", "t8", 1)]
+    assert spans[0]["avg_confidence"] == pytest.approx(0.7) and spans[2]["avg_confidence"] == pytest.approx(0.5)
+    assert group_spans([], [], []) == [] and group_spans(["a"], ["O"], [1.0]) == []

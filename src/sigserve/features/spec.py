@@ -25,8 +25,8 @@ the history starts with a memory of ``(1 - alpha)**k``. The tail is measured onc
 is built (the smallest multiple of p, the largest period, from 0 to 64p, after which a window
 agrees with the whole history to 1e-13 on a random-walk market), so the newest bar computed from
 the last N candles equals the batch value to 1e-9 (``tests/unit/test_spec.py`` proves it on every
-bar of every indicator of a 30-indicator spec). A cumulative indicator (OBV, AD, ...) never
-converges and is refused.
+bar of a spec of 29 TA-Lib indicators, the candle features and a custom feature). A cumulative
+indicator (OBV, AD, ...) never converges and is refused.
 
 **Point in time.** Row ``i`` uses candles ``0..i`` only (a lookahead test perturbs future bars);
 :func:`closed_bars` drops candles that have not closed yet.
