@@ -41,7 +41,7 @@ T = TypeVar("T")
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Turn trained trading models into live, auditable trading signals.")
 models_app = typer.Typer(no_args_is_help=True, help="Register models and move them through the lifecycle.")
-features_app = typer.Typer(no_args_is_help=True, help="Import, list, deprecate and check features.")
+features_app = typer.Typer(no_args_is_help=True, help="Compute (from a spec), import, list, deprecate and check features.")
 candles_app = typer.Typer(no_args_is_help=True, help="Import OHLCV candles.")
 signals_app = typer.Typer(no_args_is_help=True, help="Define, list and retire signals.")
 app.add_typer(models_app, name="models")
@@ -654,8 +654,9 @@ def demo_cmd(
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 8000,
 ) -> None:
-    """Synthetic market -> features -> train LightGBM -> register -> signal -> backfill -> summary,
-    then serve the HTTP API on it (unless --no-serve)."""
+    """Synthetic market -> `sigserve train` on a written pipeline.yaml (TA-Lib features, labels,
+    LightGBM, MLflow) -> registered model and signal -> backfill -> summary, then serve the HTTP
+    API on it (unless --no-serve)."""
     from .demo.run import curl_commands, run_demo
 
     settings = _settings()
