@@ -78,13 +78,10 @@ def import_talib() -> Any:
 
 # --- steps ---------------------------------------------------------------------------------------
 class _Step:
+    """One entry of the spec: ``compute`` gives its columns over a history, ``last`` the newest
+    value of each from the same function run on the last ``window`` candles."""
+
     names: tuple[str, ...]
-
-    def last(self, a: Arrays, lo: int) -> list[float]:
-        """The newest value of each column, computed over the candles ``lo..`` of ``a``."""
-        part = a if lo == 0 else {c: a[c][lo:] for c in self.needs}
-        return [float(column[-1]) for column in self.compute(part)]
-
     needs: tuple[str, ...] = ("ts", *PRICE_COLUMNS)  # the candle columns compute() reads
     lookback: int  # leading rows that are NaN
     window: int  # candles the newest value needs (lookback + 1 + convergence tail)
@@ -92,6 +89,11 @@ class _Step:
 
     def compute(self, a: Arrays) -> list[np.ndarray]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def last(self, a: Arrays, lo: int) -> list[float]:
+        """The newest value of each column, computed over the candles ``lo..`` of ``a``."""
+        part = a if lo == 0 else {c: a[c][lo:] for c in self.needs}
+        return [float(column[-1]) for column in self.compute(part)]
 
 
 def _fmt(value: Any) -> str:
