@@ -374,11 +374,17 @@ class FeatureSpec:
         self._source: dict[str, Any] = {}
         # the incremental path: per step, its window, the input columns it reads, and where its
         # outputs go in the row
-        plan = []
+        # outputs go in the row. TA-Lib steps are unrolled (function, inputs, parameters): the
+        # same call as their compute(), without a method hop per bar.
+        plan: list[tuple[Any, ...]] = []
         slot = 0
         for step in self.steps:
-            plan.append((step, step.window, tuple(range(slot, slot + len(step.names)))))
-            slot += len(step.names)
+            width = len(step.names)
+            if isinstance(step, _TalibStep):
+                plan.append((None, step.window, slot, width, step.fn, step.inputs, step.args))
+            else:
+                plan.append((step, step.window, slot, width, None, (), ()))
+            slot += width
         self._plan = tuple(plan)
 
     # --- construction ---------------------------------------------------------------------------
@@ -475,16 +481,21 @@ class FeatureSpec:
         """
         a = candle_arrays(candles, validate=False)
         n = a["close"].shape[0]
-        values = np.full(len(self.names), np.nan)
         if n == 0:
-            return values
+            return np.full(len(self.names), np.nan)
         if validate:
             _check_newest(a)
-        for step, window, slots in self._plan:
-            newest = step.last(a, n - window if n > window else 0)
-            for slot, value in zip(slots, newest, strict=True):
-                values[slot] = value
-        return values
+        row: list[float] = [math.nan] * len(self.names)
+        for step, window, slot, width, fn, inputs, args in self._plan:
+            lo = n - window if n > window else 0
+            if fn is None:
+                row[slot:slot + width] = step.last(a, lo)
+            elif width == 1:
+                row[slot] = fn(*[a[c][lo:] for c in inputs], *args)[-1]
+            else:
+                out = fn(*[a[c][lo:] for c in inputs], *args)
+                row[slot:slot + width] = [o[-1] for o in out]
+        return np.array(row, dtype=np.float64)
 
 
 def _check_newest(a: Arrays) -> None:
