@@ -100,7 +100,7 @@ def stream_cmd(
                 console.print(f"streaming {options.feature_subject} -> {options.names.signals_all} on {url}"
                               f" for {', '.join(sorted(worker.routes))}"
                               + (f" (queue group {queue_group})" if queue_group else "")
-                              + "; Ctrl-C stops", highlight=False)
+                              + "; Ctrl-C stops", highlight=False, soft_wrap=True)
                 try:
                     await stop.wait()
                 finally:
@@ -112,7 +112,7 @@ def stream_cmd(
             await opened.__aexit__(None, None, None)
 
     stats = asyncio.run(main())
-    console.print(f"stopped: {stats}", highlight=False)
+    console.print(f"stopped: {stats}", highlight=False, soft_wrap=True)
 
 
 async def _with_bus(url: str | None, work: Any) -> Any:
@@ -154,17 +154,15 @@ def config_get(
     data: Any = asyncio.run(_with_bus(nats, work))
     if key is not None:
         section, field = split_key(key)
-        data = data[section] if field is None else data[section].get(field, _missing(key))
+        if field is not None and field not in data[section]:
+            raise ValidationError(f"unknown config key {key!r}", details={"key": key})
+        data = data[section] if field is None else data[section][field]
     if as_json or not isinstance(data, dict):
         sys.stdout.write(json.dumps(data, indent=2 if isinstance(data, dict) else None) + "\n")
         return
     import yaml
 
     sys.stdout.write(yaml.safe_dump(data, sort_keys=True))
-
-
-def _missing(key: str) -> Any:
-    raise ValidationError(f"unknown config key {key!r}", details={"key": key})
 
 
 @config_app.command("set")
