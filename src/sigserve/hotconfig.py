@@ -244,6 +244,25 @@ class LiveConfig:
         if self.bus is not None and self.bus.durable:
             self._watch = await self.bus.kv_watch(self.bucket, self._on_kv)
 
+    async def rewatch(self) -> None:
+        """After a broker reconnect: read the bucket again and watch it anew (a watch may not
+        survive a server restart)."""
+        if self.bus is None or not self.bus.durable:
+            return
+        from .errors import SigserveError
+
+        if self._watch is not None:
+            with contextlib.suppress(Exception):
+                await self._watch.stop()
+            self._watch = None
+        try:
+            layer = await read_kv(self.bus, self.bucket)
+            self._apply(self.file_layer, layer, "kv (after a reconnect)")
+            self._watch = await self.bus.kv_watch(self.bucket, self._on_kv)
+        except SigserveError as exc:
+            self.errors += 1
+            log.warning("config KV not watched after the reconnect: %s", exc)
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()

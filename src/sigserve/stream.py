@@ -679,6 +679,8 @@ class StreamWorker:
         self.stats["reconnects"] += 1
         if self.options.catchup:
             self._catchup_pending = True
+        task = asyncio.get_running_loop().create_task(self.config.rewatch(), name="config-rewatch")
+        self._tasks.append(task)
 
     # --- receiving --------------------------------------------------------------------------------
     async def _on_message(self, msg: BusMessage) -> None:
@@ -829,6 +831,7 @@ class StreamWorker:
         if cached is not None and ts[0] > cached[0] and self.options.queue_group is None:
             start_side = cached[1]
         else:
+            self.stats["position_reads"] += 1
             sides = await self.runner.call(lambda: self.store.position_sides(
                 route.signal_id, card.version, symbol, interval, ts[:1]))
             start_side = int(sides[0])
