@@ -64,7 +64,7 @@ _ERROR_TEXT = {
     404: "signal_not_found, model_not_found or route_not_found",
     403: "risk_rejected (risk_check: true; the checks in details.checks)",
     409: "signal_retired, model_lifecycle_refused, model_artifact_missing, feature_not_registered,"
-         " feature_value_missing, explanation_unsupported (explain: true)",
+         " feature_value_missing, feature_spec_mismatch, explanation_unsupported (explain: true)",
     413: "backfill_window_too_large",
     422: "validation_error",
     500: "internal_error (details.request_id)",

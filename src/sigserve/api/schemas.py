@@ -182,6 +182,9 @@ class ModelInfo(BaseModel):
     runtime: str
     read_features: list[str]
     policy: dict[str, Any]
+    class_metrics: dict[str, Any] | None = Field(
+        default=None, description="per-class precision, recall, F1 and support on the test part"
+                                  " (models trained by sigserve train), else null")
 
 
 class Label(BaseModel):
