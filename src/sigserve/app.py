@@ -8,9 +8,10 @@ Usage::
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import Settings
 from .engine import Engine
@@ -24,6 +25,8 @@ class Services:
     store: Store
     registry: ModelRegistry
     engine: Engine
+    # run (newest first) before the store closes: background workers drain and stop here
+    on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     @classmethod
     @asynccontextmanager
@@ -33,6 +36,14 @@ class Services:
         await store.open()
         try:
             registry = ModelRegistry(store, settings)
-            yield cls(settings, store, registry, Engine(store, registry, settings.prepared_ttl_s))
+            services = cls(settings, store, registry, Engine(store, registry, settings.prepared_ttl_s))
+            try:
+                yield services
+            finally:
+                for hook in reversed(services.on_close):
+                    try:
+                        await hook()
+                    except Exception:  # a worker that fails to stop never keeps the store open
+                        logging.getLogger("sigserve").exception("a close hook failed")
         finally:
             await store.close()

@@ -60,6 +60,7 @@ def ensure_shadow_runner(state: ServerState) -> None:
         runner = ShadowRunner(engine, maxsize=state.settings.shadow_queue_size, metrics=state.metrics)
         runner.start()
         engine.shadow_runner = runner
+        state.svc.on_close.append(runner.stop)  # drain (2 s at most) before the store closes
 
 
 def _actor(state: ServerState, request: Request) -> str:

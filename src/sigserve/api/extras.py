@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import time
 from typing import Any
 
@@ -87,16 +88,19 @@ class DecisionPublisher:
         self.task: asyncio.Task[None] | None = None
         self.bus: Any = None
         self._stream = False  # the durable stream of the events is ensured
+        self.stream = "DECISIONS_" + re.sub(r"[^A-Za-z0-9_-]", "_", subject)[:100]
         self.counter = Counter("sigserve_decision_events", "trading_decision events, by outcome",
                                ["outcome"], registry=metrics.registry)
         self.sent = self.dropped = 0
 
-    def submit(self, answer: dict[str, Any]) -> None:
+    def submit(self, answer: dict[str, Any], on_close: list[Any]) -> None:
+        """Queue the event of one answered decision; ``on_close``: the services' close hooks."""
         from .responses import dumps
 
-        if self.queue is None:
+        if self.queue is None or self.task is None or self.task.done():
             self.queue = asyncio.Queue(maxsize=self.maxsize)
             self.task = asyncio.get_running_loop().create_task(self._run(), name="decision-events")
+            on_close.append(self.stop)
         meta = answer["metadata"]
         explanation = meta.get("explanation") or {}
         event = {
@@ -115,6 +119,22 @@ class DecisionPublisher:
             self.dropped += 1
             self.counter.labels("dropped").inc()
 
+    async def stop(self, drain_s: float = 2.0) -> None:
+        """Send what is queued (``drain_s`` at most), then close the bus connection."""
+        queue, task = self.queue, self.task
+        if queue is not None and task is not None and not task.done():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(drain_s):
+                    await queue.join()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.task = None
+        bus, self.bus, self._stream = self.bus, None, False
+        if bus is not None:
+            with contextlib.suppress(Exception):
+                await bus.close()
+
     async def _run(self) -> None:
         from ..bus.base import open_bus
 
@@ -128,7 +148,7 @@ class DecisionPublisher:
                     await bus.connect()
                     self.bus, self._stream = bus, False
                 if self.bus.durable and not self._stream:
-                    await self.bus.ensure_stream("SIGSERVE_DECISIONS", [f"{self.subject}.>"])
+                    await self.bus.ensure_stream(self.stream, [f"{self.subject}.>"])
                     self._stream = True
                 if self.bus.durable:
                     await (await self.bus.publish_durable(subject, data, msg_id=decision_id))

@@ -295,7 +295,7 @@ def _inference(router: RouteTable, state: ServerState) -> None:
         if body.risk_check or body.explain or ensemble_parts.value is not None:
             await extras.enrich(body, signal_id, row, features, answer)
         if extras.publisher is not None:
-            extras.publisher.submit(answer)
+            extras.publisher.submit(answer, state.svc.on_close)
         return Response(dumps(answer), media_type="application/json")
 
 
