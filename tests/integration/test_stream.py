@@ -438,6 +438,8 @@ async def test_model_change_in_kv_swaps_without_failures(rig: Rig, tmp_path: Pat
         if i == swapped_at:
             await rig.bus.kv_put(rig.names.config_bucket, "model_config",
                                  orjson.dumps({"version": str(card2.version)}))
+        if i == 2 * n // 3:  # the last third goes out once the new model is in (it loads meanwhile)
+            await until(lambda: worker.stats["model_swaps"] >= 1, 60, "the swap")
         await rig.bus.publish(subject, orjson.dumps({
             "symbol": "BTCUSDT", "interval": INTERVAL, "ts": int(ts[i].astype(np.int64)) // 1000,
             "features": {**{f: float(values[i, j]) for j, f in enumerate(NAMES)}, ATR: 0.5},
