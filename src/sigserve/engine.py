@@ -194,7 +194,7 @@ class Engine:
             if traffic.challenger is not None or traffic.shadows:
                 from .routing.rollout import prepare_rollout
 
-                return await prepare_rollout(self, definition, traffic)
+                return await prepare_rollout(self, definition, traffic, strict=False)
             return await self.prepare_definition(replace(definition, model_ref=str(traffic.champion)))
         return await self.prepare_definition(definition)
 

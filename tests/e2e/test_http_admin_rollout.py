@@ -290,3 +290,21 @@ async def test_a_version_reading_other_features_is_shadowed_on_its_own_columns(
         assert {r["model_version"] for r in served} == {version}
         own = np.array([[world.feature_dict(BTC, 300)[n] for n in names]])
         assert list(served[0]["raw_output"]) == list(runtime.predict(own)[0])
+
+
+async def test_a_challenger_retired_during_a_rollout_leaves_the_champion_serving(
+        home: Path, world: World, tmp_path: Path) -> None:
+    await _register_candidate(home, world, tmp_path)
+    async with serving(settings_for(home)) as (app, client):  # prepared TTL 0: every call resolves
+        services = services_of(app)
+        r = await client.post(f"/admin/rollouts/{SIGNAL}/start", json={"version": CANDIDATE, "share": 1.0})
+        assert r.status_code == 200
+        assert (await _predict(client, world, BTC, 200))["metadata"]["model_version"] == CANDIDATE
+        await services.registry.retire(MODEL, CANDIDATE, actor="test")
+        for i in (200, 201, 202):  # never the retired version, never a refusal
+            assert (await _predict(client, world, BTC, i))["metadata"]["model_version"] == 1
+        # a change naming the retired version is refused, and changes nothing
+        await client.post(f"/admin/rollouts/{SIGNAL}/rollback")
+        r = await client.post(f"/admin/rollouts/{SIGNAL}/start", json={"version": CANDIDATE})
+        assert (r.status_code, r.json()["error_code"]) == (409, "model_lifecycle_refused")
+        assert (await client.get(f"/admin/rollouts/{SIGNAL}")).json()["policy"]["challenger"] is None

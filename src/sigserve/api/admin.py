@@ -20,6 +20,7 @@ request uses it. Other servers see it within ``SIGSERVE_SERVER_PREPARED_TTL_S``.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from enum import Enum
 from typing import Any
@@ -78,6 +79,8 @@ def build_admin(table: RouteTable, state: ServerState) -> None:
     tags: list[str | Enum] = ["admin"]
     from .routes import errors_doc
 
+    changes = asyncio.Lock()  # one change at a time: each reads the policy it replaces
+
     def service() -> Any:
         from ..routing.rollout import RolloutService
 
@@ -114,28 +117,32 @@ def build_admin(table: RouteTable, state: ServerState) -> None:
           responses=errors_doc(404, 409, 422, 502, 503))
     async def rollout_start(body: RolloutStartBody, request: Request, signal_id: str) -> Response:
         """Start a rollout: the candidate version as a shadow (or with ``share`` of the traffic)."""
-        return JSONResp(await service().apply(signal_id, "start", _actor(state, request),
-                                              version=body.version, shadows=body.shadows,
-                                              share=body.share))
+        async with changes:
+            return JSONResp(await service().apply(signal_id, "start", _actor(state, request),
+                                                  version=body.version, shadows=body.shadows,
+                                                  share=body.share))
 
     @lean(table, "/admin/rollouts/{signal_id}/advance", ["POST"], tags, response_model=None,
           responses=errors_doc(404, 409, 422, 502, 503))
     async def rollout_advance(body: RolloutAdvanceBody, request: Request, signal_id: str) -> Response:
         """The next stage: shadow -> canary 10% -> 50% -> 100% (or the ``share`` given)."""
-        return JSONResp(await service().apply(signal_id, "advance", _actor(state, request),
-                                              share=body.share))
+        async with changes:
+            return JSONResp(await service().apply(signal_id, "advance", _actor(state, request),
+                                                  share=body.share))
 
     @lean(table, "/admin/rollouts/{signal_id}/promote", ["POST"], tags, response_model=None,
           responses=errors_doc(404, 409, 422, 502, 503))
     async def rollout_promote(request: Request, signal_id: str) -> Response:
         """The challenger becomes the champion (all traffic)."""
-        return JSONResp(await service().apply(signal_id, "promote", _actor(state, request)))
+        async with changes:
+            return JSONResp(await service().apply(signal_id, "promote", _actor(state, request)))
 
     @lean(table, "/admin/rollouts/{signal_id}/rollback", ["POST"], tags, response_model=None,
           responses=errors_doc(404, 409, 422, 503))
     async def rollout_rollback(request: Request, signal_id: str) -> Response:
         """Drop the challenger: the champion serves every request from the next one on."""
-        return JSONResp(await service().apply(signal_id, "rollback", _actor(state, request)))
+        async with changes:
+            return JSONResp(await service().apply(signal_id, "rollback", _actor(state, request)))
 
     @lean(table, "/admin/rollouts/{signal_id}/report", ["GET"], tags, response_model=None,
           responses=errors_doc(404, 422, 503))

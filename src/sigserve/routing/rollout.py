@@ -24,6 +24,7 @@ its resolved signal expires (``SIGSERVE_SERVER_PREPARED_TTL_S``, 1 s by default)
 from __future__ import annotations
 
 import getpass
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -31,13 +32,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..domain import FLAT, FeatureBatch, SignalDefinition, TrafficPolicy
-from ..errors import SignalNotFound, ValidationError
+from ..errors import SignalNotFound, SigserveError, ValidationError
 from .hashing import bucket, challenger_mask, day_number, trading_date
 
 if TYPE_CHECKING:
     from ..domain import SignalBatch
     from ..engine import Engine, Prepared, RunResult
 
+log = logging.getLogger("sigserve.rollout")
 CANARY_STEPS = (0.1, 0.5, 1.0)
 _CACHE_MAX = 65_536
 
@@ -73,18 +75,28 @@ class RolloutSet:
         return self.policy.versions
 
 
-async def prepare_rollout(engine: Engine, definition: SignalDefinition,
-                          policy: TrafficPolicy) -> Prepared:
+async def prepare_rollout(engine: Engine, definition: SignalDefinition, policy: TrafficPolicy, *,
+                          strict: bool = True) -> Prepared:
     """Load every version of ``policy`` for ``definition`` (lifecycle, artifact sha and feature
-    checks for each) and return the champion carrying the :class:`RolloutSet`."""
+    checks for each) and return the champion carrying the :class:`RolloutSet`.
+
+    ``strict`` False (a re-resolution of a stored policy): a challenger or shadow that can no
+    longer be served (retired, rejected, its artifact gone) is left out and logged, and the
+    champion takes its traffic; the champion itself still refuses. True (a change being
+    applied): any refusal refuses the change."""
     loaded: dict[int, Prepared] = {}
     for version in policy.versions:
-        loaded[version] = await engine.prepare_definition(replace(definition, model_ref=str(version)))
-    every = tuple(loaded[v] for v in policy.versions)
+        try:
+            loaded[version] = await engine.prepare_definition(replace(definition, model_ref=str(version)))
+        except SigserveError as exc:
+            if strict or version == policy.champion:
+                raise
+            log.error("signal %s: version %s left out of its rollout: %s", definition.signal_id, version, exc)
+    every = tuple(loaded[v] for v in policy.versions if v in loaded)
     champion = loaded[policy.champion]
     routed_champion = replace(champion, shadows=tuple(p for p in every if p is not champion))
     routed_challenger = None
-    if policy.challenger is not None:
+    if policy.challenger is not None and policy.challenger in loaded:
         chal = loaded[policy.challenger]
         routed_challenger = replace(chal, shadows=tuple(p for p in every if p is not chal))
     share = policy.share if routed_challenger is not None else 0.0
