@@ -308,3 +308,19 @@ async def test_a_challenger_retired_during_a_rollout_leaves_the_champion_serving
         r = await client.post(f"/admin/rollouts/{SIGNAL}/start", json={"version": CANDIDATE})
         assert (r.status_code, r.json()["error_code"]) == (409, "model_lifecycle_refused")
         assert (await client.get(f"/admin/rollouts/{SIGNAL}")).json()["policy"]["challenger"] is None
+
+
+async def test_a_full_shadow_queue_drops_and_counts(home: Path, world: World, tmp_path: Path) -> None:
+    await _register_candidate(home, world, tmp_path)
+    async with serving(settings_for(home, shadow_queue_size=2)) as (app, client):
+        services = services_of(app)
+        assert (await client.post(f"/admin/rollouts/{SIGNAL}/start", json={"version": CANDIDATE})).status_code == 200
+        answers = await asyncio.gather(*(_predict(client, world, BTC, i) for i in range(100, 140)))
+        assert all(a["metadata"]["model_version"] == 1 for a in answers)  # served, whatever the queue
+        runner = services.engine.shadow_runner
+        await runner.idle()
+        assert runner.stats["dropped"] > 0
+        assert runner.stats["dropped"] + runner.stats["predicted"] == 40
+        text = (await client.get("/metrics")).text
+        dropped = next(line for line in text.splitlines() if line.startswith("sigserve_shadow_dropped_total"))
+        assert float(dropped.split()[-1]) == runner.stats["dropped"]
