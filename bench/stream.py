@@ -7,6 +7,8 @@ on one clock (both ends are in this process). Phases, per store (DuckDB file, Po
 
 - ``rate-1000`` / ``rate-5000``: a fixed-rate publisher (messages spread over the symbols),
   latency p50/p99 and the rate actually answered;
+- ``floor-1000``: the transport alone: an echo process (one durable publish per feature, acked
+  after the audit stream's ack; no model, no store) in place of the worker;
 - ``drain``: a backlog of N messages is loaded into the FEATURES stream before the worker starts;
   the worker's sustained throughput is the backlog over the time from its first signal to its
   last (one worker; with ``--workers 2`` two in a queue group, PostgreSQL only).
@@ -177,6 +179,69 @@ async def run_rate(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: fl
                                              for k, v in percentiles(receiver.worker_latency or [0.0]).items()}}
 
 
+async def echo_worker(prefix: str) -> None:
+    """The transport's floor: a process that answers each feature with one durable publish and
+    acks it after the audit stream's ack, and does nothing else (no model, no store)."""
+    names = Names(prefix=prefix)
+    bus = NatsBus(NATS)
+    await bus.connect()
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+
+    async def handle(msg: Any) -> None:
+        body = orjson.loads(msg.data)
+        out = orjson.dumps({"symbol": body["symbol"], "timestamp_ms": 0, "key": body["ts"],
+                            "metadata": {"prediction_latency_ms": (time.perf_counter() - msg.received) * 1000}})
+        ack = await bus.publish_durable(names.signals(body["symbol"], INTERVAL), out, msg_id=str(uuid.uuid4()))
+
+        async def settle() -> None:
+            await ack
+            await msg.ack()
+
+        task = loop.create_task(settle())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    await bus.consume(names.stream(names.features_stream), "echo", names.subject("features.*.*"), handle)
+    await bus.flush()
+    print("streaming (echo)", flush=True)
+    await asyncio.Event().wait()
+
+
+async def run_floor(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: float) -> dict[str, Any]:
+    proc = subprocess.Popen([sys.executable, __file__, "--echo", prefix], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    receiver = Receiver()
+
+    async def receive(msg: Any) -> None:
+        body = orjson.loads(msg.data)
+        msg.data = orjson.dumps({**body, "timestamp_ms": int(np.datetime64(body["key"].rstrip("Z"), "ms")
+                                                             .astype(np.int64))})
+        await receiver(msg)
+
+    sub = await bus.subscribe(f"{prefix}.signals.>", receive)
+    await bus.flush()
+    total = int(rate * seconds)
+    began = time.perf_counter()
+    for k in range(total):
+        delay = began + k / rate - time.perf_counter()
+        if delay > 0.0005:
+            await asyncio.sleep(delay)
+        subject, data, key = feed.next(prefix)
+        receiver.sent[key] = time.perf_counter()
+        await bus.publish(subject, data)
+    deadline = time.monotonic() + 30
+    while receiver.count < total and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await sub.stop()
+    proc.terminate()
+    proc.wait(10)
+    lat = percentiles(receiver.latency) if receiver.latency else {}
+    return {"phase": f"floor-{rate}", "rate_target": rate, "published": total, "received": receiver.count,
+            "latency_ms": {k: round(v, 3) if isinstance(v, float) else v for k, v in lat.items()}}
+
+
 async def run_drain(bus: NatsBus, feed: Feed, prefix: str, n: int, start_workers: Any) -> dict[str, Any]:
     names = Names(prefix=prefix)
     stream = names.stream(names.features_stream)
@@ -218,7 +283,9 @@ async def bench_store(kind: str, store_url: str, phases: list[str], feed: Feed, 
             await bus.ensure_stream(names.stream(names.features_stream), [names.features], max_age_s=3600)
             await bus.ensure_stream(names.stream(names.signals_stream), [names.signals_all], max_age_s=3600)
             try:
-                if phase.startswith("rate-"):
+                if phase.startswith("floor-"):
+                    result = await run_floor(bus, feed, prefix, int(phase.split("-")[1]), seconds)
+                elif phase.startswith("rate-"):
                     worker = Worker(home, store_url, prefix, None)
                     worker.start()
                     try:
@@ -254,12 +321,16 @@ async def bench_store(kind: str, store_url: str, phases: list[str], feed: Feed, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stores", default="duckdb,postgres")
-    parser.add_argument("--phases", default="rate-1000,rate-5000,drain,drain-group")
+    parser.add_argument("--phases", default="floor-1000,rate-1000,rate-5000,drain,drain-group")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--drain", type=int, default=40_000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--echo", help=argparse.SUPPRESS)  # the floor phase's echo process
     args = parser.parse_args()
+    if args.echo:
+        asyncio.run(echo_worker(args.echo))
+        return
     feed = Feed()
     stores = {"duckdb": f"duckdb:///{bench_home() / 'stream' / 'duckdb' / 'sigserve.duckdb'}",
               "postgres": f"{PG}?schema=bench_stream"}
@@ -274,11 +345,12 @@ def main() -> None:
     summary: dict[str, Any] = {}
     for key in sorted({(r["store"], r["phase"]) for r in runs}):
         same = [r for r in runs if (r["store"], r["phase"]) == key]
-        if key[1].startswith("rate"):
+        if key[1].startswith(("rate", "floor")):
             summary[f"{key[0]} {key[1]}"] = {
                 "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in same if r["latency_ms"]),
                 "p99_ms": statistics.median(r["latency_ms"]["p99"] for r in same if r["latency_ms"]),
-                "answered_rate": statistics.median(r["answered_rate"] for r in same)}
+                "answered_rate": statistics.median(r.get("answered_rate", r["received"] / args.seconds)
+                                                   for r in same)}
         else:
             summary[f"{key[0]} {key[1]}"] = {
                 "msg_per_s": statistics.median(r["msg_per_s"] or 0 for r in same),
