@@ -308,7 +308,8 @@ async def bench_store(kind: str, store_url: str, phases: list[str], feed: Feed, 
                     result["phase"] = phase
                     result["worker_stats"] = [w.stop() for w in result.pop("_workers")]
             finally:
-                for stream in (names.stream(names.features_stream), names.stream(names.signals_stream)):
+                for stream in (names.stream(names.features_stream), names.stream(names.signals_stream),
+                               f"KV_{names.config_bucket}"):
                     await bus.delete_stream(stream)
             result["store"] = kind
             print(orjson.dumps({k: v for k, v in result.items() if k != "worker_stats"}).decode(), flush=True)

@@ -228,17 +228,24 @@ class LiveConfig:
         self._tasks: list[asyncio.Task[None]] = []
         self._watch: Any = None
         self._mtime: float | None = None
+        self._loaded = False
 
     def subscribe(self, callback: Callable[[StreamConfig, StreamConfig], None]) -> None:
         self._callbacks.append(callback)
 
-    async def start(self) -> None:
-        """Read every source (an invalid start config is refused), then watch them."""
+    async def load(self) -> None:
+        """Read every source (an invalid start config is refused); no watch, no side effect."""
         self.file_layer = read_file(self.path)
         self._mtime = self._stat()
         if self.bus is not None and self.bus.durable:
             self.kv_layer = await read_kv(self.bus, self.bucket)
         self.current = build(self.file_layer, self.kv_layer)
+        self._loaded = True
+
+    async def start(self) -> None:
+        """``load`` unless done, then watch the file and the bucket (created when missing)."""
+        if not self._loaded:
+            await self.load()
         if self.path is not None:
             self._tasks.append(asyncio.get_running_loop().create_task(self._poll(), name="config-file"))
         if self.bus is not None and self.bus.durable:

@@ -513,9 +513,12 @@ class StreamWorker:
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
-        """Streams, config, routes, catch-up, then consume. Refuses (raises) when nothing to serve."""
+        """Config, routes, then streams, catch-up and consume. Refuses (raises) before creating
+        anything on the bus when there is nothing to serve."""
         self.runner.start()
         options, names, bus = self.options, self.names, self.bus
+        await self.config.load()
+        await self._load_routes(initial=True)
         if bus.durable:
             await bus.ensure_stream(names.stream(names.features_stream), [names.features],
                                     max_age_s=options.features_max_age_s,
@@ -526,7 +529,6 @@ class StreamWorker:
             log.warning("the bus has no JetStream: at-most-once input, no audit stream")
         await self.config.start()
         self.config.subscribe(self._on_config)
-        await self._load_routes(initial=True)
         if options.kafka_bootstrap:
             from .stream_kafka import KafkaSink
 

@@ -89,11 +89,25 @@ def test_stream_command_refusals(tmp_path: Path) -> None:
     assert unreachable.returncode == 1 and time.monotonic() - started < 30
     assert unreachable.stderr.strip().splitlines()[-1].startswith("bus_unavailable: cannot connect to NATS")
     require_tcp("NATS", "127.0.0.1", 4222)
-    nothing = run("stream", "--nats", NATS_URL, "--prefix", f"t{uuid.uuid4().hex[:8]}", home=home)
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    nothing = run("stream", "--nats", NATS_URL, "--prefix", prefix, home=home)
     assert nothing.returncode == 2
     assert "validation_error: no active signal definition to stream" in nothing.stderr
-    unknown = run("stream", "--nats", NATS_URL, "--signals", "nope", home=home)
+    unknown = run("stream", "--nats", NATS_URL, "--prefix", prefix, "--signals", "nope", home=home)
     assert unknown.returncode == 1 and unknown.stderr.startswith("signal_not_found:")
+    # refused before creating anything on the bus: no stream, no bucket
+
+    async def leftovers() -> list[str]:
+        import nats
+
+        nc = await nats.connect(NATS_URL)
+        try:
+            names = [i.config.name for i in await nc.jetstream().streams_info()]
+        finally:
+            await nc.close()
+        return [n for n in names if prefix in n]
+
+    assert asyncio.run(leftovers()) == []
 
 
 def test_config_get_and_set_in_the_file(tmp_path: Path) -> None:

@@ -385,7 +385,7 @@ class NatsBus:
         return _Sub(lambda: self._unsubscribe(sub))
 
     # --- KV ---------------------------------------------------------------------------------------
-    async def _bucket(self, bucket: str) -> Any:
+    async def _bucket(self, bucket: str, *, create: bool = True) -> Any:
         check_name(bucket, "bucket")
         kv = self._kv.get(bucket)
         if kv is not None:
@@ -395,6 +395,8 @@ class NatsBus:
         try:
             kv = await js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
+            if not create:
+                return None
             kv = await self._call(f"creating KV bucket {bucket}", js.create_key_value(bucket=bucket, history=10))
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(f"NATS KV {bucket} failed: {exc}", details={"bus": self.url}) from exc
@@ -402,7 +404,9 @@ class NatsBus:
         return kv
 
     async def kv_get(self, bucket: str, key: str) -> bytes | None:
-        kv = await self._bucket(bucket)
+        kv = await self._bucket(bucket, create=False)  # reading creates nothing
+        if kv is None:
+            return None
         nats = _nats()
         try:
             entry = await kv.get(key)
