@@ -456,3 +456,43 @@ async def test_model_change_in_kv_swaps_without_failures(rig: Rig, tmp_path: Pat
     assert worker.stats["batch_errors"] == 0 and worker.stats["model_swaps"] == 1
     assert rig.dead == [] and rig.rejected == []
     del market
+
+
+async def test_latency_budget_dead_letters_or_holds_and_policy_overrides_apply(rig: Rig, tmp_path: Path) -> None:
+    """max_latency_ms: past it a signal is dead-lettered (deadline_exceeded), or with
+    fallback_to_hold stored and published as a flagged hold; signal_generation overrides the
+    definition's levels. All applied live from the config file."""
+    config_file = tmp_path / "stream.yaml"
+    config_file.write_text("inference_settings:\n  max_latency_ms: 0.000001\n")  # always late
+    worker = await rig.worker(config_file=config_file)
+    for i in range(5):
+        await rig.publish("BTCUSDT", i)
+    await until(lambda: len(rig.dead) == 5, what="5 dead letters")
+    assert {orjson.loads(m.data)["error_code"] for m in rig.dead} == {"deadline_exceeded"}
+    await until(lambda: worker.stats["acked"] >= 5)
+    assert await rig.stored() == [] and rig.signals.messages == []
+    config_file.write_text("inference_settings:\n  max_latency_ms: 0.000001\n  fallback_to_hold: true\n")
+    await until(lambda: worker.config.current.inference_settings.fallback_to_hold, 5)
+    for i in range(5, 10):
+        await rig.publish("BTCUSDT", i)
+    got = await rig.signals.wait(5)
+    assert {m["signal_type"] for m in got} == {"hold"} and {m["confidence_score"] for m in got} == {0.0}
+    await until_async(lambda: _count(rig, 5))
+    assert {r["flags"] for r in await rig.stored()} == {"deadline_fallback_hold"}
+    # no budget, and wider stops: an entry's stop sits 4 ATRs away instead of the definition's 1.5
+    config_file.write_text("signal_generation:\n  atr_multiplier_sl: 4.0\n")
+    await until(lambda: worker.config.current.signal_generation.atr_multiplier_sl == 4.0, 5)
+    await until(lambda: worker.stats["model_swaps"] == 0 and worker._rebuild_task is not None
+                and worker._rebuild_task.done(), 10, "the routes rebuilt")
+    await until(lambda: next(iter(worker.routes.values())).prepared.definition.policy.atr_multiplier_sl == 4.0, 10)
+    market = rig.market
+    for i in range(10, 120):
+        await rig.publish("BTCUSDT", i)
+    msgs = await rig.signals.wait(115)
+    entries = [m for m in msgs[5:] if m["signal_type"] in ("buy", "sell")]
+    assert entries
+    for m in entries:
+        i = int((np.datetime64(m["timestamp_ms"], "ms") - market.ts[0].astype("datetime64[ms]"))
+                / np.timedelta64(1, "m"))
+        atr = market.values["BTCUSDT"][i][8]
+        assert abs(abs(m["entry_price"] - m["stop_loss"]) - 4.0 * atr) < 1e-6 * m["entry_price"]

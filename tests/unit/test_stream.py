@@ -304,3 +304,60 @@ def test_an_invalid_start_config_is_refused(tmp_path: Path) -> None:
     path.write_text("inference_settings:\n  max_latency_ms: -1\n")
     with pytest.raises(SigserveError):
         asyncio.run(LiveConfig(path).start())
+
+
+# --- Kafka sink without a broker ------------------------------------------------------------------
+class FakeProducer:
+    """Stands in for aiokafka's producer: fails the first ``failures`` sends, records the rest."""
+
+    failures = 2
+
+    def __init__(self, **config: Any) -> None:
+        self.config = config
+        self.sent: list[tuple[str, bytes, bytes]] = []
+        self.calls = 0
+
+    async def start(self) -> None:
+        FakeProducer.instance = self
+
+    async def stop(self) -> None:
+        pass
+
+    async def send(self, topic: str, value: bytes, key: bytes) -> Any:
+        import asyncio
+
+        self.calls += 1
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.calls <= FakeProducer.failures:
+            future.set_exception(ConnectionError("broker down"))
+        else:
+            self.sent.append((topic, key, value))
+            future.set_result(None)
+        return future
+
+    instance: FakeProducer
+
+
+async def test_kafka_sink_never_blocks_counts_retries_and_overflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    import aiokafka
+
+    from sigserve.stream_kafka import KafkaSink
+
+    monkeypatch.setattr(aiokafka, "AIOKafkaProducer", FakeProducer)
+    sink = KafkaSink("broker:9092", max_queue=5, batch=1)
+    await sink.start()
+    producer = FakeProducer.instance
+    assert producer.config["acks"] == "all" and producer.config["enable_idempotence"] is True
+    for i in range(7):  # offer() is synchronous: the hot path never awaits the broker
+        sink.offer(f"k{i}".encode(), f"v{i}".encode())
+    assert sink.stats["dropped"] == 2 and sink.pending == 5  # over the bound: counted, not silent
+    for _ in range(200):
+        if sink.stats["sent"] == 5:
+            break
+        await asyncio.sleep(0.05)
+    await sink.stop()
+    assert sink.stats["sent"] == 5 and sink.stats["failed_attempts"] == 2  # retried after the failures
+    assert [k for _, k, _ in producer.sent] == [b"k0", b"k1", b"k2", b"k3", b"k4"]
+    assert {t for t, _, _ in producer.sent} == {"trading_signals_archive"}
