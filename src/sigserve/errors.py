@@ -121,8 +121,7 @@ class FeatureSpecMismatch(SigserveError):
 
 class RiskRejected(SigserveError):
     """A decision refused by a risk check (``risk_check: true``): the request was understood and
-    authorised, but the decision it would give is forbidden (403), not a bad request. Not in
-    ``ERROR_CODES`` until DESIGN.md's table lists it (issue 5's note asks for it)."""
+    authorised, but the decision it would give is forbidden (403), not a bad request."""
 
     code = "risk_rejected"
     http_status = 403
@@ -131,8 +130,7 @@ class RiskRejected(SigserveError):
 class ExplanationUnsupported(SigserveError):
     """``explain: true`` for a model whose flavor has no native TreeSHAP. 409, like the other
     refusals caused by the state of the served model (not by the request's shape, which is valid:
-    the same request explains once a LightGBM or XGBoost version serves). Not in ``ERROR_CODES``
-    until DESIGN.md's table lists it."""
+    the same request explains once a LightGBM or XGBoost version serves)."""
 
     code = "explanation_unsupported"
     http_status = 409
@@ -185,6 +183,8 @@ ERROR_CODES: dict[str, type[SigserveError]] = {
         FeatureNotRegistered,
         FeatureValueMissing,
         FeatureSpecMismatch,
+        RiskRejected,
+        ExplanationUnsupported,
         BackfillWindowTooLarge,
         ArtifactCorrupt,
         StoreUnavailable,

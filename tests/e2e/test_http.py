@@ -583,6 +583,29 @@ async def test_rows_of_another_feature_spec_are_refused(home: Path, world: World
 
 
 # --- the whole table --------------------------------------------------------------------------------
+async def test_risk_rejected_and_explanation_unsupported(home: Path, world: World, tmp_path: Path) -> None:
+    """403 risk_rejected carries the checks; 409 explanation_unsupported for a flavor without
+    native TreeSHAP (a scikit-learn model), while the same request without ``explain`` answers."""
+    from sigserve.domain import Policy, SignalDefinition, Stage
+    from tests.fixtures.models import train_sklearn
+
+    features = {**world.feature_dict(BTC, 300), "close": float(world.close[BTC][300])}
+    async with serving(settings_for(home, risk_min_confidence=0.999)) as (app, client):
+        body = refused(await client.post("/api/v1/predict", json={
+            "symbol": BTC, "features": features, "risk_check": True}), "risk_rejected")
+        assert body["details"]["checks"]["min_confidence"] == "fail"
+        services = services_of(app)
+        path = train_sklearn(tmp_path, feature_names=list(FEATURE_NAMES), n_features=len(FEATURE_NAMES))
+        card = await services.registry.register(path, name="forest", classes=["down", "up"])
+        await services.registry.promote("forest", card.version, Stage.PRODUCTION, actor="test")
+        await services.store.create_signal(SignalDefinition("forest-1h", "forest", "@production", INTERVAL,
+                                                            (), Policy(threshold=0.52)))
+        request = {"symbol": BTC, "signal_id": "forest-1h", "features": features}
+        assert (await client.post("/api/v1/predict", json=request)).status_code == 200
+        refused(await client.post("/api/v1/predict", json={**request, "explain": True}),
+                "explanation_unsupported")
+
+
 def test_every_error_code_was_reached_over_http() -> None:
     """Runs last in this module (pytest keeps file order): every code of DESIGN.md's table, and the
     two HTTP-only ones, came back from the server above."""
