@@ -41,7 +41,8 @@ T = TypeVar("T")
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Turn trained trading models into live, auditable trading signals.")
 models_app = typer.Typer(no_args_is_help=True, help="Register models and move them through the lifecycle.")
-features_app = typer.Typer(no_args_is_help=True, help="Compute (from a spec), import, list, deprecate and check features.")
+features_app = typer.Typer(no_args_is_help=True,
+                           help="Compute (from a spec), import, list, deprecate and check features.")
 candles_app = typer.Typer(no_args_is_help=True, help="Import OHLCV candles.")
 signals_app = typer.Typer(no_args_is_help=True, help="Define, list and retire signals.")
 app.add_typer(models_app, name="models")
