@@ -23,6 +23,12 @@ Guarantees (JetStream on):
   next batch (up to ``max_batch``), so a quiet stream pays no wait and a busy one pays one store
   transaction per (signal, symbol) per batch. A bar's row is the same as ``predict_bar``'s for the
   same features (the engine's invariant; ``tests/integration/test_stream.py`` checks it).
+- A signal with a traffic policy (``sigserve rollout``) routes each bar as HTTP and backfill do:
+  the challenger takes the (symbol, UTC trading date) buckets under its share, each version is
+  computed on its bars (positions of its own), and the signals are published in ts order; every
+  other version of the policy predicts the same bars as shadows, stored with ``shadow = true``,
+  never published. The policy is re-read with the routes (``model.reload_interval_s``); a live
+  config that pins another model overrides it. A signal without a policy pays nothing for this.
 - On start, after a reconnect, and when no live message came for a bar within the grace period,
   bars stored since the last stored signal are computed from the store (``source=catchup_scan``).
 
@@ -55,7 +61,7 @@ import numpy as np
 import orjson
 
 from .bus.base import Bus, BusMessage, Subscription
-from .domain import ACTIONS, FeatureBatch, SignalBatch, SignalDefinition, Source
+from .domain import ACTIONS, FLAT, FeatureBatch, SignalBatch, SignalDefinition, Source, TrafficPolicy
 from .engine import DEADLINE_FLAG, Engine, Prepared, check_feature_keys
 from .errors import (
     BusUnavailable,
@@ -67,6 +73,7 @@ from .errors import (
 )
 from .hotconfig import BUCKET as CONFIG_BUCKET
 from .hotconfig import LiveConfig, StreamConfig
+from .routing.hashing import challenger_mask
 from .stores.base import Store
 from .timeutil import TS_DTYPE, interval_us, parse_ts, validate_interval
 
@@ -443,10 +450,21 @@ class Route:
     features_used: list[str]
     model_type: str
     source_definition: SignalDefinition  # as stored, before overrides
+    # the signal's traffic policy when it rolls out versions (prepared.rollout is then set)
+    traffic: TrafficPolicy | None = None
 
     @property
     def interval(self) -> str:
         return self.prepared.definition.interval
+
+    def describe(self, version: int) -> tuple[list[str], str]:
+        """(features_used, model_type) of the version that computed a batch."""
+        rollout = self.prepared.rollout
+        if rollout is not None and version != self.prepared.card.version:
+            for routed in (rollout.champion, rollout.challenger):
+                if routed is not None and routed.card.version == version:
+                    return list(routed.card.feature_names), routed.card.flavor
+        return self.features_used, self.model_type
 
     def covers(self, symbol: str) -> bool:
         return not self.symbols or symbol in self.symbols
@@ -497,6 +515,7 @@ class StreamWorker:
         # back acks (and then deliveries), never the publish of the signals already computed.
         self._inflight: asyncio.Queue[_Flight | None] = asyncio.Queue()
         self.writer = SignalWriter(self.runner, self.store)
+        self._shadow_writes: set[asyncio.Future[int]] = set()
         self._sides: dict[tuple[str, int, str], tuple[np.datetime64, int]] = {}
         self._last_ts: dict[tuple[str, str], np.datetime64] = {}
         self._live_at: dict[tuple[str, str], float] = {}
@@ -580,6 +599,8 @@ class StreamWorker:
         await self.config.stop()
         if self.kafka is not None:
             await self.kafka.stop()
+        if self._shadow_writes:  # shadow rows queued behind the acked ones: 2 s at most
+            await asyncio.wait(list(self._shadow_writes), timeout=2.0)
         await self.writer.stop()
         self.runner.stop()
 
@@ -605,12 +626,35 @@ class StreamWorker:
             return found
         return [d for d in await self.runner.call(store.list_signals) if d.active]
 
-    async def _route(self, definition: SignalDefinition, config: StreamConfig) -> Route:
+    async def _traffic(self, definition: SignalDefinition, effective: SignalDefinition) -> TrafficPolicy | None:
+        """The signal's traffic policy, or None. A live config that pins another model (name or
+        ref) overrides the rollout: the pinned model serves every bar."""
+        policy = await self.runner.call(functools.partial(self.store.get_traffic_policy, definition.signal_id))
+        if policy is not None and (effective.model_name, effective.model_ref) != (
+                definition.model_name, definition.model_ref):
+            log.warning("signal %s: the live config pins model %s %s over its rollout", definition.signal_id,
+                        effective.model_name, effective.model_ref)
+            return None
+        return policy
+
+    async def _route(self, definition: SignalDefinition, config: StreamConfig,
+                     traffic: Any = _MISSING) -> Route:
         effective = apply_config(definition, config)
-        prepared = await self.runner.call(lambda: self.engine.prepare_definition(effective))
+        policy = await self._traffic(definition, effective) if traffic is _MISSING else traffic
+        assert policy is None or isinstance(policy, TrafficPolicy)
+        engine = self.engine
+        if policy is None:
+            prepared = await self.runner.call(lambda: engine.prepare_definition(effective))
+        elif policy.challenger is None and not policy.shadows:  # as Engine.prepare: the champion only
+            pinned = replace(effective, model_ref=str(policy.champion))
+            prepared = await self.runner.call(lambda: engine.prepare_definition(pinned))
+        else:
+            from .routing.rollout import prepare_rollout
+
+            prepared = await self.runner.call(lambda: prepare_rollout(engine, effective, policy, strict=False))
         card = prepared.card
         return Route(definition.signal_id, prepared, frozenset(definition.symbols), definition.feature_key,
-                     list(card.feature_names), card.flavor, definition)
+                     list(card.feature_names), card.flavor, definition, policy)
 
     async def _load_routes(self, *, initial: bool = False) -> None:
         """Resolve every definition in scope (in the background after the start): a new model is
@@ -627,7 +671,14 @@ class StreamWorker:
                 continue
             current = self.routes.get(definition.signal_id)
             effective = apply_config(definition, config)
-            if current is not None and not initial:
+            traffic = await self._traffic(definition, effective)
+            if current is not None and not initial and (traffic is not None or current.traffic is not None):
+                # a rollout's versions are pinned numbers: the same policy keeps the loaded route
+                if (traffic == current.traffic and traffic is not None
+                        and replace(effective, model_ref=str(traffic.champion)) == current.prepared.definition):
+                    routes[definition.signal_id] = current
+                    continue
+            elif current is not None and not initial:
                 card = await self.runner.call(functools.partial(
                     self.services.registry.resolve, effective.model_name, effective.model_ref))
                 if (card.sha256 == current.prepared.card.sha256 and card.version == current.prepared.card.version
@@ -636,7 +687,7 @@ class StreamWorker:
                     routes[definition.signal_id] = current
                     continue
             try:
-                routes[definition.signal_id] = await self._route(definition, config)
+                routes[definition.signal_id] = await self._route(definition, config, traffic)
             except SigserveError as exc:
                 if initial:
                     raise
@@ -793,9 +844,6 @@ class StreamWorker:
     async def _group(self, route: Route, symbol: str, items: list[tuple[BusMessage, FeatureMessage]],
                      config: StreamConfig, flight: _Flight,
                      dead: list[tuple[BusMessage, SigserveError, str | None]]) -> None:
-        prepared = route.prepared
-        names = prepared.read_names
-        interval = route.interval
         items.sort(key=lambda item: item[1].ts)
         # one row per bar: a later message for the same bar replaces an earlier one
         unique: list[tuple[BusMessage, FeatureMessage]] = []
@@ -804,6 +852,62 @@ class StreamWorker:
                 unique[-1] = item
             else:
                 unique.append(item)
+        rollout = route.prepared.rollout
+        if rollout is None:  # no traffic policy: one version, nothing extra
+            part = await self._compute(route, route.prepared, symbol, unique, config, dead)
+            if part is None:
+                return
+            parts = [part]
+        else:
+            # each bar goes to the version its (symbol, trading date) routes to, as on HTTP and backfill
+            routed_parts: list[tuple[Prepared, list[tuple[BusMessage, FeatureMessage]]]]
+            challenger = rollout.challenger
+            mask = (challenger_mask(symbol, np.array([fm.ts for _, fm in unique], dtype=TS_DTYPE), rollout.share)
+                    if challenger is not None else None)
+            if mask is None or not mask.any():
+                routed_parts = [(rollout.champion, unique)]
+            elif mask.all():
+                assert challenger is not None
+                routed_parts = [(challenger, unique)]
+            else:
+                assert challenger is not None
+                taken = mask.tolist()
+                routed_parts = [(rollout.champion, [u for u, m in zip(unique, taken, strict=True) if not m]),
+                                (challenger, [u for u, m in zip(unique, taken, strict=True) if m])]
+            parts = []
+            for routed, rows in routed_parts:
+                computed = await self._compute(route, routed, symbol, rows, config, dead)
+                if computed is not None:
+                    parts.append(computed)
+            if not parts:
+                return
+        batches = [signals for _, signals, _, _ in parts]
+        redelivered = any(msg.num_delivered > 1 for _, _, _, kept in parts for msg, _ in kept)
+        self.stats["signals"] += sum(len(b) for b in batches)
+        flight.keys.extend((route.signal_id, b.model_version, symbol) for b in batches)
+        if self.options.write_first or redelivered:
+            # a redelivered bar may have been published already: publish only once it is stored
+            flight.writes.extend(self.writer.submit(b) for b in batches)
+
+            async def publish_later() -> list[Awaitable[Any]]:
+                return await self._publish(route, batches, config)
+
+            flight.after_write.append(publish_later)
+        else:
+            flight.publishes.extend(await self._publish(route, batches, config))
+            flight.writes.extend(self.writer.submit(b) for b in batches)
+        for routed, signals, features, kept in parts:
+            if routed.shadows:
+                self._shadows(routed, features, signals, [fm for _, fm in kept], config)
+
+    async def _compute(self, route: Route, prepared: Prepared, symbol: str,
+                       unique: list[tuple[BusMessage, FeatureMessage]], config: StreamConfig,
+                       dead: list[tuple[BusMessage, SigserveError, str | None]],
+                       ) -> tuple[Prepared, SignalBatch, FeatureBatch, list[tuple[BusMessage, FeatureMessage]]] | None:
+        """One version's signals for its bars of a micro-batch (deadline applied): the version,
+        the signals, the feature rows and the messages they came from; None when none is left."""
+        names = prepared.read_names
+        interval = route.interval
         values = np.empty((len(unique), len(names)), dtype=np.float64)
         keep: list[int] = []
         spec_key = prepared.spec_key
@@ -817,7 +921,7 @@ class StreamWorker:
                 continue
             keep.append(i)
         if not keep:
-            return
+            return None
         if len(keep) != len(unique):
             unique = [unique[i] for i in keep]
             values = values[keep]
@@ -869,25 +973,60 @@ class StreamWorker:
                             route.signal_id))
                     on_time = np.flatnonzero(~late)
                     if on_time.size == 0:
-                        return
+                        return None
                     signals = _take(signals, on_time)
+                    features = _take_features(features, on_time)
                     unique = [unique[i] for i in on_time]
                     latency = latency[on_time]
         signals.latency_ms[:] = latency
-        redelivered = any(msg.num_delivered > 1 for msg, _ in unique)
-        self.stats["signals"] += len(signals)
-        flight.keys.append(side_key)
-        if self.options.write_first or redelivered:
-            # a redelivered bar may have been published already: publish only once it is stored
-            flight.writes.append(self.writer.submit(signals))
+        return prepared, signals, features, unique
 
-            async def publish_later() -> list[Awaitable[Any]]:
-                return await self._publish(route, signals, config)
+    def _shadows(self, routed: Prepared, features: FeatureBatch, served: SignalBatch,
+                 messages: list[FeatureMessage], config: StreamConfig) -> None:
+        """The routed version's shadows on the same bars (as backfill: each from flat, stored
+        with ``shadow = true``, never published, never a position). After the served signals are
+        published; their writes go through the writer but never hold back an ack."""
+        from .routing.rollout import align
 
-            flight.after_write.append(publish_later)
-        else:
-            flight.publishes.extend(await self._publish(route, signals, config))
-            flight.writes.append(self.writer.submit(signals))
+        threshold = config.inference_settings.confidence_threshold
+        for other in routed.shadows:
+            rows = align(features, other)
+            if rows is None:  # a version reading other features: take them from the messages
+                values = np.empty((len(messages), len(other.read_names)), dtype=np.float64)
+                ok = []
+                for i, fm in enumerate(messages):
+                    try:
+                        feature_row(other.read_names, fm.features, values[i])
+                    except SigserveError:
+                        continue
+                    ok.append(i)
+                if not ok:
+                    self.stats["shadow_skipped"] += len(messages)
+                    continue
+                self.stats["shadow_skipped"] += len(messages) - len(ok)
+                rows = FeatureBatch(features.symbol, features.interval, features.ts[ok], values[ok],
+                                    other.read_names, features.feature_keys[ok], features.close[ok])
+            try:
+                shadow, _ = self.engine.compute(other, rows, FLAT, Source.STREAM, min_confidence=threshold)
+            except Exception:  # a shadow never fails the served signals
+                self.stats["shadow_failed"] += len(rows)
+                log.exception("shadow version %s failed", other.card.version)
+                continue
+            shadow.shadow = True
+            self.stats["shadow_signals"] += len(shadow)
+            future = self.writer.submit(shadow)
+            self._shadow_writes.add(future)
+            future.add_done_callback(self._shadow_written)
+
+    def _shadow_written(self, future: asyncio.Future[int]) -> None:
+        self._shadow_writes.discard(future)
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            self.stats["shadow_write_failed"] += 1
+            log.warning("shadow rows not stored: %s", error)
+
 
     async def _fill_close(self, symbol: str, interval: str, ts: np.ndarray, close: np.ndarray) -> None:
         """Bars whose message carried no close take it from the stored candle, as predict_bar does."""
@@ -899,24 +1038,35 @@ class StreamWorker:
         found = (candles.ts[idx_clipped] == ts) & np.isnan(close)
         close[found] = candles.close[idx_clipped[found]]
 
-    async def _publish(self, route: Route, signals: SignalBatch, config: StreamConfig) -> list[Awaitable[Any]]:
-        """Publish every valid signal of the batch; futures of the audit stream's acks."""
+    async def _publish(self, route: Route, batches: SignalBatch | list[SignalBatch],
+                       config: StreamConfig) -> list[Awaitable[Any]]:
+        """Publish every valid signal of the batches (one symbol; a rollout's versions merged
+        in ts order); futures of the audit stream's acks."""
+        if isinstance(batches, SignalBatch):
+            batches = [batches]
         bus, durable = self.bus, self.bus.durable
         publish_holds = config.inference_settings.publish_holds
         log_signals = config.monitoring.log_signals
-        subject = self.names.signals(signals.symbol, signals.interval)
+        subject = self.names.signals(batches[0].symbol, batches[0].interval)
         futures: list[Awaitable[Any]] = []
         kafka = self.kafka
-        messages = signal_messages(signals, definition_id=route.signal_id, model_type=route.model_type,
-                                   features_used=route.features_used)
-        flags = signals.flags.tolist()
+        messages: list[tuple[str, dict[str, Any]]] = []
+        flags: list[str] = []
+        for signals in batches:
+            features_used, model_type = route.describe(signals.model_version)
+            messages += signal_messages(signals, definition_id=route.signal_id, model_type=model_type,
+                                        features_used=features_used)
+            flags += signals.flags.tolist()
+        if len(batches) > 1:
+            order = sorted(range(len(messages)), key=lambda i: messages[i][1]["timestamp_ms"])
+            messages, flags = [messages[i] for i in order], [flags[i] for i in order]
         for i, (key, message) in enumerate(messages):
             problem = validate_signal(message, flags[i])
             if problem is not None:
                 self.stats["rejected"] += 1
                 log.warning("signal rejected, not published: %s: %s", problem, message["signal_id"])
                 rejection = ValidationError(f"invalid signal: {problem}",
-                                            details={"signal": message, "flags": str(signals.flags[i])})
+                                            details={"signal": message, "flags": str(flags[i])})
                 await self._safe_publish(self.names.rejected, orjson.dumps(rejection.to_envelope()),
                                          {ERROR_HEADER: rejection.code})
                 continue
@@ -1047,9 +1197,14 @@ class StreamWorker:
         batch = result.batch
         if len(batch) == 0:
             return 0
-        self._sides[(route.signal_id, route.prepared.card.version, symbol)] = (batch.ts[-1], result.end_side)
-        self._last_ts[(route.signal_id, symbol)] = batch.ts[-1]
-        futures = await self._publish(route, batch, self.config.current)
+        if route.prepared.rollout is None:
+            self._sides[(route.signal_id, route.prepared.card.version, symbol)] = (batch.ts[-1], result.end_side)
+        else:  # each routed version's position: read again from the store by the next live bar
+            for key in [k for k in self._sides if k[0] == route.signal_id and k[2] == symbol]:
+                self._sides.pop(key, None)
+        served = [b for b in (batch, *result.extra) if len(b)]
+        self._last_ts[(route.signal_id, symbol)] = max(b.ts[-1] for b in served)
+        futures = await self._publish(route, served, self.config.current)
         results = await asyncio.gather(*futures, return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
@@ -1112,6 +1267,11 @@ def _take(batch: SignalBatch, idx: np.ndarray) -> SignalBatch:
         "ts", "action", "confidence", "raw_output", "entry_price", "stop_loss", "take_profit",
         "recommended_size", "feature_keys", "latency_ms", "flags")}
     return replace(batch, **columns)
+
+
+def _take_features(features: FeatureBatch, idx: np.ndarray) -> FeatureBatch:
+    return FeatureBatch(features.symbol, features.interval, features.ts[idx], features.values[idx],
+                        features.names, features.feature_keys[idx], features.close[idx])
 
 
 def _done() -> asyncio.Future[None]:
