@@ -1,6 +1,7 @@
 """The live driver: feature messages in, trading signals out, through the one engine.
 
-``features.{symbol}.{interval}`` -> parse -> route to the active signal definitions -> the
+``features.{symbol}.{interval}`` -> parse (a candle message: the model's feature spec computes the
+newest bar's features from its last candles) -> route to the active signal definitions -> the
 engine's ``compute`` (predict + policy, vectorised over the messages that arrived together) ->
 validate -> publish ``signals.{symbol}.{interval}`` (also stored by the ``TRADING_SIGNALS``
 stream, deduplicated with ``Nats-Msg-Id`` = the upsert key) -> upsert the rows -> ack.
@@ -75,7 +76,7 @@ from .hotconfig import BUCKET as CONFIG_BUCKET
 from .hotconfig import LiveConfig, StreamConfig
 from .routing.hashing import challenger_mask
 from .stores.base import Store
-from .timeutil import TS_DTYPE, interval_us, parse_ts, validate_interval
+from .timeutil import TS_DTYPE, format_ts, interval_us, parse_ts, validate_interval
 
 log = logging.getLogger("sigserve.stream")
 T = TypeVar("T")
@@ -156,6 +157,85 @@ class FeatureMessage:
     features: dict[str, Any]
     feature_key: str | None = None
     close: float | None = None
+    # a candle message: the last candles (ts, open, high, low, close, volume arrays), the newest
+    # being the bar at ts; ``features`` is then computed per model spec (cached by spec hash)
+    candles: dict[str, np.ndarray] | None = None
+    computed: dict[str, dict[str, Any]] | None = None
+
+
+MAX_CANDLES = 10_000
+_CANDLE_PRICES = ("open", "high", "low", "close", "volume")
+
+
+def parse_candles(candles: Any, when: np.datetime64) -> dict[str, np.ndarray]:
+    """A candle message's ``candles`` as arrays, checked (numbers, 0 < low <= open, close <= high,
+    volume >= 0, ts strictly increasing), the newest being the bar at ``when``."""
+    from .features.spec import candle_arrays
+
+    if not isinstance(candles, list) or not candles:
+        raise ValidationError("candles must be a non-empty list of {ts, open, high, low, close, volume}",
+                              details={"field": "candles"})
+    n = len(candles)
+    if n > MAX_CANDLES:
+        raise ValidationError(f"{n} candles in one message, over {MAX_CANDLES}",
+                              details={"field": "candles", "count": n, "max": MAX_CANDLES})
+    ts = np.empty(n, dtype=TS_DTYPE)
+    columns = {k: np.empty(n, dtype=np.float64) for k in _CANDLE_PRICES}
+    for i, candle in enumerate(candles):
+        if not isinstance(candle, dict):
+            raise ValidationError(f"candle #{i} must be an object {{ts, open, high, low, close, volume}}",
+                                  details={"field": "candles", "index": i})
+        stamp = candle.get("ts")
+        if stamp is None or isinstance(stamp, bool | dict | list):
+            raise ValidationError(f"candle #{i}: ts must be an ISO 8601 time or epoch seconds/milliseconds",
+                                  details={"field": "candles", "index": i})
+        ts[i] = parse_ts(stamp)
+        for name, column in columns.items():
+            value = candle.get(name, 0.0 if name == "volume" else None)
+            kind = type(value)
+            if kind is not float and kind is not int:
+                raise ValidationError(f"candle #{i}: {name} must be a number",
+                                      details={"field": "candles", "index": i, "column": name})
+            column[i] = value
+    if ts[-1] != when:
+        raise ValidationError(
+            f"the candles must end at the message's bar {format_ts(when)} (the newest is"
+            f" {format_ts(ts[-1])}): send the last candles up to and including that bar",
+            details={"field": "candles", "reason": "candles_not_ending_at_ts", "ts": format_ts(when),
+                     "newest": format_ts(ts[-1])})
+    return candle_arrays({"ts": ts, **columns}, validate=True)
+
+
+def candle_features(prepared: Prepared, fm: FeatureMessage) -> dict[str, Any]:
+    """The features of a candle message's newest bar by ``prepared``'s model spec (the spec on
+    its card, as ``POST /predict`` with candles): ``FeatureSpec.compute_last`` over the candles,
+    which must number at least the spec's ``window`` (then they equal a full history's)."""
+    assert fm.candles is not None
+    card = prepared.card
+    spec_hash = card.extra.get("feature_spec_hash")
+    if not spec_hash or not isinstance(card.extra.get("feature_spec"), dict):
+        raise ValidationError(
+            f"model {card.ref} records no feature spec, so it cannot compute features from candles:"
+            " train it with `sigserve train`, or send \"features\" instead of \"candles\"",
+            details={"model": card.ref, "reason": "no_feature_spec"})
+    cache = fm.computed
+    if cache is None:
+        cache = fm.computed = {}
+    features = cache.get(str(spec_hash))
+    if features is not None:
+        return features
+    from .api.candles import spec_of
+
+    spec = spec_of(card)
+    n = int(fm.candles["close"].shape[0])
+    if n < spec.window:
+        raise ValidationError(
+            f"{n} candles are too few for model {card.ref}: its feature spec needs the last"
+            f" {spec.window} candles (its window) to compute the newest bar's features",
+            details={"model": card.ref, "reason": "too_few_candles", "candles": n, "needed": spec.window})
+    features = dict(zip(spec.names, spec.compute_last(fm.candles).tolist(), strict=True))
+    cache[str(spec_hash)] = features
+    return features
 
 
 def parse_feature_message(data: bytes, subject: str | None = None) -> FeatureMessage:
@@ -177,8 +257,17 @@ def parse_feature_message(data: bytes, subject: str | None = None) -> FeatureMes
         raise ValidationError("ts must be an ISO 8601 time or epoch seconds/milliseconds",
                               details={"field": "ts"})
     when = parse_ts(ts)
-    if not isinstance(feats, dict):
-        raise ValidationError("features must be an object of name -> number", details={"field": "features"})
+    raw_candles = body.get("candles")
+    candles = None
+    if raw_candles is not None:
+        if feats is not None:
+            raise ValidationError("a message carries features or candles, not both",
+                                  details={"field": "candles"})
+        candles = parse_candles(raw_candles, when)
+        feats = {}
+    elif not isinstance(feats, dict):
+        raise ValidationError("features must be an object of name -> number (or send candles)",
+                              details={"field": "features"})
     key = body.get("feature_key")
     if key is not None and (not isinstance(key, str) or not key):
         raise ValidationError("feature_key must be a non-empty string", details={"field": "feature_key"})
@@ -193,7 +282,9 @@ def parse_feature_message(data: bytes, subject: str | None = None) -> FeatureMes
             raise ValidationError(f"subject {subject!r} does not match the message's symbol and"
                                   f" interval ({symbol}, {interval})",
                                   details={"subject": subject, "symbol": symbol, "interval": interval})
-    return FeatureMessage(symbol, interval, when, feats, key, close)
+    if close is None and candles is not None:
+        close = float(candles["close"][-1])
+    return FeatureMessage(symbol, interval, when, feats, key, close, candles)
 
 
 def feature_row(names: tuple[str, ...], features: dict[str, Any], out: np.ndarray) -> None:
@@ -915,7 +1006,8 @@ class StreamWorker:
             try:
                 if spec_key is not None and fm.feature_key is not None and fm.feature_key != spec_key:
                     check_feature_keys(prepared, np.array([fm.feature_key], dtype=object))
-                feature_row(names, fm.features, values[i])
+                feature_row(names, fm.features if fm.candles is None else candle_features(prepared, fm),
+                            values[i])
             except SigserveError as exc:
                 dead.append((msg, exc, route.signal_id))
                 continue
@@ -996,7 +1088,8 @@ class StreamWorker:
                 ok = []
                 for i, fm in enumerate(messages):
                     try:
-                        feature_row(other.read_names, fm.features, values[i])
+                        feature_row(other.read_names,
+                                    fm.features if fm.candles is None else candle_features(other, fm), values[i])
                     except SigserveError:
                         continue
                     ok.append(i)
@@ -1288,7 +1381,9 @@ __all__ = [
     "StreamOptions",
     "StreamWorker",
     "apply_config",
+    "candle_features",
     "feature_row",
+    "parse_candles",
     "parse_feature_message",
     "signal_message",
     "upsert_key",
