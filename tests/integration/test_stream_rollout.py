@@ -171,3 +171,33 @@ async def test_a_rollout_change_reaches_the_running_worker(world: World) -> None
     await asyncio.sleep(0.2)
     rows = await world.rows()
     assert [(r["model_version"], r["shadow"]) for r in rows] == [(2, False)]
+
+
+async def test_catch_up_under_a_rollout_publishes_both_versions_and_never_a_shadow(world: World) -> None:
+    """Bars stored while no worker ran are computed through the rollout (as backfill) on start."""
+    worker = await world.start()
+    market = world.market
+    half = BARS // 2
+    for i in range(half):
+        for symbol in SYMBOLS:
+            await world.bus.publish(world.names.subject(f"features.{symbol}.{INTERVAL}"),
+                                    market.message(symbol, i))
+    await world.signals.wait(half * len(SYMBOLS))
+    await until(lambda: worker.stats["acked"] >= half * len(SYMBOLS), what="acks")
+    await worker.stop()
+    world.worker = None
+    world.signals.messages.clear()
+    worker = await world.start()  # catch-up: the second half, from the stored feature rows
+    rest = (BARS - half) * len(SYMBOLS)
+    published = await world.signals.wait(rest)
+    assert len(published) == rest and worker.stats["catchup_rows"] == rest
+    rows = await world.rows()
+    served = {(r["symbol"], np.datetime64(r["ts"], "us")): r for r in rows if not r["shadow"]}
+    assert len(served) == BARS * len(SYMBOLS)
+    for message in published:
+        ts = np.datetime64(message["timestamp_ms"], "ms").astype(TS_DTYPE)
+        row = served[(message["symbol"], ts)]
+        want = 2 if challenger_mask(message["symbol"], np.array([ts]), 0.5)[0] else 1
+        assert row["model_version"] == want and message["model_version"] == f"trend:{want}"
+        assert row["source"] == "catchup_scan"
+    assert {m["model_version"] for m in published} == {"trend:1", "trend:2"}

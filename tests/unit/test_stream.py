@@ -86,6 +86,48 @@ def test_malformed_messages_are_validation_errors(data: bytes, field: str) -> No
     assert field in (details.get("field"), details.get("reason")) or field in info.value.message.lower()
 
 
+def _candles(n: int, end: np.datetime64 = T) -> list[dict[str, Any]]:
+    return [{"ts": int((end - (n - 1 - i) * np.timedelta64(3600, "s")).astype("datetime64[s]").astype(np.int64)),
+             "open": 100.0 + i, "high": 102.0 + i, "low": 99.0 + i, "close": 101.0 + i, "volume": 5}
+            for i in range(n)]
+
+
+def test_parse_a_candle_message() -> None:
+    msg = parse_feature_message(body(features=_DROP, candles=_candles(3)), "features.BTCUSDT.1h")
+    assert msg.ts == T and msg.features == {} and msg.candles is not None
+    assert msg.candles["close"].tolist() == [101.0, 102.0, 103.0] and msg.candles["ts"][-1] == T
+    assert msg.close == 103.0  # the newest candle's, unless the message gives one
+    assert parse_feature_message(body(features=_DROP, candles=_candles(3), close=7.5)).close == 7.5
+    no_volume = _candles(2)
+    for candle in no_volume:
+        del candle["volume"]
+    assert parse_feature_message(body(features=_DROP, candles=no_volume)).candles["volume"].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize(("candles", "reason"), [
+    ([], "candles"),
+    ("many", "candles"),
+    ([1, 2], "candles"),
+    ([{"ts": None, "open": 1, "high": 1, "low": 1, "close": 1}], "candles"),
+    ([{"ts": "2024-03-01T10:00Z", "open": "1", "high": 1, "low": 1, "close": 1}], "candles"),
+    ([{"ts": "2024-03-01T10:00Z", "open": True, "high": 1, "low": 1, "close": 1}], "candles"),
+    (_candles(3, T - np.timedelta64(3600, "s")), "candles_not_ending_at_ts"),
+    (list(reversed(_candles(3))), "candles_not_ending_at_ts"),
+    (_candles(3)[::2] + _candles(1), "strictly increasing"),
+    ([{**c, "low": 200.0} for c in _candles(2)], "inconsistent candle"),
+])
+def test_malformed_candle_messages_are_validation_errors(candles: Any, reason: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        parse_feature_message(body(features=_DROP, candles=candles))
+    details = info.value.details
+    assert reason in (details.get("field"), details.get("reason")) or reason in info.value.message
+
+
+def test_features_and_candles_together_are_refused() -> None:
+    with pytest.raises(ValidationError, match="not both"):
+        parse_feature_message(body(candles=_candles(2)))
+
+
 def test_subject_must_agree_with_the_body() -> None:
     with pytest.raises(ValidationError, match="does not match"):
         parse_feature_message(body(), "features.ETHUSDT.1h")
