@@ -104,6 +104,34 @@ def check_feature_keys(prepared: Prepared, keys: np.ndarray) -> None:
         details={"model": prepared.card.ref, "expected": expected, "found": wrong[:10]})
 
 
+def fill_feature_row(names: tuple[str, ...], features: Mapping[str, Any], out: np.ndarray,
+                     model_ref: str) -> None:
+    """Fill ``out`` with a caller's feature values in ``names`` order (an HTTP body's, a stream
+    message's). None is a missing value (NaN); a name absent is ``feature_value_missing``, a value
+    that is not a number ``validation_error``."""
+    missing: list[str] = []
+    bad: dict[str, str] = {}
+    for i, name in enumerate(names):
+        value = features.get(name, _MISSING)
+        kind = type(value)
+        if kind is float or kind is int:
+            out[i] = value
+        elif value is None:
+            out[i] = math.nan
+        elif value is _MISSING:
+            missing.append(name)
+        elif isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool):
+            out[i] = float(value)
+        else:
+            bad[name] = kind.__name__
+    if bad:
+        raise ValidationError(f"feature values must be numbers: {sorted(bad)}",
+                              details={"not_numeric": bad})
+    if missing:
+        raise FeatureValueMissing(f"the features lack names the model {model_ref} reads: {missing}",
+                                  details={"missing": missing, "model": model_ref})
+
+
 @dataclass(frozen=True)
 class RunResult:
     batch: SignalBatch
@@ -502,28 +530,7 @@ class Engine:
         self.check_target(prepared, symbol, interval)
         names = prepared.read_names
         row = np.empty((1, len(names)), dtype=np.float64)
-        missing: list[str] = []
-        bad: dict[str, str] = {}
-        for i, name in enumerate(names):
-            value = features.get(name, _MISSING)
-            kind = type(value)
-            if kind is float or kind is int:
-                row[0, i] = value
-            elif value is None:
-                row[0, i] = math.nan
-            elif value is _MISSING:
-                missing.append(name)
-            elif isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool):
-                row[0, i] = float(value)
-            else:
-                bad[name] = kind.__name__
-        if bad:
-            raise ValidationError(f"feature values must be numbers: {sorted(bad)}",
-                                  details={"not_numeric": bad})
-        if missing:
-            raise FeatureValueMissing(
-                f"the request lacks features the model {prepared.card.ref} reads: {missing}",
-                details={"missing": missing, "model": prepared.card.ref})
+        fill_feature_row(names, features, row[0], prepared.card.ref)
         price = math.nan if close is None else float(close)
         key = prepared.definition.feature_key or "inline"
         batch = FeatureBatch(symbol, interval, np.array([ts], dtype=TS_DTYPE), row, names,

@@ -63,11 +63,10 @@ import orjson
 
 from .bus.base import Bus, BusMessage, Subscription
 from .domain import ACTIONS, FLAT, FeatureBatch, SignalBatch, SignalDefinition, Source, TrafficPolicy
-from .engine import DEADLINE_FLAG, Engine, Prepared, check_feature_keys
+from .engine import DEADLINE_FLAG, Engine, Prepared, check_feature_keys, fill_feature_row
 from .errors import (
     BusUnavailable,
     DeadlineExceeded,
-    FeatureValueMissing,
     SigserveError,
     StoreUnavailable,
     ValidationError,
@@ -285,29 +284,6 @@ def parse_feature_message(data: bytes, subject: str | None = None) -> FeatureMes
     if close is None and candles is not None:
         close = float(candles["close"][-1])
     return FeatureMessage(symbol, interval, when, feats, key, close, candles)
-
-
-def feature_row(names: tuple[str, ...], features: dict[str, Any], out: np.ndarray) -> None:
-    """Fill ``out`` with the named values; ``feature_value_missing`` / ``validation_error`` else.
-    None is a missing value (NaN), as in ``Engine.predict_inline``."""
-    missing: list[str] = []
-    bad: dict[str, str] = {}
-    for i, name in enumerate(names):
-        value = features.get(name, _MISSING)
-        kind = type(value)
-        if kind is float or kind is int:
-            out[i] = value
-        elif value is None:
-            out[i] = math.nan
-        elif value is _MISSING:
-            missing.append(name)
-        else:
-            bad[name] = kind.__name__
-    if bad:
-        raise ValidationError(f"feature values must be numbers: {sorted(bad)}", details={"not_numeric": bad})
-    if missing:
-        raise FeatureValueMissing(f"the message lacks features the model reads: {missing}",
-                                  details={"missing": missing})
 
 
 def upsert_key(signal_id: str, model_version: int, symbol: str, interval: str, ts_us: int) -> str:
@@ -1006,8 +982,8 @@ class StreamWorker:
             try:
                 if spec_key is not None and fm.feature_key is not None and fm.feature_key != spec_key:
                     check_feature_keys(prepared, np.array([fm.feature_key], dtype=object))
-                feature_row(names, fm.features if fm.candles is None else candle_features(prepared, fm),
-                            values[i])
+                fill_feature_row(names, fm.features if fm.candles is None else candle_features(prepared, fm),
+                                 values[i], prepared.card.ref)
             except SigserveError as exc:
                 dead.append((msg, exc, route.signal_id))
                 continue
@@ -1088,8 +1064,9 @@ class StreamWorker:
                 ok = []
                 for i, fm in enumerate(messages):
                     try:
-                        feature_row(other.read_names,
-                                    fm.features if fm.candles is None else candle_features(other, fm), values[i])
+                        fill_feature_row(other.read_names,
+                                         fm.features if fm.candles is None else candle_features(other, fm),
+                                         values[i], other.card.ref)
                     except SigserveError:
                         continue
                     ok.append(i)
@@ -1382,7 +1359,6 @@ __all__ = [
     "StreamWorker",
     "apply_config",
     "candle_features",
-    "feature_row",
     "parse_candles",
     "parse_feature_message",
     "signal_message",

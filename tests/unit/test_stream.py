@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from sigserve.domain import ACTION_CODE, Policy, SignalBatch, SignalDefinition
+from sigserve.engine import fill_feature_row
 from sigserve.errors import FeatureValueMissing, SigserveError, ValidationError
 from sigserve.hotconfig import (
     LiveConfig,
@@ -28,7 +29,6 @@ from sigserve.stream import (
     SIGNAL_NAMESPACE,
     Names,
     apply_config,
-    feature_row,
     merge_batches,
     parse_feature_message,
     signal_message,
@@ -137,16 +137,16 @@ def test_subject_must_agree_with_the_body() -> None:
 
 def test_feature_row_missing_and_non_numeric() -> None:
     out = np.empty(3)
-    feature_row(("a", "b", "c"), {"a": 1.5, "b": -2, "c": None, "extra": "ignored"}, out)
+    fill_feature_row(("a", "b", "c"), {"a": 1.5, "b": -2, "c": None, "extra": "ignored"}, out, "m:1")
     assert out[0] == 1.5 and out[1] == -2.0 and math.isnan(out[2])
     with pytest.raises(FeatureValueMissing) as missing:
-        feature_row(("a", "z"), {"a": 1.0}, np.empty(2))
+        fill_feature_row(("a", "z"), {"a": 1.0}, np.empty(2), "m:1")
     assert missing.value.details["missing"] == ["z"]
     with pytest.raises(ValidationError) as bad:
-        feature_row(("a", "b"), {"a": "1", "b": [2]}, np.empty(2))
+        fill_feature_row(("a", "b"), {"a": "1", "b": [2]}, np.empty(2), "m:1")
     assert bad.value.details["not_numeric"] == {"a": "str", "b": "list"}
     with pytest.raises(ValidationError):
-        feature_row(("a",), {"a": True}, np.empty(1))  # a bool is not a number here
+        fill_feature_row(("a",), {"a": True}, np.empty(1), "m:1")  # a bool is not a number here
 
 
 # --- the signal format --------------------------------------------------------------------------------
