@@ -3,6 +3,7 @@ the loud random split, class weights, metrics against scikit-learn/scipy, and ea
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,13 @@ from sigserve.domain import Task
 from sigserve.errors import ValidationError
 from sigserve.labels.targets import classify, forward_logret
 from sigserve.train.config import MODEL_TYPES, ModelConfig, parse_config
-from sigserve.train.metrics import classification_metrics, classification_report, regression_metrics, spearman
+from sigserve.train.metrics import (
+    classification_metrics,
+    classification_report,
+    regression_metrics,
+    roc_auc,
+    spearman,
+)
 from sigserve.train.models import class_weights, fit_model
 from sigserve.train.split import random_split, temporal_split
 
@@ -183,3 +190,14 @@ def test_every_model_type_fits_saves_and_registers_natively(model_type: str, tas
     assert fitted.importance.shape == (3,)
     info = inspect_model(fitted.path, trust_pickle=False)
     assert info.flavor in ("lightgbm", "xgboost", "sklearn")
+
+
+def test_roc_auc_matches_pairwise_counting() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 300).astype(float)
+    score = np.round(rng.random(300) + 0.3 * y, 1)  # rounded: many ties
+    pos, neg = score[y == 1], score[y == 0]
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in itertools.product(pos, neg))
+    assert roc_auc(y, score) == pytest.approx(wins / (len(pos) * len(neg)), abs=1e-12)
+    assert roc_auc(np.array([0.0, 1.0]), np.array([0.1, 0.9])) == 1.0
+    assert np.isnan(roc_auc(np.ones(4), np.arange(4.0)))

@@ -1,6 +1,5 @@
-"""The pieces of ``sigserve demo``: a synthetic market and a small model trained on it."""
+"""The pieces of ``sigserve demo``: a synthetic market (the model is trained by ``sigserve.train``)."""
 
 from .market import generate_ohlcv, simulate_market, write_csv
-from .train import DemoTrainResult, train_demo_model
 
-__all__ = ["DemoTrainResult", "generate_ohlcv", "simulate_market", "train_demo_model", "write_csv"]
+__all__ = ["generate_ohlcv", "simulate_market", "write_csv"]

@@ -43,8 +43,6 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: tuple
         "n": n,
     }
     if k == 2:
-        from ..demo.train import roc_auc
-
         metrics["auc"] = roc_auc(y, p[:, 1])
     return metrics
 
@@ -72,6 +70,18 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     ranks = np.empty(x.shape[0])
     ranks[order] = avg[run]
     return ranks
+
+
+def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC with tied scores averaged (Mann-Whitney U); NaN when one class is absent."""
+    y = np.asarray(y_true) > 0.5
+    n_pos = int(y.sum())
+    n_neg = int(y.shape[0] - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _ranks(np.asarray(score, dtype=np.float64)) + 1.0  # 1-based
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
