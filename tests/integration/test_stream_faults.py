@@ -34,6 +34,7 @@ from sigserve.bus.nats import NatsBus
 from sigserve.config import Settings
 from sigserve.errors import BusUnavailable
 from sigserve.stream import Names, StreamOptions, StreamWorker
+from tests.integration.test_postgres_outage import Cluster, cluster, cluster_once  # noqa: F401  (fixtures)
 from tests.integration.test_stream import (
     INTERVAL,
     SIGNAL,
@@ -44,7 +45,7 @@ from tests.integration.test_stream import (
     until,
     until_async,
 )
-from tests.services import require_executables, require_tcp, unavailable
+from tests.services import require_tcp, unavailable
 
 
 def free_port() -> int:
@@ -174,17 +175,10 @@ async def _stream_at_least(bus: Bus, stream: str, n: int) -> bool:
 
 # --- PostgreSQL -----------------------------------------------------------------------------------
 @pytest.fixture
-def pg_cluster() -> Iterator[Any]:
-    from tests.integration.test_postgres_outage import Cluster
-
-    tools = require_executables("initdb", "pg_ctl")
-    server = Cluster(tools)
-    try:
-        server.init()
-        server.start()
-        yield server
-    finally:
-        server.destroy()
+def pg_cluster(cluster: Cluster) -> Cluster:  # noqa: F811  (the imported fixture)
+    """A throwaway PostgreSQL cluster of our own (the outage tests' fixture): stopping it leaves
+    the shared server alone. Each test writes its own schema."""
+    return cluster
 
 
 def nats_bus() -> NatsBus:
