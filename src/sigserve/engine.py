@@ -386,18 +386,37 @@ class Engine:
         wanted = np.unique(np.asarray(ts, dtype=TS_DTYPE))
         observer = self.observer
         began = time.perf_counter() if observer is not None else 0.0
-        read = await self.store.read_features(
+        reading = self.store.read_features(
             symbol, interval, prepared.read_names, ts=wanted,
             feature_key=prepared.definition.feature_key or prepared.spec_key)
+        start_side: int | None = None
+        if wanted.size == 1 and prepared.rollout is None and prepared.definition.policy.position_aware:
+            # One bar (the live path): the position before it does not depend on the feature
+            # row, so both reads go out at once (two pooled connections on PostgreSQL: one round
+            # trip of latency instead of two). Unused when the bar has no row.
+            read, start_side = await asyncio.gather(reading, self._position_before(prepared, symbol,
+                                                                                  interval, wanted))
+        else:
+            read = await reading
         if observer is not None:
             observer("feature_read", time.perf_counter() - began)
         skipped = int(wanted.size - len(read.batch))
-        return await self._finish(prepared, read.batch, skipped, None, source, write)
+        return await self._finish(prepared, read.batch, skipped, start_side, source, write)
+
+    async def _position_before(self, prepared: Prepared, symbol: str, interval: str,
+                               ts: np.ndarray) -> int:
+        """The position (side) before ``ts[0]``, from the stored signals."""
+        observer = self.observer
+        began = time.perf_counter() if observer is not None else 0.0
+        side = int((await self.store.position_sides(
+            prepared.definition.signal_id, prepared.card.version, symbol, interval, ts[:1]))[0])
+        if observer is not None:
+            observer("position_read", time.perf_counter() - began)
+        return side
 
     async def _finish(self, prepared: Prepared, features: FeatureBatch, skipped: int,
                       start_side: int | None, source: str, write: bool) -> RunResult:
         """Position before the first bar (from the store unless carried) -> compute -> upsert."""
-        observer = self.observer
         if prepared.spec_key is not None and len(features):
             check_feature_keys(prepared, features.feature_keys)
         if prepared.rollout is not None and len(features):
@@ -407,12 +426,8 @@ class Engine:
         if start_side is None:
             start_side = FLAT
             if len(features):
-                began = time.perf_counter() if observer is not None else 0.0
-                start_side = int((await self.store.position_sides(
-                    prepared.definition.signal_id, prepared.card.version, features.symbol,
-                    features.interval, features.ts[:1]))[0])
-                if observer is not None:
-                    observer("position_read", time.perf_counter() - began)
+                start_side = await self._position_before(prepared, features.symbol, features.interval,
+                                                         features.ts)
         src = str(Source(source))
         if len(features) >= self.thread_rows:
             batch, end_side = await asyncio.to_thread(self.compute, prepared, features, start_side, src)
