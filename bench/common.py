@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,3 +143,62 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     path = out / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# wrk, the load generator of the HTTP benches
+
+
+WRK_LUA = """\
+local bodies = {
+%(bodies)s
+}
+local n = #bodies
+local i = 0
+wrk.method = "POST"
+%(headers)s
+request = function()
+  i = (i %% n) + 1
+  return wrk.format(nil, nil, nil, bodies[i])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests": %%d, "duration_us": %%d, "connect": %%d, "read": %%d, "write": %%d, ' ..
+    '"status": %%d, "timeout": %%d, "p50": %%d, "p90": %%d, "p99": %%d, "max": %%d}\\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+
+def lua_string(text: str) -> str:
+    level = "=" * 3
+    assert f"]{level}]" not in text
+    return f"[{level}[{text}]{level}]"
+
+
+def write_wrk_script(path: Path, bodies: list[str], headers: dict[str, str]) -> Path:
+    """A wrk Lua script that POSTs ``bodies`` in turn and prints its percentiles as WRKJSON."""
+    lines = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items())
+    path.write_text(WRK_LUA % {"bodies": ",\n".join(lua_string(b) for b in bodies), "headers": lines})
+    return path
+
+
+def run_wrk(port: int, path: str, c: int, seconds: float, script: Path, cpu: int | None = None) -> dict[str, Any]:
+    """A closed loop of ``c`` keep-alive connections for ``seconds`` (wrk, on CPU ``cpu``):
+    p50/p90/p99/max in ms, req/s, requests and errors."""
+    argv = ["wrk", "-t1", f"-c{c}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script),
+            f"http://127.0.0.1:{port}{path}"]
+    if cpu is not None:
+        argv = ["taskset", "-c", str(cpu), *argv]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    raw = json.loads(line[len("WRKJSON "):])
+    errors = raw["connect"] + raw["read"] + raw["write"] + raw["status"] + raw["timeout"]
+    ok = raw["requests"] > 0
+    return {"p50_ms": raw["p50"] / 1e3 if ok else None, "p90_ms": raw["p90"] / 1e3 if ok else None,
+            "p99_ms": raw["p99"] / 1e3 if ok else None, "max_ms": raw["max"] / 1e3 if ok else None,
+            "rps": raw["requests"] / (raw["duration_us"] / 1e6), "requests": raw["requests"], "errors": errors}

@@ -79,8 +79,10 @@ from common import (  # noqa: E402
     bench_home,
     machine,
     make_data,
+    run_wrk,
     train_model,
     write_result,
+    write_wrk_script,
 )
 
 REPO = HERE.parent
@@ -448,55 +450,12 @@ def tail(path: Path, lines: int = 25) -> str:
 # load generators
 
 
-WRK_LUA = """\
-local bodies = {
-%(bodies)s
-}
-local n = #bodies
-local i = 0
-wrk.method = "POST"
-%(headers)s
-request = function()
-  i = (i %% n) + 1
-  return wrk.format(nil, nil, nil, bodies[i])
-end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRKJSON {"requests": %%d, "duration_us": %%d, "connect": %%d, "read": %%d, "write": %%d, ' ..
-    '"status": %%d, "timeout": %%d, "p50": %%d, "p90": %%d, "p99": %%d, "max": %%d}\\n',
-    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
-end
-"""
-
-
-def lua_string(text: str) -> str:
-    level = "=" * 3
-    assert f"]{level}]" not in text
-    return f"[{level}[{text}]{level}]"
-
-
 def wrk_script(target: Target, path: Path) -> Path:
-    headers = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in target.headers.items())
-    bodies = ",\n".join(lua_string(b) for b in target.bodies)
-    path.write_text(WRK_LUA % {"bodies": bodies, "headers": headers})
-    return path
+    return write_wrk_script(path, target.bodies, target.headers)
 
 
 def wrk_load(port: int, target: Target, c: int, seconds: float, cpu: int | None, script: Path) -> dict[str, Any]:
-    argv = pinned(["wrk", "-t1", f"-c{c}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script),
-                   f"http://127.0.0.1:{port}{target.path}"], cpu)
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    raw = json.loads(line[len("WRKJSON "):])
-    errors = raw["connect"] + raw["read"] + raw["write"] + raw["status"] + raw["timeout"]
-    ok = raw["requests"] > 0
-    return {"p50_ms": raw["p50"] / 1e3 if ok else None, "p90_ms": raw["p90"] / 1e3 if ok else None,
-            "p99_ms": raw["p99"] / 1e3 if ok else None, "max_ms": raw["max"] / 1e3 if ok else None,
-            "rps": raw["requests"] / (raw["duration_us"] / 1e6), "requests": raw["requests"], "errors": errors}
+    return run_wrk(port, target.path, c, seconds, script, cpu)
 
 
 async def _python_load(port: int, target: Target, c: int, seconds: float) -> dict[str, Any]:

@@ -4,9 +4,11 @@
 
 One ``python -m sigserve serve`` (DuckDB, pinned to CPU 0) serves a 300-tree x 32-feature
 LightGBM (version 1), a second one trained differently (version 2), and a regime-gated ensemble of
-three such models (a bull/bear regime model and the two as specialists). The client is a
-closed-loop keep-alive HTTP/1.1 loop on CPU 1 (http.client; c=1), sending ``POST /api/v1/predict``
-with the 32 features inline, cycling over 1,000 real rows.
+three such models (a bull/bear regime model and the two as specialists). The clients run on CPU 1
+and send ``POST /api/v1/predict`` with the 32 features inline, cycling over 1,000 real rows, in a
+closed keep-alive loop (c=1): the latency phases (1, 2) use wrk when it is installed (as
+bench/http.py; the Python client's own tail was most of the p99), the others a Python
+http.client loop (with its garbage collector paused while it measures).
 
 1. **Shadow overhead**: p50/p99 without a rollout, then with version 2 as a shadow (``POST
    /admin/rollouts/{id}/start``), alternated ``--rounds`` times; the medians and the p99 ratio
@@ -30,9 +32,11 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import gc  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -43,7 +47,18 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.append(str(HERE))
-from common import INTERVAL, N_TREES, ROOT, SYMBOL, machine, make_data, percentiles, write_result  # noqa: E402
+from common import (  # noqa: E402
+    INTERVAL,
+    N_TREES,
+    ROOT,
+    SYMBOL,
+    machine,
+    make_data,
+    percentiles,
+    run_wrk,
+    write_result,
+    write_wrk_script,
+)
 
 TOKEN = "bench-rollout-token-0123456789"
 SIGNAL, ENSEMBLE = "bench-rollout", "bench-gated"
@@ -160,14 +175,43 @@ def bodies(values: np.ndarray, names: tuple[str, ...], close: np.ndarray, signal
 
 def closed_loop(client: Client, payloads: list[bytes], seconds: float) -> tuple[list[float], int]:
     lat, failed, i = [], 0, 0
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        began = time.perf_counter()
-        status, _ = client.post("/api/v1/predict", payloads[i % len(payloads)])
-        lat.append((time.perf_counter() - began) * 1000.0)
-        failed += status != 200
-        i += 1
+    gc.collect()
+    gc.disable()  # the client's own collections are not the server's latency
+    try:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            began = time.perf_counter()
+            status, _ = client.post("/api/v1/predict", payloads[i % len(payloads)])
+            lat.append((time.perf_counter() - began) * 1000.0)
+            failed += status != 200
+            i += 1
+    finally:
+        gc.enable()
     return lat, failed
+
+
+class Latency:
+    """p50/p99 of ``POST /api/v1/predict`` at concurrency 1: wrk on CPU 1 when it is installed (the
+    HTTP bench's load generator, whose own tail is lowest), else the Python client."""
+
+    def __init__(self, port: int, client: Client, work: Path, pin: bool) -> None:
+        self.port, self.client, self.work = port, client, work
+        self.cpu = 1 if pin else None
+        self.tool = "wrk" if shutil.which("wrk") else "python http.client"
+        self._scripts: dict[int, Path] = {}
+
+    def measure(self, payloads: list[bytes], seconds: float) -> dict[str, float]:
+        if self.tool != "wrk":
+            lat, failed = closed_loop(self.client, payloads, seconds)
+            return {**percentiles(lat), "failed": failed}
+        script = self._scripts.get(id(payloads))
+        if script is None:
+            script = write_wrk_script(self.work / f"load-{len(self._scripts)}.lua",
+                                      [p.decode() for p in payloads], self.client.headers)
+            self._scripts[id(payloads)] = script
+        out = run_wrk(self.port, "/api/v1/predict", 1, seconds, script, self.cpu)
+        return {"p50": out["p50_ms"], "p90": out["p90_ms"], "p99": out["p99_ms"], "max": out["max_ms"],
+                "n": out["requests"], "failed": out["errors"]}
 
 
 class Load(threading.Thread):
@@ -228,6 +272,8 @@ def main() -> None:
         admin = Client(port)
         admin.post(f"/admin/rollouts/{SIGNAL}/rollback", b"{}")  # a clean policy if a run left one
         closed_loop(client, plain, 2.0)  # warm-up
+        latency = Latency(port, client, home, not args.no_pin)
+        result["latency_client"] = latency.tool
         # 1. shadow overhead
         rows: dict[str, list[dict[str, float]]] = {"no_shadow": [], "one_shadow": []}
         for _ in range(args.rounds):
@@ -236,10 +282,7 @@ def main() -> None:
                     status, body = admin.post(f"/admin/rollouts/{SIGNAL}/start", b'{"version": 2}')
                     assert status == 200, body
                 closed_loop(client, plain, 0.5)
-                lat, failed = closed_loop(client, plain, args.seconds)
-                stats = percentiles(lat)
-                stats["failed"] = failed
-                rows[mode].append(stats)
+                rows[mode].append(latency.measure(plain, args.seconds))
                 if mode == "one_shadow":
                     status, body = admin.post(f"/admin/rollouts/{SIGNAL}/rollback", b"{}")
                     assert status == 200, body
@@ -249,7 +292,7 @@ def main() -> None:
                             "p50_ratio": med["one_shadow"]["p50"] / med["no_shadow"]["p50"]}
         # 2. ensemble
         closed_loop(client, gated, 1.0)
-        ens = [percentiles(closed_loop(client, gated, args.seconds)[0]) for _ in range(args.rounds)]
+        ens = [latency.measure(gated, args.seconds) for _ in range(args.rounds)]
         result["ensemble"] = {"runs": ens, "median": {k: statistics.median(r[k] for r in ens) for k in ("p50", "p99")}}
         # 2b. explanations: the same requests with explain: true (their own latency reported)
         explained = [b[:-1] + b', "explain": true}' for b in plain]
@@ -321,6 +364,7 @@ def main() -> None:
     print(f"shadow: p50 {s['median']['no_shadow']['p50']:.3f} -> {s['median']['one_shadow']['p50']:.3f} ms,"
           f" p99 {s['median']['no_shadow']['p99']:.3f} -> {s['median']['one_shadow']['p99']:.3f} ms"
           f" (ratio {s['p99_ratio']:.3f})")
+    print(f"latency client: {result['latency_client']}")
     print(f"ensemble (3 models) over HTTP: p50 {e['median']['p50']:.3f} ms, p99 {e['median']['p99']:.3f} ms")
     for signal, st in result["in_process"].items():
         print(f"in process, predict_inline {signal}: p50 {st['p50']:.3f} ms, p99 {st['p99']:.3f} ms")
