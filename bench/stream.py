@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -102,7 +103,10 @@ class Worker:
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
-        cmd = [str(ROOT.parent / ".venv" / "bin" / "sigserve"), "--home", str(self.home), "stream",
+        # SIGSERVE_BENCH_WORKER_WRAP: a command prefix for the worker (a profiler, an instrumented
+        # entry point), e.g. "py-spy record -o prof.svg --"
+        wrap = shlex.split(os.environ.get("SIGSERVE_BENCH_WORKER_WRAP", ""))
+        cmd = [*wrap, str(ROOT.parent / ".venv" / "bin" / "sigserve"), "--home", str(self.home), "stream",
                "--nats", NATS, "--store", self.store_url, "--prefix", self.prefix, "--no-catchup",
                "--log-level", "warning"]
         if self.group:

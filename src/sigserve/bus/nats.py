@@ -254,8 +254,12 @@ class NatsBus:
     async def delete_stream(self, name: str) -> None:
         js = self._need_js("a stream")
         nats = _nats()
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await self._call(f"deleting stream {name}", js.delete_stream(name))
+
+        async def delete() -> None:
+            with contextlib.suppress(nats.js.errors.NotFoundError):  # absent: nothing to delete
+                await js.delete_stream(name)
+
+        await self._call(f"deleting stream {name}", delete())
 
     async def stream_count(self, name: str) -> int:
         js = self._need_js("a stream")
