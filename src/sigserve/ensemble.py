@@ -28,7 +28,7 @@ import json
 import math
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -131,8 +131,15 @@ class Part:
     card: ModelCard
     runtime: Runtime
     columns: np.ndarray
+    # a part that reads the ensemble's columns as they are takes the input without a copy
+    _identity: bool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_identity", bool(np.array_equal(self.columns, np.arange(self.columns.size))))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
+        if self._identity and x.shape[1] == self.columns.size:
+            return self.runtime.predict(x)
         return self.runtime.predict(np.ascontiguousarray(x[:, self.columns]))
 
 
@@ -152,10 +159,15 @@ class EnsembleRuntime:
         self._regime_order = np.array([regime.card.classes.index(label) for label in self.labels])
         self._meta_order = (np.array([meta.card.classes.index(label) for label in self.labels])
                             if meta is not None else None)
-        self._weight_names = tuple(s.card.name for s in self.specialists)
+        self._weight_keys = tuple(f"{label}:{s.card.name}" for label, s in zip(self.labels, self.specialists,
+                                                                               strict=True))
+        self._regime_order_list = self._regime_order.tolist()
+        self._meta_order_list = self._meta_order.tolist() if self._meta_order is not None else []
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(features, dtype=np.float64)
+        if x.shape[0] == 1:
+            return self._predict_one(x)
         regime = self.regime.predict(x)
         probs = regime[:, self._regime_order]
         if self.meta is not None and self._meta_order is not None:
@@ -165,14 +177,27 @@ class EnsembleRuntime:
         out = weights[:, 0:1] * self.specialists[0].predict(x)
         for i in range(1, len(self.specialists)):
             out = out + weights[:, i : i + 1] * self.specialists[i].predict(x)
-        if x.shape[0] == 1:
-            row = probs[0]
-            distribution = {label: float(p) for label, p in zip(self.labels, row, strict=True)}
-            distribution["entropy"] = float(-sum(p * math.log(p) for p in row if p > 0))
-            ENSEMBLE_PARTS.value = (self.ref, distribution,
-                                    {f"{label}:{name}": float(w) for label, name, w
-                                     in zip(self.labels, self._weight_names, weights[0], strict=True)})
         return np.ascontiguousarray(out, dtype=np.float64)
+
+    def _predict_one(self, x: np.ndarray) -> np.ndarray:
+        """One row on Python floats (the live path): the same sums in the same order as the
+        vectorised path, so the same bits, without a dozen small numpy operations."""
+        regime = self.regime.predict(x)[0].tolist()
+        probs = [regime[i] for i in self._regime_order_list]
+        if self.meta is not None:
+            meta = self.meta.predict(x)[0].tolist()
+            weights = [meta[i] for i in self._meta_order_list]
+        else:
+            weights = probs
+        out = [weights[0] * p for p in self.specialists[0].predict(x)[0].tolist()]
+        for i in range(1, len(self.specialists)):
+            w = weights[i]
+            out = [o + w * p for o, p in zip(out, self.specialists[i].predict(x)[0].tolist(), strict=True)]
+        distribution = dict(zip(self.labels, probs, strict=True))
+        distribution["entropy"] = -sum(p * math.log(p) for p in probs if p > 0)
+        ENSEMBLE_PARTS.value = (self.ref, distribution,
+                                dict(zip(self._weight_keys, weights, strict=True)))
+        return np.array([out], dtype=np.float64)
 
 
 def describe(spec: dict[str, Any]) -> str:

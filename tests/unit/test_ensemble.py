@@ -66,6 +66,9 @@ async def test_blend_with_regime_weights_and_with_a_meta_model(tmp_path: Path) -
             assert sum(strategy.values()) == pytest.approx(1.0)
             assert one[0] == pytest.approx(out[0])
             assert take_last_parts(card.ref) is None  # taken once
+            # the one-row path (Python floats) gives the batch path's bits, row by row
+            singles = np.vstack([runtime.predict(rows[i : i + 1]) for i in range(len(rows))])
+            np.testing.assert_array_equal(singles, out)
     finally:
         await ctx.__aexit__(None, None, None)  # type: ignore[attr-defined]
 
