@@ -52,6 +52,7 @@ from .errors import METHOD_NOT_ALLOWED, ROUTE_NOT_FOUND, error_body, error_respo
 from .lean import Handler, RouteTable, compile_handler, path_params, path_regex
 from .metrics import Metrics
 from .middleware import EdgeMiddleware
+from .responses import JSONBytes
 from .routes import build
 from .state import ServerState
 
@@ -165,8 +166,7 @@ class SigserveApp:
         if exc.http_status >= 500:
             log.warning("%s %s -> %s: %s (request %s)", scope["method"], scope["path"], exc.code,
                         exc.message, request_id, exc_info=exc.__cause__)
-        return Response(error_body(exc, request_id), status_code=exc.http_status,
-                        media_type="application/json")
+        return JSONBytes(error_body(exc, request_id), exc.http_status)
 
     def openapi_app(self) -> FastAPI:
         """The FastAPI app behind the edge (built once, on first call, from any thread)."""

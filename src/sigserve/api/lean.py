@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 import pydantic
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from ..errors import ValidationError
@@ -101,6 +101,41 @@ def body_model(endpoint: Endpoint, params: tuple[str, ...] = ()) -> tuple[type[p
     return model, "request" in kinds
 
 
+async def read_body(request: Request) -> bytes:
+    """The whole request body, refused (413) past ``MAX_BODY_BYTES`` by its declared length
+    before a byte is read, or as it arrives. Reads the ASGI messages itself (a one-message body
+    is one ``receive``), and leaves the body on the request as ``Request.body()`` would."""
+    for name, value in request.scope["headers"]:
+        if name == b"content-length":
+            if value.isdigit() and int(value) > MAX_BODY_BYTES:
+                raise _too_large(int(value))
+            break
+    receive = request.receive
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientDisconnect()
+    raw: bytes = message.get("body", b"")
+    if message.get("more_body", False):
+        chunks = [raw]
+        size = len(raw)
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise _too_large(size)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        raw = b"".join(chunks)
+    elif len(raw) > MAX_BODY_BYTES:
+        raise _too_large(len(raw))
+    request._body = raw  # what Request.body() returns from now on
+    return raw
+
+
 def compile_handler(endpoint: Endpoint, params: tuple[str, ...] = ()) -> Handler:
     """``endpoint`` as a ``(request) -> Response`` coroutine function (signatures above); path
     parameters come from ``request.path_params``."""
@@ -116,12 +151,7 @@ def compile_handler(endpoint: Endpoint, params: tuple[str, ...] = ()) -> Handler
     validate = model.model_validate_json
 
     async def with_body(request: Request) -> Response:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            raise _too_large(int(declared))
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise _too_large(len(raw))
+        raw = await read_body(request)
         try:
             body = validate(raw)
         except pydantic.ValidationError as exc:

@@ -15,7 +15,6 @@ import math
 import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable
 from dataclasses import asdict
 from enum import Enum
@@ -35,7 +34,7 @@ from .errors import STARTED_KEY
 from .extras import Extras
 from .lean import RouteTable, lean
 from .metrics import CONTENT_TYPE
-from .responses import JSONResp, dumps
+from .responses import JSONBytes, JSONResp, dumps
 from .schemas import (
     BackfillBody,
     BackfillResponse,
@@ -99,6 +98,15 @@ def to_ts(value: str | int | float, field: str) -> np.datetime64:
         raise ValidationError(f"timestamp {field} is out of range (1900..2200): {value!r}",
                               details={"field": field, "value": str(value)})
     return ts
+
+
+def decision_id() -> str:
+    """A random (version 4) UUID as text: ``str(uuid.uuid4())`` in a third of its time."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _now_ts() -> np.datetime64:
@@ -202,7 +210,7 @@ def _inference(router: RouteTable, state: ServerState) -> None:
             body.signal_id, body.symbol, body.interval_name, ts, source=body.source, write=True,
             deadline=deadline, fallback_to_hold=settings.fallback_to_hold), deadline)
         metrics.count_signals(row["action"], "run")
-        return Response(dumps(row), media_type="application/json")
+        return JSONBytes(dumps(row))
 
     @lean(router, "/inference/backfill", ["POST"], tags, response_model=None,
                  responses={200: {"model": BackfillResponse}, **errors_doc(404, 409, 413, 422, 502, 503)})
@@ -269,7 +277,7 @@ def _inference(router: RouteTable, state: ServerState) -> None:
         action = API_ACTION[row["action"]]
         metrics.count_signals(row["action"], "predict")
         answer = {
-            "decision_id": str(uuid.uuid4()),
+            "decision_id": decision_id(),
             "symbol": row["symbol"],
             "action": action,
             "confidence": row["confidence"],
@@ -296,7 +304,7 @@ def _inference(router: RouteTable, state: ServerState) -> None:
             await extras.enrich(body, signal_id, row, features, answer)
         if extras.publisher is not None:
             extras.publisher.submit(answer, state.svc.on_close)
-        return Response(dumps(answer), media_type="application/json")
+        return JSONBytes(dumps(answer))
 
 
 
