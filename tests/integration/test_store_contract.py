@@ -489,6 +489,34 @@ async def test_missing_counts_candle_bars_without_feature_rows(store: Store) -> 
     assert (len(none.batch), none.missing) == (0, 2)
 
 
+async def test_one_bar_read_equals_that_bar_of_a_listed_read(store: Store) -> None:
+    # One bar may take a path of its own (the live read); its answer is that of a list read.
+    await store.write_candles("BTC", "1h", candles([0, 1, 2, 3, 4, 5], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))
+    await write_rows(store, "full", ("a", "b"), [1, 2, 3, 6], [[1.0, math.nan], [2.0, 2.5], [3.0, 3.5],
+                                                               [6.0, 6.5]])
+    await write_rows(store, "partial", ("a",), [4], [[4.0]])
+    await asyncio.sleep(0.01)
+    await write_rows(store, "newer", ("b", "a"), [2, 5], [[-2.5, -2.0], [-5.5, -5.0]])
+    far = t(1000)  # no row and no candle: adds nothing to a listed read
+    for hour in range(8):
+        for names in (("a", "b"), ("b",), ()):
+            for key in (None, "full", "partial", "newer"):
+                one = await store.read_features("BTC", "1h", names, ts=ts_array(hour), feature_key=key)
+                listed = await store.read_features("BTC", "1h", names, ts=np.array([t(hour), far]),
+                                                   feature_key=key)
+                case = (hour, names, key)
+                assert (one.incomplete, one.missing) == (listed.incomplete, listed.missing), case
+                assert one.batch.ts.tolist() == listed.batch.ts.tolist(), case
+                assert one.batch.names == listed.batch.names == names, case
+                assert one.batch.values.shape == listed.batch.values.shape == (len(listed.batch), len(names))
+                np.testing.assert_array_equal(one.batch.values, listed.batch.values)
+                np.testing.assert_array_equal(one.batch.close, listed.batch.close)
+                assert one.batch.feature_keys.tolist() == listed.batch.feature_keys.tolist(), case
+    newest = await store.read_features("BTC", "1h", ("a", "b"), ts=ts_array(2))
+    assert newest.batch.feature_keys.tolist() == ["newer"] and newest.batch.values.tolist() == [[-2.0, -2.5]]
+    assert newest.batch.close.tolist() == [3.0]
+
+
 async def test_feature_window_stats(store: Store) -> None:
     assert await store.feature_window_stats("BTC", "1h", None, None) == (0, None, None)
     await write_rows(store, "k1", ("a",), [1, 2, 3], [[1.0], [2.0], [3.0]])
@@ -676,6 +704,57 @@ async def test_write_signals_per_row_keys_and_flags(store: Store) -> None:
     rows = await store.read_signals("sig")
     assert [(r["feature_key"], r["flags"]) for r in rows] == [
         ("fk1", ""), ("fk2", "stale_features"), ("fk1", "risk:max_leverage")]
+
+
+async def test_one_row_write_stores_what_a_chunk_stores(store: Store) -> None:
+    # One row may take a path of its own (the live upsert); it stores the chunk's row.
+    chunk = batch([0, 1, 2], ["buy", "hold", "close_long"], confidence=[0.9, 0.5, 0.75])
+    chunk.entry_price[1] = math.nan
+    chunk.recommended_size[2] = math.nan
+    chunk.latency_ms[:] = [0.5, math.nan, 2.0]
+    chunk.flags = np.array(["", "levels_invalid", ""], dtype=object)
+    await store.write_signals(chunk)
+    for i in range(3):
+        one = batch([i], ["hold"], signal_id="one")
+        for name in ("action", "confidence", "raw_output", "entry_price", "stop_loss", "take_profit",
+                     "recommended_size", "feature_keys", "latency_ms", "flags"):
+            setattr(one, name, getattr(chunk, name)[i:i + 1])
+        assert await store.write_signals(one) == 1
+    def rows(signal_id: str) -> Any:
+        return store.read_signals(signal_id)
+    for chunk_row, one_row in zip(await rows("sig"), await rows("one"), strict=True):
+        for name, value in chunk_row.items():
+            if name in ("signal_id", "created_at"):
+                continue
+            other = one_row[name]
+            if isinstance(value, float) and math.isnan(value):
+                assert isinstance(other, float) and math.isnan(other), name
+            elif name == "raw_output":
+                assert list(other) == list(value)
+            else:
+                assert other == value, (name, value, other)
+
+
+async def test_one_row_upsert_replaces_and_refuses_whole(store: Store) -> None:
+    await store.write_signals(batch([0, 1, 2], ["buy", "hold", "sell"]))
+    await store.write_signals(batch([1], ["sell"], confidence=[0.66], price=300.0, source="stream"))
+    rows = by_ts(await store.read_signals("sig"))
+    assert len(rows) == 3
+    assert rows[t(1)]["action"] == "sell" and rows[t(1)]["confidence"] == pytest.approx(0.66)
+    assert rows[t(1)]["entry_price"] == 300.0 and rows[t(1)]["source"] == "stream"
+    await store.write_signals(batch([1], ["sell"], confidence=[0.66], price=300.0, source="stream"))
+    assert len(await store.read_signals("sig")) == 3  # the same row again: still one per key
+    await store.write_signals(batch([9], ["buy"]))  # a new bar after the newest: an append
+    await store.write_signals(batch([9], ["close_long"]))
+    rows = by_ts(await store.read_signals("sig"))
+    assert len(rows) == 4 and rows[t(9)]["action"] == "close_long"
+    before = await store.read_signals("sig")
+    for bad in (1.5, math.nan):
+        with pytest.raises(ValidationError):
+            await store.write_signals(batch([1], ["buy"], confidence=[bad]))
+        with pytest.raises(ValidationError):
+            await store.write_signals(batch([10], ["buy"], confidence=[bad]))
+    assert await store.read_signals("sig") == before
 
 
 @pytest.mark.parametrize("bad", [1.5, math.nan, -0.1], ids=["above-one", "nan", "negative"])
