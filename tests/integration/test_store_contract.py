@@ -757,6 +757,27 @@ async def test_one_row_upsert_replaces_and_refuses_whole(store: Store) -> None:
     assert await store.read_signals("sig") == before
 
 
+async def test_one_row_writes_among_chunks_and_shadows_keep_one_row_per_key(store: Store) -> None:
+    # Appends after the newest bar, re-writes inside history, chunks and shadows in any order:
+    # every (signal, version, symbol, interval, ts) holds one row, the last one written.
+    steps: list[tuple[list[int], list[str], bool]] = [
+        ([0], ["buy"], False), ([1], ["hold"], False), ([1], ["sell"], False),  # append, append, re-write
+        ([2, 3, 4], ["buy", "hold", "sell"], False),  # a chunk after the newest
+        ([5], ["buy"], True), ([5], ["close_long"], False),  # a shadow row, then the served one at its ts
+        ([4], ["hold"], False), ([6], ["buy"], False),  # inside the chunk's bars, then an append
+        ([6, 7], ["sell", "buy"], False), ([7], ["close_long"], False), ([8], ["sell"], True),
+    ]
+    expected: dict[Any, tuple[str, bool]] = {}
+    for hours, actions, shadow in steps:
+        await store.write_signals(batch(hours, actions, shadow=shadow))
+        expected.update({t(h): (a, shadow) for h, a in zip(hours, actions, strict=True)})
+        rows = await store.read_signals("sig")
+        assert len(rows) == len(expected), (hours, actions)
+        assert {as_ts(r["ts"]): (r["action"], r["shadow"]) for r in rows} == expected
+    await store.write_signals(batch([3], ["buy"], version=2))  # another version: another history
+    assert len(await store.read_signals("sig")) == len(expected) + 1
+
+
 @pytest.mark.parametrize("bad", [1.5, math.nan, -0.1], ids=["above-one", "nan", "negative"])
 async def test_write_signals_batch_is_atomic(store: Store, bad: float) -> None:
     await store.write_signals(batch([0, 1], ["buy", "sell"], confidence=[0.9, 0.8]))

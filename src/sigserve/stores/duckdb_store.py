@@ -230,6 +230,10 @@ class DuckDBStore:
         self._positions: dict[tuple[str, int, str, str],
                               tuple[np.datetime64, int, np.datetime64]] = {}
         self._coverage: dict[tuple[str, str], list[tuple[str, np.datetime64, np.datetime64]]] = {}
+        # newest ts of any signal row (shadows too) per (signal_id, model_version, symbol,
+        # interval), and the chunks of a history being written: see _write_one
+        self._newest_signal: dict[tuple[str, int, str, str], np.datetime64 | None] = {}
+        self._chunks_writing: dict[tuple[str, int, str, str], int] = {}
         # DuckDB's thread pool: one thread between bulk statements, its default during them
         self._threads = 1
         self._parallel_ops = 0
@@ -963,7 +967,15 @@ class DuckDBStore:
             finally:
                 con.unregister("incoming_signals")
 
-        return await self._bulk(n, work)
+        history = (batch.signal_id, int(batch.model_version), batch.symbol, batch.interval)
+        self._chunks_writing[history] = self._chunks_writing.get(history, 0) + 1
+        try:
+            return await self._bulk(n, work)
+        finally:
+            left = self._chunks_writing.pop(history) - 1
+            if left:
+                self._chunks_writing[history] = left
+            self._newest_signal.pop(history, None)  # committed or not: the next one-row write reads it
 
     _SIGNAL_INSERT = (
         "INSERT INTO signal_history (signal_id, model_version, symbol, interval, ts, action, confidence,"
@@ -973,7 +985,13 @@ class DuckDBStore:
 
     def _write_one(self, con: Any, batch: SignalBatch) -> int:
         """Upsert one signal row (the live path): a parameterised DELETE and INSERT in one
-        transaction, no Arrow. The same row, NULLs and NaNs as the chunk path writes."""
+        transaction, no Arrow. The same row, NULLs and NaNs as the chunk path writes.
+
+        A bar after the newest stored one of its history (the live case) has no row to replace:
+        its DELETE is skipped (~1 ms). This process is the file's only writer and sees every
+        write (see _newest_signal), unless a chunk of the same history is being written on a
+        worker thread: then the DELETE runs.
+        """
 
         def level(value: Any) -> float | None:  # NaN levels are stored as NULL (from_pandas)
             v = float(value)
@@ -987,15 +1005,30 @@ class DuckDBStore:
                level(batch.recommended_size[0]), batch.model_name, batch.model_sha256,
                None if feature_key is None else str(feature_key), batch.source,
                float(batch.latency_ms[0]), str(batch.flags[0] or ""), bool(batch.shadow), _now()]
+        history = (batch.signal_id, int(batch.model_version), batch.symbol, batch.interval)
+        at = np.asarray(batch.ts[:1], dtype=TS_DTYPE)[0]
+        append = False
+        if history not in self._chunks_writing:
+            if history not in self._newest_signal:
+                self._newest_signal[history] = _np_ts(_first(con.execute(
+                    "SELECT max(ts) FROM signal_history WHERE signal_id=? AND model_version=? AND symbol=?"
+                    " AND interval=?", key[:4]).fetchall())[0])
+            newest = self._newest_signal[history]
+            append = newest is None or at > newest
         con.begin()
         try:
-            con.execute("DELETE FROM signal_history WHERE signal_id=? AND model_version=? AND symbol=?"
-                        " AND interval=? AND ts=?", key)
+            if not append:
+                con.execute("DELETE FROM signal_history WHERE signal_id=? AND model_version=?"
+                            " AND symbol=? AND interval=? AND ts=?", key)
             con.execute(self._SIGNAL_INSERT, row)
         except BaseException:
             con.rollback()
             raise
         con.commit()
+        if history in self._newest_signal:
+            newest = self._newest_signal[history]
+            if newest is None or at > newest:
+                self._newest_signal[history] = at
         self._remember_position(batch)
         return 1
 
