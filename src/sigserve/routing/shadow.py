@@ -2,8 +2,9 @@
 
 A request routed to a version with shadows submits ``(routed, feature row, served signal,
 write)`` and returns at once; the task drains the queue, predicts every shadow version on the
-same rows in a worker thread (vectorised per version), writes the shadow rows (``shadow = true``)
-when the served row was written, and counts agreement and latency per version. A full queue drops
+same rows (vectorised per version; in the loop for a few rows, in a worker thread for more),
+writes the shadow rows (``shadow = true``) when the served row was written, and counts agreement
+and latency per version. A full queue drops
 the job and counts it (``sigserve_shadow_dropped_total``): shadows never slow the champion.
 
 Usage::
@@ -47,13 +48,14 @@ class ShadowJob:
 
 class ShadowRunner:
     def __init__(self, engine: Engine, *, maxsize: int = 1024, metrics: Any = None,
-                 max_batch: int = 256) -> None:
+                 max_batch: int = 256, inline_rows: int = 16) -> None:
         from ..engine import Engine
 
         self.engine = engine
         self.compute_engine = Engine(engine.store, engine.registry)  # no stage observer
         self.maxsize = maxsize
         self.max_batch = max_batch
+        self.inline_rows = inline_rows
         self.queue: asyncio.Queue[ShadowJob] | None = None
         self.task: asyncio.Task[None] | None = None
         self.stats: collections.Counter[str] = collections.Counter()
@@ -109,7 +111,13 @@ class ShadowRunner:
             while len(jobs) < self.max_batch and not queue.empty():
                 jobs.append(queue.get_nowait())
             try:
-                results = await asyncio.to_thread(self._compute, jobs)
+                if sum(len(job.features) for job in jobs) <= self.inline_rows:
+                    # A few rows: predicted here, in the loop, between requests (the served
+                    # answers went out before this task ran). A worker thread for them cost a
+                    # thread hop per request and GIL handoffs that landed on the next request.
+                    results = self._compute(jobs)
+                else:
+                    results = await asyncio.to_thread(self._compute, jobs)
                 for batch in results:
                     if batch is not None:
                         await self.engine.store.write_signals(batch)
