@@ -111,6 +111,7 @@ class Worker:
                "--log-level", "warning"]
         if self.group:
             cmd += ["--queue-group", self.group]
+        cmd += shlex.split(os.environ.get("SIGSERVE_BENCH_WORKER_ARGS", ""))  # e.g. "--write-linger-ms 0"
         env = {**os.environ, "SIGSERVE_STREAM_CONFIG": str(self.home / "bench-stream.yaml")}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         assert self.proc.stdout is not None
