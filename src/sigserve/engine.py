@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import operator
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -104,11 +105,34 @@ def check_feature_keys(prepared: Prepared, keys: np.ndarray) -> None:
         details={"model": prepared.card.ref, "expected": expected, "found": wrong[:10]})
 
 
+_PLAIN_NUMBERS = frozenset((float, int))
+_GETTERS: dict[tuple[str, ...], Callable[[Mapping[str, Any]], tuple[Any, ...]]] = {}
+
+
+def _one_item(names: tuple[str, ...]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    if not names:
+        return lambda features: ()
+    name = names[0]
+    return lambda features: (features[name],)
+
+
 def fill_feature_row(names: tuple[str, ...], features: Mapping[str, Any], out: np.ndarray,
                      model_ref: str) -> None:
     """Fill ``out`` with a caller's feature values in ``names`` order (an HTTP body's, a stream
     message's). None is a missing value (NaN); a name absent is ``feature_value_missing``, a value
     that is not a number ``validation_error``."""
+    getter = _GETTERS.get(names)
+    if getter is None:
+        getter = _GETTERS[names] = operator.itemgetter(*names) if len(names) > 1 else _one_item(names)
+    try:
+        values = getter(features)
+    except (KeyError, TypeError):
+        values = None
+    # The common case (every value a plain float or int) in one C-level pass; anything else
+    # (None, numpy scalars, bools, text, absent names) takes the loop below, which decides.
+    if values is not None and set(map(type, values)) <= _PLAIN_NUMBERS:
+        out[:] = values
+        return
     missing: list[str] = []
     bad: dict[str, str] = {}
     for i, name in enumerate(names):
