@@ -33,8 +33,9 @@ Guarantees (JetStream on):
   start at most every ``write_linger_ms`` (100 ms on DuckDB, 20 ms on PostgreSQL by default) and
   merge the rows of a cycle into one store call per (signal, version, symbol), so the write cost
   is per cycle, not per message. ``sigserve stream`` runs a DuckDB store in a child process
-  (:mod:`.stream_storeproc`), so its writes never hold the worker's GIL. A bar's row is the same as ``predict_bar``'s for the
-  same features (the engine's invariant; ``tests/integration/test_stream.py`` checks it).
+  (:mod:`.stream_storeproc`), so its writes never hold the worker's GIL. A bar's row is the
+  same as ``predict_bar``'s for the same features (the engine's invariant;
+  ``tests/integration/test_stream.py`` checks it).
 - A signal with a traffic policy (``sigserve rollout``) routes each bar as HTTP and backfill do:
   the challenger takes the (symbol, UTC trading date) buckets under its share, each version is
   computed on its bars (positions of its own), and the signals are published in ts order; every

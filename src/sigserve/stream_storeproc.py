@@ -81,9 +81,34 @@ class StoreProcess:
         self._ids = itertools.count(1)
         self._receiver: asyncio.Task[None] | None = None
         self._closed = False
+        self._alive = False
+        self.restarts = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def open(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self._shutdown()
+            raise
+
+    async def _start(self) -> None:
+        """Spawn the child and open the store in it (again after the child died: the next call
+        restarts it, so a worker paused on ``store_unavailable`` resumes once the file opens)."""
+        if self._receiver is not None:  # a dead child's leftovers
+            self._receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._receiver
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(Exception):
+                await self._writer.wait_closed()
+            self._writer = None
+        if self._proc is not None:
+            with contextlib.suppress(Exception):
+                self._proc.kill()
+            await asyncio.to_thread(self._proc.wait)
+        self._alive = True
         parent, child = socket.socketpair()
         try:
             self._proc = subprocess.Popen(
@@ -100,7 +125,9 @@ class StoreProcess:
         try:
             await self._call("open", (), {})
         except BaseException:
-            await self._shutdown()
+            self._alive = False  # the next call spawns a fresh child and tries again
+            with contextlib.suppress(Exception):
+                self._proc.kill()
             raise
 
     async def close(self) -> None:
@@ -147,8 +174,18 @@ class StoreProcess:
         return method
 
     async def _call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self._closed and name != "close":
+            raise StoreUnavailable("the store process is not running", details={"store": self.url})
+        if not self._alive and not self._closed and name != "open":
+            self.restarts += 1
+            log.warning("restarting the store process (restart %d)", self.restarts)
+            try:
+                await self._start()
+            except SigserveError:
+                self._alive = False
+                raise
         writer = self._writer
-        if writer is None or (self._closed and name != "close"):
+        if writer is None:
             raise StoreUnavailable("the store process is not running", details={"store": self.url})
         call_id = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -172,6 +209,7 @@ class StoreProcess:
                 else:
                     future.set_exception(_rebuild_error(*value))
         except (asyncio.IncompleteReadError, ConnectionError):
+            self._alive = False
             if not self._closed:
                 log.error("the store process exited")
             self._fail_pending(StoreUnavailable("the store process exited", details={"store": self.url}))

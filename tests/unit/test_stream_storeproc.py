@@ -70,6 +70,24 @@ async def test_a_second_store_process_on_one_duckdb_file_refuses(tmp_path: Path)
         await first.close()
 
 
+async def test_a_dead_store_process_fails_its_calls_and_the_next_call_restarts_it(tmp_path: Path) -> None:
+    store = StoreProcess(f"duckdb:///{tmp_path / 'sigserve.duckdb'}")
+    await store.open()
+    try:
+        assert await store.write_signals(batch(3)) == 3
+        assert store._proc is not None
+        store._proc.kill()
+        await asyncio.to_thread(store._proc.wait)
+        try:  # a call that raced the death fails with store_unavailable; the next one restarts it
+            await store.ping()
+        except StoreUnavailable:
+            await store.ping()
+        assert store.restarts >= 1
+        assert len(await store.read_signals("trend-1h", "BTCUSDT", "1h")) == 3  # the rows were durable
+    finally:
+        await store.close()
+
+
 # --- the group-commit writer ----------------------------------------------------------------------
 class FakeStore:
     def __init__(self) -> None:
