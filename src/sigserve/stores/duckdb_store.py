@@ -11,8 +11,9 @@ Design notes (measured on the 2-core dev machine, see bench/):
   on first use: it is not on a server's startup path.
 - The live path (one bar: ``_read_one``, ``_write_one``, the cached position) uses parameterised
   statements and ``fetchall``, no Arrow (a first Arrow timestamp conversion imports pandas,
-  ~0.3 s of a cold start). A one-row write after the newest bar of its history is one INSERT
-  (its own transaction); inside history it is DELETE + INSERT in one transaction.
+  ~0.3 s of a cold start). A one-row write after the newest bar of its history is one INSERT,
+  inside history one UPDATE of the row at its key (or one INSERT where there is none), each
+  its own transaction.
 - DuckDB runs one thread between bulk statements and its default pool during them
   (``_parallel``): a point statement costs less without waking the pool, most of all when the
   process is pinned to one core; a 300k-row write or read is 1.3-2.5x faster with the pool.
@@ -996,14 +997,20 @@ class DuckDBStore:
         " feature_key, source, latency_ms, flags, shadow, created_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
+    _SIGNAL_UPDATE = (
+        "UPDATE signal_history SET action=?, confidence=?, raw_output=?, entry_price=?, stop_loss=?,"
+        " take_profit=?, recommended_size=?, model_name=?, model_sha256=?, feature_key=?, source=?,"
+        " latency_ms=?, flags=?, shadow=?, created_at=? WHERE signal_id=? AND model_version=? AND symbol=?"
+        " AND interval=? AND ts=? RETURNING 1")
+
     def _write_one(self, con: Any, batch: SignalBatch) -> int:
-        """Upsert one signal row (the live path): a parameterised DELETE and INSERT in one
-        transaction, no Arrow. The same row, NULLs and NaNs as the chunk path writes.
+        """Upsert one signal row (the live path) with parameterised statements, no Arrow: the
+        same row, NULLs and NaNs as the chunk path writes; each write is one transaction.
 
         A bar after the newest stored one of its history (the live case) has no row to replace:
-        its DELETE is skipped (~1 ms). This process is the file's only writer and sees every
-        write (see _newest_signal), unless a chunk of the same history is being written on a
-        worker thread: then the DELETE runs.
+        it is one INSERT. This process is the file's only writer and sees every write (see
+        _newest_signal), unless a chunk of the same history is being written on a worker
+        thread: then the bar is treated as inside history (UPDATE, else INSERT).
         """
 
         def level(value: Any) -> float | None:  # NaN levels are stored as NULL (from_pandas)
@@ -1031,15 +1038,21 @@ class DuckDBStore:
         if append:  # one statement: its own transaction (no BEGIN and COMMIT round trips)
             con.execute(self._SIGNAL_INSERT, row)
         else:
-            con.begin()
-            try:
-                con.execute("DELETE FROM signal_history WHERE signal_id=? AND model_version=?"
-                            " AND symbol=? AND interval=? AND ts=?", key)
+            # Inside history: the row at that key, if any, is replaced by one UPDATE (its own
+            # transaction; ~0.8 ms less than DELETE + INSERT in one); none there: one INSERT.
+            updated = con.execute(self._SIGNAL_UPDATE, [*row[5:], *key]).fetchall()
+            if len(updated) == 0:
                 con.execute(self._SIGNAL_INSERT, row)
-            except BaseException:
-                con.rollback()
-                raise
-            con.commit()
+            elif len(updated) > 1:  # several rows at one key (never written so here): keep one
+                con.begin()
+                try:
+                    con.execute("DELETE FROM signal_history WHERE signal_id=? AND model_version=?"
+                                " AND symbol=? AND interval=? AND ts=?", key)
+                    con.execute(self._SIGNAL_INSERT, row)
+                except BaseException:
+                    con.rollback()
+                    raise
+                con.commit()
         if history in self._newest_signal:
             newest = self._newest_signal[history]
             if newest is None or at > newest:
