@@ -30,7 +30,7 @@ Guarantees (JetStream on):
   ``write_first`` gives the other order at the cost of the write's latency.
 - Micro-batching: the messages that arrived while the previous batch was being handled form the
   next batch (up to ``max_batch``), so a quiet stream pays no wait. Group commit: write cycles
-  start at most every ``write_linger_ms`` (100 ms on DuckDB, 20 ms on PostgreSQL by default) and
+  start at most every ``write_linger_ms`` (100 ms on DuckDB, 50 ms on PostgreSQL by default) and
   merge the rows of a cycle into one store call per (signal, version, symbol), so the write cost
   is per cycle, not per message. ``sigserve stream`` runs a DuckDB store in a child process
   (:mod:`.stream_storeproc`), so its writes never hold the worker's GIL. A bar's row is the
@@ -98,7 +98,7 @@ _MISSING = object()
 # whatever its size (1 row or 400), one per (signal, version, symbol) a cycle; a PostgreSQL write
 # is a round trip and a commit (a WAL flush) each.
 DUCKDB_WRITE_LINGER_MS = 100.0
-SERVER_WRITE_LINGER_MS = 20.0
+SERVER_WRITE_LINGER_MS = 50.0
 
 
 # --- names ---------------------------------------------------------------------------------------
@@ -940,6 +940,9 @@ class StreamWorker:
                     self._pause()
                 for msg in batch:
                     await msg.nak(delay=1.0)
+            # let the bus client write this batch's publishes to the socket before the next batch
+            # is computed (its flusher runs when this task yields)
+            await asyncio.sleep(0)
 
     def _pause(self) -> None:
         if not self._paused:

@@ -54,7 +54,7 @@ def stream_cmd(
     max_batch: Annotated[int, typer.Option(min=1, help="Most messages handled together.")] = 2048,
     write_linger_ms: Annotated[float | None, typer.Option(
         min=0.0, help="Group commit: store write cycles start at most every N ms (default: 100 on"
-                      " DuckDB, 20 on PostgreSQL); acks wait for the write.")] = None,
+                      " DuckDB, 50 on PostgreSQL); acks wait for the write.")] = None,
     kafka: Annotated[str | None, typer.Option(envvar="SIGSERVE_KAFKA_BOOTSTRAP",
                                               help="Kafka bootstrap servers for the archive sink.")] = None,
     store_process: Annotated[bool, typer.Option(
