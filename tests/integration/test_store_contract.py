@@ -762,6 +762,7 @@ async def test_one_row_writes_among_chunks_and_shadows_keep_one_row_per_key(stor
     # every (signal, version, symbol, interval, ts) holds one row, the last one written.
     steps: list[tuple[list[int], list[str], bool]] = [
         ([0], ["buy"], False), ([1], ["hold"], False), ([1], ["sell"], False),  # append, append, re-write
+        ([20], ["hold"], False), ([9], ["buy"], False), ([9], ["sell"], True),  # a gap inside history
         ([2, 3, 4], ["buy", "hold", "sell"], False),  # a chunk after the newest
         ([5], ["buy"], True), ([5], ["close_long"], False),  # a shadow row, then the served one at its ts
         ([4], ["hold"], False), ([6], ["buy"], False),  # inside the chunk's bars, then an append
