@@ -659,7 +659,9 @@ class StreamWorker:
         self._inflight: asyncio.Queue[_Flight | None] = asyncio.Queue()
         linger = self.options.write_linger_ms
         if linger is None:
-            embedded = self.runner.offload or type(self.store).__name__ == "StoreProcess"
+            from .stream_storeproc import StoreProcess
+
+            embedded = self.runner.offload or isinstance(self.store, StoreProcess)
             linger = DUCKDB_WRITE_LINGER_MS if embedded else SERVER_WRITE_LINGER_MS
         self.writer = SignalWriter(self.runner, self.store, linger_s=linger / 1000.0)
         self._shadow_writes: set[asyncio.Future[int]] = set()
