@@ -17,10 +17,14 @@ Design notes (measured on the 2-core dev machine, see bench/):
 - DuckDB runs one thread between bulk statements and its default pool during them
   (``_parallel``): a point statement costs less without waking the pool, most of all when the
   process is pinned to one core; a 300k-row write or read is 1.3-2.5x faster with the pool.
-- What one served bar costs here is DuckDB's own per-statement cost: about 0.6-1.5 ms for each
-  point SELECT, INSERT or DELETE and ~1.3 ms for a commit (its WAL record and an fdatasync of
-  ~0.2 ms), whatever the statement shape (prepared EXECUTE, appenders, MERGE and disabled
-  optimizers measured no cheaper); the 5 ms p99 target of issue 3 is not within its reach on this
+- What one served bar costs here is DuckDB's own per-statement cost (parse, bind, optimise and
+  run each time): about 0.8-1.4 ms for each point SELECT, ~2.5-3 ms for a one-row INSERT with
+  its commit (WAL record plus an fdatasync of ~0.2 ms), ~3.3 ms for the UPDATE of one row, against
+  ~4 ms for BEGIN + DELETE + INSERT + COMMIT and ~7.5 ms for INSERT ... ON CONFLICT on an ART
+  primary key. SQL PREPARE/EXECUTE, appenders, MERGE INTO, disabled optimizers and a smaller
+  checkpoint_threshold measured no cheaper (the last: more frequent ~25 ms checkpoints). One bar
+  (two point reads, a position read inside history, the upsert) is ~5 ms live and ~7-8 ms
+  inside history in process: the 5 ms p99 target of issue 3 is not within DuckDB's reach on this
   machine class. Serve low-latency from PostgreSQL.
 - Feature vectors are stored as ``DOUBLE[]`` with their names kept once per ``feature_key`` in
   ``feature_sets``.
