@@ -23,6 +23,7 @@ from . import as_matrix, output_width, to_output
 
 _PREDICT_NORMAL = 0  # C_API_PREDICT_NORMAL
 _DTYPE_FLOAT64 = 1  # C_API_DTYPE_FLOAT64
+_FAST_ROWS = 4  # up to this many rows, one fast single-row call each beats one Booster.predict
 _SMALL_BATCH = 2048  # below this many rows, one thread is faster than starting OpenMP workers
 
 
@@ -117,8 +118,11 @@ class LightGBMRuntime:
         if n == 0:
             return np.empty((0, self.width), dtype=np.float64)
         raw: Any
-        if n == 1 and self._single is not None:
-            raw = self._single.predict(x[0])
+        single = self._single
+        if n <= _FAST_ROWS and single is not None:
+            # A stream's micro-batches are a few rows: Booster.predict builds a predictor per
+            # call (~60-100 us), the fast one-row entry costs ~12 us a row, and gives the same bits.
+            raw = single.predict(x[0]) if n == 1 else np.stack([single.predict(row) for row in x])
         else:
             raw = self._booster.predict(
                 x, num_iteration=-1, num_threads=1 if n < _SMALL_BATCH else self.threads
