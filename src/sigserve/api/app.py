@@ -261,8 +261,8 @@ async def warm_up(state: ServerState) -> None:
     except Exception as exc:  # a model that fails on zeros still serves real rows
         log.warning("warm-up prediction of %r failed: %s", signal_id, exc)
     # One stored bar through the read path (feature and candle read, position read, predict,
-    # policy; no write): the store's first read pays its lazy imports (pyarrow's timestamp
-    # conversion imports pandas: ~0.3 s, which put the first /inference/run past its deadline).
+    # policy; no write): the store's first statements pay their one-time setup here, not on the
+    # first /inference/run (whose budget they once used up).
     definition = prepared.definition
     if not definition.symbols:
         return

@@ -41,7 +41,8 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8000, workers
 
     from .protocol import CoalescingHttpToolsProtocol
 
-    common = {"host": host, "port": port, "access_log": settings.access_log,
+    # ws="none": sigserve serves no websockets, and uvicorn then skips importing their protocol
+    common = {"host": host, "port": port, "access_log": settings.access_log, "ws": "none",
               "server_header": False, "log_level": "info", "timeout_graceful_shutdown": 10,
               "http": os.environ.get("SIGSERVE_UVICORN_HTTP") or CoalescingHttpToolsProtocol}
     if workers == 1:
