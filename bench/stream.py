@@ -18,6 +18,33 @@ on one clock (both ends are in this process). Phases, per store (DuckDB file, Po
 
 Run it under ``flock /tmp/sigserve-bench.lock`` on a shared machine. The JSON of every run is
 written under ``bench/results/stream-*.json``.
+
+The harness keeps its own share of the measured tail small (the worker is measured as it runs):
+
+- the measuring process (publisher and subscriber) and the echo process run on uvloop, like the
+  worker; the measuring process collects and freezes its heap and disables its collector for
+  the measured window of a phase (re-enabled after), the echo process freezes its heap at start;
+- every feature message of a phase (subject, JSON body, match key) is encoded before the phase,
+  so the pacing loop only reads the clock, sleeps and publishes; send times go into a
+  preallocated list by message index;
+- the subscriber's callback only keeps the bus's delivery time (``BusMessage.received``, taken
+  as the message is handed over) and the body; matching a signal to its publish time (and any
+  JSON decoding) is done after the phase;
+- the echo process decodes nothing: the symbol comes from the subject, the bar's ``ts`` from a
+  byte search, and its message id is a counter instead of a uuid4;
+- CPU placement: ``--pin none`` (the default) leaves it to the scheduler. ``--pin split`` pins
+  the measuring process to the first CPU and starts the worker (with its store process) or the
+  echo process under ``taskset`` on the last one, so the two never share a core; nats-server
+  and PostgreSQL stay unpinned (they are not ours to move), drain workers are never pinned.
+  On the 2-core shared dev machine split measured no better (floor-1000 p99 over five 5 s
+  runs each: split 3.8-12.0 ms, median 8.9; none 4.7-17.6 ms, median 5.7; p50 the same within
+  0.1 ms): with only two cores, a pinned process can no longer move off a core that
+  nats-server, PostgreSQL or another tenant is using, and the DuckDB worker's store process
+  would share the worker's one core. Try split on a machine with more cores.
+
+Each rate/floor result also reports ``send_late_ms``: how late each publish left against its
+schedule (the pacing's own jitter; latency is measured from the actual send, so it does not add
+to latency, but bursts it causes would).
 """
 
 from __future__ import annotations
@@ -25,8 +52,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -38,6 +67,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import uvloop
 from common import ROOT, bench_home, machine, make_data, percentiles, train_model, write_result
 
 from sigserve.app import Services
@@ -79,6 +109,36 @@ class Feed:
         subject = f"{prefix}.features.{symbol}.{INTERVAL}"
         return subject, orjson.dumps(body), (symbol, int(ts.astype(np.int64)) // 1000)
 
+    def batch(self, prefix: str, n: int) -> list[tuple[str, bytes, tuple[str, int]]]:
+        """The next ``n`` messages, encoded now (before a phase, not in its pacing loop)."""
+        return [self.next(prefix) for _ in range(n)]
+
+
+CPUS = sorted(os.sched_getaffinity(0))  # before the measuring process pins itself
+MEASURE_CPU, WORKER_CPU = CPUS[0], CPUS[-1]
+
+
+def pin_cmd(pin: str) -> list[str]:
+    """The command prefix that places a worker/echo process (and its children): on WORKER_CPU
+    under ``split``; on every CPU otherwise (a child would inherit the measuring process's pin)."""
+    if shutil.which("taskset") is None:
+        return []
+    return ["taskset", "-c", str(WORKER_CPU) if pin == "split" else ",".join(map(str, CPUS))]
+
+
+@contextlib.contextmanager
+def quiet_gc() -> Any:
+    """No garbage collection in the measured window: collect and freeze what exists, disable
+    the collector; re-enabled (and unfrozen) after."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
 
 async def prepare(home: Path, store_url: str, names: tuple[str, ...]) -> None:
     settings = Settings(home=home, store=store_url)
@@ -98,16 +158,16 @@ async def prepare(home: Path, store_url: str, names: tuple[str, ...]) -> None:
 
 
 class Worker:
-    def __init__(self, home: Path, store_url: str, prefix: str, group: str | None) -> None:
-        self.home, self.store_url, self.prefix, self.group = home, store_url, prefix, group
+    def __init__(self, home: Path, store_url: str, prefix: str, group: str | None, pin: str = "none") -> None:
+        self.home, self.store_url, self.prefix, self.group, self.pin = home, store_url, prefix, group, pin
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
         # SIGSERVE_BENCH_WORKER_WRAP: a command prefix for the worker (a profiler, an instrumented
         # entry point), e.g. "py-spy record -o prof.svg --"
         wrap = shlex.split(os.environ.get("SIGSERVE_BENCH_WORKER_WRAP", ""))
-        cmd = [*wrap, str(ROOT.parent / ".venv" / "bin" / "sigserve"), "--home", str(self.home), "stream",
-               "--nats", NATS, "--store", self.store_url, "--prefix", self.prefix, "--no-catchup",
+        cmd = [*pin_cmd(self.pin), *wrap, str(ROOT.parent / ".venv" / "bin" / "sigserve"), "--home", str(self.home),
+               "stream", "--nats", NATS, "--store", self.store_url, "--prefix", self.prefix, "--no-catchup",
                "--log-level", "warning"]
         if self.group:
             cmd += ["--queue-group", self.group]
@@ -135,69 +195,131 @@ class Worker:
 
 
 class Receiver:
+    """The subscriber: its callback keeps (delivery time, body) and nothing else; matching to the
+    publish times is done by :meth:`latencies`, after the phase."""
+
     def __init__(self) -> None:
-        self.sent: dict[tuple[str, int], float] = {}
-        self.latency: list[float] = []
-        self.worker_latency: list[float] = []
+        self.received: list[tuple[float, bytes]] = []
         self.first: float | None = None
         self.last = 0.0
-        self.count = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.received)
 
     async def __call__(self, msg: Any) -> None:
-        now = time.perf_counter()
-        body = orjson.loads(msg.data)
-        sent = self.sent.pop((body["symbol"], body["timestamp_ms"]), None)
-        self.count += 1
-        if self.first is None:
-            self.first = now
-        self.last = now
-        if sent is not None:
-            self.latency.append((now - sent) * 1000.0)
-            self.worker_latency.append(body["metadata"]["prediction_latency_ms"])
+        self.received.append((msg.received, msg.data))
+
+    def span(self) -> None:
+        if self.received:
+            self.first, self.last = self.received[0][0], self.received[-1][0]
+
+    def latencies(self, keys: list[Any], sent: list[float], key_of: Any) -> tuple[list[float], list[float]]:
+        """Latency (ms) of every signal matched to a send, and the worker's own receipt-to-publish
+        time where the body carries one."""
+        index = {key: k for k, key in enumerate(keys)}
+        latency, worker = [], []
+        for now, data in self.received:
+            body = orjson.loads(data)
+            k = index.pop(key_of(body), None)
+            if k is None:
+                continue
+            latency.append((now - sent[k]) * 1000.0)
+            worker.append(body["metadata"]["prediction_latency_ms"])
+        return latency, worker
+
+
+def signal_key(body: dict[str, Any]) -> tuple[str, int]:
+    return body["symbol"], body["timestamp_ms"]
+
+
+def echo_key(body: dict[str, Any]) -> tuple[str, int]:
+    return body["symbol"], int(np.datetime64(body["ts"].rstrip("Z"), "ms").astype(np.int64))
+
+
+def rounded(stats: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()}
+
+
+async def paced(bus: NatsBus, receiver: Receiver, messages: list[tuple[str, bytes, tuple[str, int]]],
+                rate: int) -> tuple[float, list[float], list[float]]:
+    """Publish ``messages`` at ``rate`` per second; the send times (perf_counter, by index), the
+    schedule lateness of each send (ms) and the publishing time. Nothing here allocates or
+    encodes per message beyond the client's publish."""
+    total = len(messages)
+    subjects = [m[0] for m in messages]
+    bodies = [m[1] for m in messages]
+    sent = [0.0] * total
+    late = [0.0] * total
+    period = 1.0 / rate
+    clock = time.perf_counter
+    sleep = asyncio.sleep
+    publish = bus.publish
+    with quiet_gc():
+        began = clock()
+        for k in range(total):
+            due = began + k * period
+            delay = due - clock()
+            while delay > 0.0005:
+                await sleep(delay)
+                delay = due - clock()
+            now = clock()
+            sent[k] = now
+            late[k] = now - due
+            await publish(subjects[k], bodies[k])
+        published_s = clock() - began
+        deadline = time.monotonic() + 30
+        while receiver.count < total and time.monotonic() < deadline:
+            await sleep(0.05)
+    for k in range(total):
+        late[k] *= 1000.0
+    return published_s, sent, late
 
 
 async def run_rate(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: float) -> dict[str, Any]:
+    total = int(rate * seconds)
+    messages = feed.batch(prefix, total)
     receiver = Receiver()
     sub = await bus.subscribe(f"{prefix}.signals.>", receiver)
     await bus.flush()
-    total = int(rate * seconds)
-    began = time.perf_counter()
-    for k in range(total):
-        due = began + k / rate
-        delay = due - time.perf_counter()
-        if delay > 0.0005:
-            await asyncio.sleep(delay)
-        subject, data, key = feed.next(prefix)
-        receiver.sent[key] = time.perf_counter()
-        await bus.publish(subject, data)
-    published_s = time.perf_counter() - began
-    deadline = time.monotonic() + 30
-    while receiver.count < total and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    published_s, sent, late = await paced(bus, receiver, messages, rate)
+    began = sent[0]
     await sub.stop()
-    lat = percentiles(receiver.latency) if receiver.latency else {}
+    receiver.span()
+    latency, worker = receiver.latencies([m[2] for m in messages], sent, signal_key)
     return {"phase": f"rate-{rate}", "rate_target": rate, "published": total,
             "publish_rate": round(total / published_s, 1), "received": receiver.count,
             "answered_rate": round(receiver.count / max(1e-9, receiver.last - began), 1),
-            "latency_ms": {k: round(v, 3) if isinstance(v, float) else v for k, v in lat.items()},
-            "worker_receipt_to_publish_ms": {k: round(v, 3) if isinstance(v, float) else v
-                                             for k, v in percentiles(receiver.worker_latency or [0.0]).items()}}
+            "latency_ms": rounded(percentiles(latency)) if latency else {},
+            "worker_receipt_to_publish_ms": rounded(percentiles(worker or [0.0])),
+            "send_late_ms": rounded(percentiles(late))}
 
 
 async def echo_worker(prefix: str) -> None:
     """The transport's floor: a process that answers each feature with one durable publish and
-    acks it after the audit stream's ack, and does nothing else (no model, no store)."""
+    acks it after the audit stream's ack, and does nothing else (no model, no store, no JSON
+    decoding: the symbol is the subject's, the bar's ts is found in the body)."""
     names = Names(prefix=prefix)
     bus = NatsBus(NATS)
     await bus.connect()
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()
+    signal_subjects: dict[str, str] = {}
+    ids = iter(range(1, 1 << 62))
+    id_prefix = f"echo-{prefix}-"
+    clock = time.perf_counter
 
     async def handle(msg: Any) -> None:
-        body = orjson.loads(msg.data)
-        out = orjson.dumps({"symbol": body["symbol"], "timestamp_ms": 0, "key": body["ts"],
-                            "metadata": {"prediction_latency_ms": (time.perf_counter() - msg.received) * 1000}})
-        ack = await bus.publish_durable(names.signals(body["symbol"], INTERVAL), out, msg_id=str(uuid.uuid4()))
+        data = msg.data
+        symbol = msg.subject.split(".")[-2]
+        subject = signal_subjects.get(symbol)
+        if subject is None:
+            subject = signal_subjects[symbol] = names.signals(symbol, INTERVAL)
+        at = data.find(b'"ts":"') + 6
+        ts = data[at:data.find(b'"', at)]
+        out = b'{"symbol":"%s","ts":"%s","metadata":{"prediction_latency_ms":%.4f}}' % (
+            symbol.encode(), ts, (clock() - msg.received) * 1000)
+        ack = await bus.publish_durable(subject, out, msg_id=id_prefix + str(next(ids)))
 
         async def settle() -> None:
             await ack
@@ -209,42 +331,31 @@ async def echo_worker(prefix: str) -> None:
 
     await bus.consume(names.stream(names.features_stream), "echo", names.subject("features.*.*"), handle)
     await bus.flush()
+    gc.collect()
+    gc.freeze()  # as the worker does
     print("streaming (echo)", flush=True)
     await asyncio.Event().wait()
 
 
-async def run_floor(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: float) -> dict[str, Any]:
-    proc = subprocess.Popen([sys.executable, __file__, "--echo", prefix], stdout=subprocess.PIPE, text=True)
+async def run_floor(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: float,
+                    pin: str = "none") -> dict[str, Any]:
+    total = int(rate * seconds)
+    messages = feed.batch(prefix, total)
+    proc = subprocess.Popen([*pin_cmd(pin), sys.executable, __file__, "--echo", prefix],
+                            stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     proc.stdout.readline()
     receiver = Receiver()
-
-    async def receive(msg: Any) -> None:
-        body = orjson.loads(msg.data)
-        msg.data = orjson.dumps({**body, "timestamp_ms": int(np.datetime64(body["key"].rstrip("Z"), "ms")
-                                                             .astype(np.int64))})
-        await receiver(msg)
-
-    sub = await bus.subscribe(f"{prefix}.signals.>", receive)
+    sub = await bus.subscribe(f"{prefix}.signals.>", receiver)
     await bus.flush()
-    total = int(rate * seconds)
-    began = time.perf_counter()
-    for k in range(total):
-        delay = began + k / rate - time.perf_counter()
-        if delay > 0.0005:
-            await asyncio.sleep(delay)
-        subject, data, key = feed.next(prefix)
-        receiver.sent[key] = time.perf_counter()
-        await bus.publish(subject, data)
-    deadline = time.monotonic() + 30
-    while receiver.count < total and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    _, sent, late = await paced(bus, receiver, messages, rate)
     await sub.stop()
     proc.terminate()
     proc.wait(10)
-    lat = percentiles(receiver.latency) if receiver.latency else {}
+    latency, _ = receiver.latencies([m[2] for m in messages], sent, echo_key)
     return {"phase": f"floor-{rate}", "rate_target": rate, "published": total, "received": receiver.count,
-            "latency_ms": {k: round(v, 3) if isinstance(v, float) else v for k, v in lat.items()}}
+            "latency_ms": rounded(percentiles(latency)) if latency else {},
+            "send_late_ms": rounded(percentiles(late))}
 
 
 async def run_drain(bus: NatsBus, feed: Feed, prefix: str, n: int, start_workers: Any) -> dict[str, Any]:
@@ -263,9 +374,11 @@ async def run_drain(bus: NatsBus, feed: Feed, prefix: str, n: int, start_workers
     await bus.flush()
     workers = start_workers()
     deadline = time.monotonic() + 300
-    while receiver.count < n and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    with quiet_gc():
+        while receiver.count < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
     await sub.stop()
+    receiver.span()
     span = receiver.last - (receiver.first or receiver.last)
     return {"phase": "drain", "backlog": n, "received": receiver.count, "workers": len(workers),
             "seconds": round(span, 3), "msg_per_s": round((receiver.count - 1) / span, 1) if span > 0 else None,
@@ -273,7 +386,7 @@ async def run_drain(bus: NatsBus, feed: Feed, prefix: str, n: int, start_workers
 
 
 async def bench_store(kind: str, store_url: str, phases: list[str], feed: Feed, drain_n: int,
-                      workers: int, seconds: float) -> list[dict[str, Any]]:
+                      workers: int, seconds: float, pin: str = "none") -> list[dict[str, Any]]:
     home = bench_home() / "stream" / kind
     home.mkdir(parents=True, exist_ok=True)
     await prepare(home, store_url, feed.names)
@@ -289,9 +402,9 @@ async def bench_store(kind: str, store_url: str, phases: list[str], feed: Feed, 
             await bus.ensure_stream(names.stream(names.signals_stream), [names.signals_all], max_age_s=3600)
             try:
                 if phase.startswith("floor-"):
-                    result = await run_floor(bus, feed, prefix, int(phase.split("-")[1]), seconds)
+                    result = await run_floor(bus, feed, prefix, int(phase.split("-")[1]), seconds, pin)
                 elif phase.startswith("rate-"):
-                    worker = Worker(home, store_url, prefix, None)
+                    worker = Worker(home, store_url, prefix, None, pin)
                     worker.start()
                     try:
                         result = await run_rate(bus, feed, prefix, int(phase.split("-")[1]), seconds)
@@ -333,10 +446,16 @@ def main() -> None:
     parser.add_argument("--drain", type=int, default=40_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--echo", help=argparse.SUPPRESS)  # the floor phase's echo process
+    parser.add_argument("--pin", choices=("split", "none"), default="none",
+                        help="split: this process on CPU 0, the worker/echo on CPU 1 (rate and floor"
+                             " phases; drain workers get every CPU); none: the scheduler's choice")
     args = parser.parse_args()
     if args.echo:
-        asyncio.run(echo_worker(args.echo))
+        uvloop.run(echo_worker(args.echo))
         return
+    pin = args.pin if len(CPUS) >= 2 else "none"
+    if pin == "split":
+        os.sched_setaffinity(0, {MEASURE_CPU})
     feed = Feed()
     stores = {"duckdb": f"duckdb:///{bench_home() / 'stream' / 'duckdb' / 'sigserve.duckdb'}",
               "postgres": f"{PG}?schema=bench_stream"}
@@ -344,8 +463,8 @@ def main() -> None:
     for run in range(args.runs):
         for kind in args.stores.split(","):
             phases = [p for p in args.phases.split(",") if not (p == "drain-group" and kind == "duckdb")]
-            for result in asyncio.run(bench_store(kind, stores[kind], phases, feed, args.drain, args.workers,
-                                                  args.seconds)):
+            for result in uvloop.run(bench_store(kind, stores[kind], phases, feed, args.drain, args.workers,
+                                                 args.seconds, pin)):
                 result["run"] = run
                 runs.append(result)
     summary: dict[str, Any] = {}
@@ -361,7 +480,8 @@ def main() -> None:
             summary[f"{key[0]} {key[1]}"] = {
                 "msg_per_s": statistics.median(r["msg_per_s"] or 0 for r in same),
                 "workers": same[0]["workers"]}
-    path = write_result("stream", {"bench": "stream", "machine": machine(), "nats": NATS, "runs": runs,
+    path = write_result("stream", {"bench": "stream", "machine": machine(), "nats": NATS, "pin": pin,
+                                   "load_avg": os.getloadavg(), "runs": runs,
                                    "summary_medians": summary})
     print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
     print(f"wrote {path}")
