@@ -8,7 +8,7 @@ bar would cost more than the model itself. Validation of user input happens once
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -260,6 +260,15 @@ class FeatureBatch:
     def __len__(self) -> int:
         return int(self.ts.shape[0])
 
+    def take(self, rows: np.ndarray) -> FeatureBatch:
+        """The rows ``rows`` selects (a boolean mask or indices), in that order."""
+        return FeatureBatch(self.symbol, self.interval, self.ts[rows], self.values[rows], self.names,
+                            self.feature_keys[rows], self.close[rows])
+
+
+SIGNAL_ROW_COLUMNS = ("ts", "action", "confidence", "raw_output", "entry_price", "stop_loss", "take_profit",
+                "recommended_size", "feature_keys", "latency_ms", "flags")
+
 
 @dataclass
 class SignalBatch:
@@ -287,6 +296,10 @@ class SignalBatch:
 
     def __len__(self) -> int:
         return int(self.ts.shape[0])
+
+    def take(self, rows: np.ndarray) -> SignalBatch:
+        """The rows ``rows`` selects (a boolean mask or indices), in that order."""
+        return replace(self, **{name: getattr(self, name)[rows] for name in SIGNAL_ROW_COLUMNS})
 
     def row(self, i: int) -> dict[str, Any]:
         """One signal as a plain dict (for the CLI and the HTTP edge)."""

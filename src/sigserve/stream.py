@@ -74,7 +74,16 @@ import numpy as np
 import orjson
 
 from .bus.base import Bus, BusMessage, Subscription
-from .domain import ACTIONS, FLAT, FeatureBatch, SignalBatch, SignalDefinition, Source, TrafficPolicy
+from .domain import (
+    ACTIONS,
+    FLAT,
+    SIGNAL_ROW_COLUMNS,
+    FeatureBatch,
+    SignalBatch,
+    SignalDefinition,
+    Source,
+    TrafficPolicy,
+)
 from .engine import DEADLINE_FLAG, Engine, Prepared, check_feature_keys, fill_feature_row
 from .errors import (
     BusUnavailable,
@@ -364,7 +373,7 @@ def signal_messages(batch: SignalBatch, *, definition_id: str, model_type: str,
 def signal_message(batch: SignalBatch, i: int, *, definition_id: str, model_type: str,
                    features_used: list[str], latency_ms: float) -> dict[str, Any]:
     """Row ``i`` of a signal batch in the published format, with ``latency_ms``."""
-    one = _take(batch, np.array([i]))
+    one = batch.take(np.array([i]))
     one.latency_ms[:] = latency_ms
     return signal_messages(one, definition_id=definition_id, model_type=model_type,
                            features_used=features_used)[0][1]
@@ -563,16 +572,13 @@ async def _write_all(store: Store, batches: list[SignalBatch]) -> list[int | Exc
     return out
 
 
-_COLUMNS = ("ts", "action", "confidence", "raw_output", "entry_price", "stop_loss", "take_profit",
-            "recommended_size", "feature_keys", "latency_ms", "flags")
-
 
 def merge_batches(batches: list[SignalBatch]) -> SignalBatch:
     """One batch of the rows of batches that share their key fields, in ts order; for a bar that
     appears twice the later batch's row wins."""
     if len(batches) == 1:
         return batches[0]
-    columns = {name: np.concatenate([getattr(b, name) for b in batches]) for name in _COLUMNS}
+    columns = {name: np.concatenate([getattr(b, name) for b in batches]) for name in SIGNAL_ROW_COLUMNS}
     ts = columns["ts"]
     # the last occurrence of each ts: unique over the reversed order
     _, first_in_reversed = np.unique(ts[::-1], return_index=True)
@@ -1153,8 +1159,8 @@ class StreamWorker:
                     on_time = np.flatnonzero(~late)
                     if on_time.size == 0:
                         return None
-                    signals = _take(signals, on_time)
-                    features = _take_features(features, on_time)
+                    signals = signals.take(on_time)
+                    features = features.take(on_time)
                     unique = [unique[i] for i in on_time]
                     latency = latency[on_time]
         signals.latency_ms[:] = latency
@@ -1481,18 +1487,6 @@ async def _warm_store() -> None:
         con.unregister("incoming_warm_up")
     finally:
         con.close()
-
-
-def _take(batch: SignalBatch, idx: np.ndarray) -> SignalBatch:
-    columns = {name: getattr(batch, name)[idx] for name in (
-        "ts", "action", "confidence", "raw_output", "entry_price", "stop_loss", "take_profit",
-        "recommended_size", "feature_keys", "latency_ms", "flags")}
-    return replace(batch, **columns)
-
-
-def _take_features(features: FeatureBatch, idx: np.ndarray) -> FeatureBatch:
-    return FeatureBatch(features.symbol, features.interval, features.ts[idx], features.values[idx],
-                        features.names, features.feature_keys[idx], features.close[idx])
 
 
 def _done() -> asyncio.Future[None]:

@@ -129,11 +129,6 @@ async def _rows_for(engine: Engine, features: FeatureBatch, target: Prepared) ->
     return read.batch if len(read.batch) == len(features) else None
 
 
-def _take(features: FeatureBatch, rows: np.ndarray) -> FeatureBatch:
-    return FeatureBatch(features.symbol, features.interval, features.ts[rows], features.values[rows],
-                        features.names, features.feature_keys[rows], features.close[rows])
-
-
 async def finish_rollout(engine: Engine, base: Prepared, features: FeatureBatch, skipped: int,
                          source: str, write: bool) -> RunResult:
     """Many bars of a signal with a rollout (backfill): each bar goes to the version its
@@ -154,7 +149,7 @@ async def finish_rollout(engine: Engine, base: Prepared, features: FeatureBatch,
     for routed, rows in ((rollout.champion, ~mask), (rollout.challenger, mask)):
         if routed is None or not rows.any():
             continue
-        part_rows = _take(features, rows) if not rows.all() else features
+        part_rows = features.take(rows) if not rows.all() else features
         part = await _rows_for(engine, part_rows, routed)
         if part is None:  # this version's features are missing at some of these bars
             continue

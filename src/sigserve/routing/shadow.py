@@ -169,7 +169,8 @@ class ShadowRunner:
                 self._metrics.observe(signal_id, shadow.card.version, len(members), agree, per_row_ms)
             if key[4]:
                 _, first = np.unique(batch.ts, return_index=True)  # sorted, one row per bar
-                out.append(_select(batch, first))
+                in_order = first.size == len(batch) and bool(np.all(first == np.arange(first.size)))
+                out.append(batch if in_order else batch.take(first))
         return out
 
 
@@ -179,17 +180,6 @@ def _concat(parts: list[FeatureBatch]) -> FeatureBatch:
                         np.concatenate([p.values for p in parts]), first.names,
                         np.concatenate([p.feature_keys for p in parts]),
                         np.concatenate([p.close for p in parts]))
-
-
-def _select(batch: SignalBatch, rows: np.ndarray) -> SignalBatch:
-    if rows.size == len(batch) and bool(np.all(rows == np.arange(rows.size))):
-        return batch
-    return SignalBatch(
-        batch.signal_id, batch.symbol, batch.interval, batch.model_name, batch.model_version,
-        batch.model_sha256, batch.source, batch.ts[rows], batch.action[rows], batch.confidence[rows],
-        batch.raw_output[rows], batch.entry_price[rows], batch.stop_loss[rows], batch.take_profit[rows],
-        batch.recommended_size[rows], batch.feature_keys[rows], batch.latency_ms[rows],
-        batch.flags[rows], shadow=batch.shadow)
 
 
 class _ShadowMetrics:
