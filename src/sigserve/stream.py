@@ -94,7 +94,6 @@ from .errors import (
 )
 from .hotconfig import BUCKET as CONFIG_BUCKET
 from .hotconfig import LiveConfig, StreamConfig
-from .routing.hashing import challenger_mask
 from .stores.base import Store
 from .timeutil import TS_DTYPE, format_ts, interval_us, parse_ts, validate_interval
 
@@ -1044,23 +1043,10 @@ class StreamWorker:
             parts = [part]
         else:
             # each bar goes to the version its (symbol, trading date) routes to, as on HTTP and backfill
-            routed_parts: list[tuple[Prepared, list[tuple[BusMessage, FeatureMessage]]]]
-            challenger = rollout.challenger
-            mask = (challenger_mask(symbol, np.array([fm.ts for _, fm in unique], dtype=TS_DTYPE), rollout.share)
-                    if challenger is not None else None)
-            if mask is None or not mask.any():
-                routed_parts = [(rollout.champion, unique)]
-            elif mask.all():
-                assert challenger is not None
-                routed_parts = [(challenger, unique)]
-            else:
-                assert challenger is not None
-                taken = mask.tolist()
-                routed_parts = [(rollout.champion, [u for u, m in zip(unique, taken, strict=True) if not m]),
-                                (challenger, [u for u, m in zip(unique, taken, strict=True) if m])]
             parts = []
-            for routed, rows in routed_parts:
-                computed = await self._compute(route, routed, symbol, rows, config, dead)
+            for routed, rows in rollout.split(symbol, np.array([fm.ts for _, fm in unique], dtype=TS_DTYPE)):
+                mine = unique if rows.all() else [u for u, m in zip(unique, rows.tolist(), strict=True) if m]
+                computed = await self._compute(route, routed, symbol, mine, config, dead)
                 if computed is not None:
                     parts.append(computed)
             if not parts:

@@ -46,6 +46,24 @@ def test_mask_is_per_trading_date_and_matches_bucket() -> None:
     assert 0.2 < mask.mean() < 0.4
 
 
+@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
+def test_a_rollouts_split_routes_each_bar_as_pick_does(share: float) -> None:
+    champion, challenger = object(), object()  # split and pick only hand the versions back
+    rollout = steps.RolloutSet(TrafficPolicy("sig", 1, 2, share), champion, challenger, share)  # type: ignore[arg-type]
+    ts = np.arange(np.datetime64("2024-01-01T00:00", "us"), np.datetime64("2024-02-01T00:00", "us"),
+                   np.timedelta64(3, "h"))
+    parts = rollout.split("BTCUSDT", ts)
+    assert all(rows.any() for _, rows in parts)  # a version taking no bar is left out
+    routed = np.empty(ts.size, dtype=object)
+    for version, rows in parts:
+        assert (routed[rows] == None).all()  # noqa: E711 - each bar goes to one version
+        routed[rows] = version
+    assert [rollout.pick("BTCUSDT", t) for t in ts] == routed.tolist()
+    alone = steps.RolloutSet(TrafficPolicy("sig", 1), champion, None, 0.0)  # type: ignore[arg-type]
+    assert [(v, rows.all()) for v, rows in alone.split("BTCUSDT", ts)] == [(champion, True)]
+    assert alone.split("BTCUSDT", ts[:0]) == []
+
+
 def test_stage_transitions() -> None:
     policy = steps.start(None, "s", champion=1, candidate=2, shadows=(5, 1))
     assert (policy.champion, policy.challenger, policy.share, policy.shadows, policy.stage) \

@@ -70,6 +70,15 @@ class RolloutSet:
             taken = self._cache[key] = bucket(symbol, trading_date(ts)) < self.share
         return challenger if taken else self.champion
 
+    def split(self, symbol: str, ts: np.ndarray) -> list[tuple[Prepared, np.ndarray]]:
+        """The routed versions of one symbol's bars ``ts`` and the rows each takes (boolean
+        masks), the champion first; a version that takes no row is left out. The vectorised
+        :meth:`pick`, for a driver's batch of bars (backfill, a stream's micro-batch)."""
+        taken = (challenger_mask(symbol, ts, self.share) if self.challenger is not None
+                 else np.zeros(ts.shape[0], dtype=bool))
+        return [(routed, rows) for routed, rows in ((self.champion, ~taken), (self.challenger, taken))
+                if routed is not None and rows.any()]
+
     @property
     def versions(self) -> tuple[int, ...]:
         return self.policy.versions
@@ -140,15 +149,10 @@ async def finish_rollout(engine: Engine, base: Prepared, features: FeatureBatch,
 
     rollout = base.rollout
     assert rollout is not None
-    n = len(features)
-    mask = (challenger_mask(features.symbol, features.ts, rollout.share)
-            if rollout.challenger is not None else np.zeros(n, dtype=bool))
     served: list[SignalBatch] = []
     written = 0
     end_side = FLAT
-    for routed, rows in ((rollout.champion, ~mask), (rollout.challenger, mask)):
-        if routed is None or not rows.any():
-            continue
+    for routed, rows in rollout.split(features.symbol, features.ts):
         part_rows = features.take(rows) if not rows.all() else features
         part = await _rows_for(engine, part_rows, routed)
         if part is None:  # this version's features are missing at some of these bars
