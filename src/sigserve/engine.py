@@ -26,9 +26,10 @@ import asyncio
 import math
 import operator
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -56,6 +57,9 @@ from .runtimes.base import Runtime
 from .signals.policy import PolicyPlan, resolve_one, resolve_positions
 from .stores.base import Store
 from .timeutil import TS_DTYPE, format_ts, validate_interval
+
+if TYPE_CHECKING:
+    from .features.spec import FeatureSpec
 
 StageObserver = Callable[[str, float], None]  # (stage, seconds)
 DEADLINE_FLAG = "deadline_fallback_hold"
@@ -88,6 +92,34 @@ def card_spec_key(card: ModelCard) -> str | None:
     """The feature_key of the feature spec a model card records (``sigserve train``), or None."""
     key = card.extra.get("feature_key") if card.extra.get("feature_spec_hash") else None
     return str(key) if key else None
+
+
+_SPECS: OrderedDict[str, FeatureSpec] = OrderedDict()
+
+
+def card_feature_spec(card: ModelCard) -> FeatureSpec:
+    """The feature spec a model card records (``sigserve train``), rebuilt once per spec hash:
+    what computes a bar's features from candles (``POST /predict``, a stream's candle message).
+    A card without one is a ``validation_error`` with ``details.reason`` ``no_feature_spec``."""
+    data = card.extra.get("feature_spec")
+    if not isinstance(data, dict) or not card.extra.get("feature_spec_hash"):
+        raise ValidationError(
+            f"model {card.ref} records no feature spec, so it cannot compute features from candles:"
+            " train it with `sigserve train`, or send feature values instead",
+            details={"model": card.ref, "reason": "no_feature_spec"})
+    key = str(card.extra["feature_spec_hash"])
+    spec = _SPECS.get(key)
+    if spec is None:
+        from .features.spec import FeatureSpec
+
+        spec = _SPECS[key] = FeatureSpec.from_card(data)
+        while len(_SPECS) > 32:
+            _SPECS.popitem(last=False)
+    missing = [n for n in card.feature_names if n not in spec.names]
+    if missing:
+        raise ValidationError(f"model {card.ref} reads features its spec does not compute: {missing[:5]}",
+                              details={"model": card.ref, "missing": missing[:50]})
+    return spec
 
 
 def check_feature_keys(prepared: Prepared, keys: np.ndarray) -> None:

@@ -84,7 +84,7 @@ from .domain import (
     Source,
     TrafficPolicy,
 )
-from .engine import DEADLINE_FLAG, Engine, Prepared, check_feature_keys, fill_feature_row
+from .engine import DEADLINE_FLAG, Engine, Prepared, card_feature_spec, check_feature_keys, fill_feature_row
 from .errors import (
     BusUnavailable,
     DeadlineExceeded,
@@ -239,21 +239,14 @@ def candle_features(prepared: Prepared, fm: FeatureMessage) -> dict[str, Any]:
     which must number at least the spec's ``window`` (then they equal a full history's)."""
     assert fm.candles is not None
     card = prepared.card
-    spec_hash = card.extra.get("feature_spec_hash")
-    if not spec_hash or not isinstance(card.extra.get("feature_spec"), dict):
-        raise ValidationError(
-            f"model {card.ref} records no feature spec, so it cannot compute features from candles:"
-            " train it with `sigserve train`, or send \"features\" instead of \"candles\"",
-            details={"model": card.ref, "reason": "no_feature_spec"})
+    spec = card_feature_spec(card)  # refuses a card without one (reason no_feature_spec)
+    spec_hash = str(card.extra["feature_spec_hash"])
     cache = fm.computed
     if cache is None:
         cache = fm.computed = {}
-    features = cache.get(str(spec_hash))
+    features = cache.get(spec_hash)
     if features is not None:
         return features
-    from .api.candles import spec_of
-
-    spec = spec_of(card)
     n = int(fm.candles["close"].shape[0])
     if n < spec.window:
         raise ValidationError(
@@ -261,7 +254,7 @@ def candle_features(prepared: Prepared, fm: FeatureMessage) -> dict[str, Any]:
             f" {spec.window} candles (its window) to compute the newest bar's features",
             details={"model": card.ref, "reason": "too_few_candles", "candles": n, "needed": spec.window})
     features = dict(zip(spec.names, spec.compute_last(fm.candles).tolist(), strict=True))
-    cache[str(spec_hash)] = features
+    cache[spec_hash] = features
     return features
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from enum import Enum
 from typing import Annotated, Any
 
@@ -34,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from starlette.responses import Response
 
 from ..domain import ACTIONS, FLAT, FeatureBatch, ModelCard, Task
-from ..engine import Engine, Prepared
+from ..engine import Engine, Prepared, card_feature_spec
 from ..errors import BackfillWindowTooLarge, ValidationError
 from ..features.spec import FeatureSpec, closed_bars
 from ..timeutil import TS_DTYPE, check_window, format_ts, interval_us, validate_interval
@@ -45,7 +44,6 @@ from .state import ServerState
 
 Number = StrictFloat | StrictInt
 MAX_CANDLES = 100_000
-_SPECS: OrderedDict[str, FeatureSpec] = OrderedDict()
 
 
 class _Body(BaseModel):
@@ -118,28 +116,6 @@ class PredictCandlesResponse(BaseModel):
     open_bars_dropped: int = Field(description="candles not closed yet (open time + interval > now)")
     chunks: int = 1
     latency_ms: float
-
-
-def spec_of(card: ModelCard) -> FeatureSpec:
-    """The feature spec a card records, rebuilt once per spec hash."""
-    data = card.extra.get("feature_spec")
-    if not isinstance(data, dict) or not card.extra.get("feature_spec_hash"):
-        raise ValidationError(
-            f"model {card.ref} records no feature spec, so it cannot predict from candles: train it"
-            " with `sigserve train` (or send features to /api/v1/predict)",
-            details={"model": card.ref})
-    key = str(card.extra["feature_spec_hash"])
-    spec = _SPECS.get(key)
-    if spec is None:
-        spec = FeatureSpec.from_card(data)
-        _SPECS[key] = spec
-        while len(_SPECS) > 32:
-            _SPECS.popitem(last=False)
-    missing = [n for n in card.feature_names if n not in spec.names]
-    if missing:
-        raise ValidationError(f"model {card.ref} reads features its spec does not compute: {missing[:5]}",
-                              details={"model": card.ref, "missing": missing[:50]})
-    return spec
 
 
 def model_info(prepared: Prepared, spec: FeatureSpec) -> dict[str, Any]:
@@ -244,7 +220,7 @@ def build_candles(router: Any, state: ServerState) -> None:
         engine = state.engine
         prepared = await engine.prepare(body.signal_id or await state.default_signal())
         engine.check_target(prepared, body.symbol, body.interval)
-        spec = spec_of(prepared.card)
+        spec = card_feature_spec(prepared.card)
         n = len(body.candles)
         ts: np.ndarray = np.array([to_ts(c.ts, f"candles[{i}].ts") for i, c in enumerate(body.candles)],
                                   dtype=TS_DTYPE)
@@ -284,7 +260,7 @@ def build_candles(router: Any, state: ServerState) -> None:
         engine = state.engine
         prepared = await engine.prepare(body.signal_id or await state.default_signal())
         engine.check_target(prepared, body.symbol, body.interval)
-        spec = spec_of(prepared.card)
+        spec = card_feature_spec(prepared.card)
         step = np.timedelta64(interval_us(body.interval), "us")
         bars = int((end - start) // step) + 1
         limit = state.settings.max_backfill_rows
