@@ -249,8 +249,9 @@ def serve(fd: int, url: str, nice: int = 0) -> None:
             call_id, name, args, kwargs = pickle.loads(data)
             try:
                 result = loop.run_until_complete(getattr(store, name)(*args, **kwargs))
-                if name == "open":
-                    loop.run_until_complete(_warm_up())
+                warm_up = getattr(store, "warm_up", None)
+                if name == "open" and warm_up is not None:
+                    loop.run_until_complete(warm_up())
                 reply = pickle.dumps((call_id, True, result), protocol=pickle.HIGHEST_PROTOCOL)
             except Exception as exc:
                 reply = pickle.dumps((call_id, False, _error_payload(exc)), protocol=pickle.HIGHEST_PROTOCOL)
@@ -262,12 +263,6 @@ def serve(fd: int, url: str, nice: int = 0) -> None:
             loop.run_until_complete(store.close())
         loop.close()
         sock.close()
-
-
-async def _warm_up() -> None:
-    from .stream import _warm_store
-
-    await _warm_store()
 
 
 if __name__ == "__main__":

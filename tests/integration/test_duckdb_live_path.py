@@ -75,3 +75,19 @@ def test_live_path_imports_neither_pyarrow_nor_pandas(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", LIVE, str(path)], capture_output=True, text=True,
                           cwd=root, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_warm_up_leaves_the_store_as_it_was(tmp_path: Path) -> None:
+    async def run() -> None:
+        store = DuckDBStore(tmp_path / "s.duckdb")
+        await store.open()
+        try:
+            await store.write_signals(one_signal(0, "buy"))
+            tables = store._con.execute("SELECT table_name FROM information_schema.tables").fetchall()
+            await store.warm_up()
+            assert store._con.execute("SELECT table_name FROM information_schema.tables").fetchall() == tables
+            assert len(await store.read_signals("sig", "BTC")) == 1
+        finally:
+            await store.close()
+
+    asyncio.run(run())
