@@ -37,7 +37,7 @@ from ..engine import Engine, Prepared, card_feature_spec
 from ..errors import BackfillWindowTooLarge, ValidationError
 from ..features.spec import FeatureSpec, closed_bars
 from ..timeutil import TS_DTYPE, check_window, format_ts, interval_us, validate_interval
-from .responses import dumps
+from .responses import JSONBytes, dumps
 from .routes import errors_doc, lean, to_ts
 from .schemas import Interval, Text, Timestamp
 from .state import ServerState
@@ -202,7 +202,7 @@ def _answer(state: ServerState, prepared: Prepared, spec: FeatureSpec, symbol: s
             "spans": group_spans(rows["ts"], rows["label"], rows["confidence"]),
             "model_info": model_info(prepared, spec), **counts,
             "latency_ms": round((time.perf_counter() - started) * 1000.0, 3)}
-    return Response(dumps(body), media_type="application/json")
+    return JSONBytes(dumps(body))
 
 
 def build_candles(router: Any, state: ServerState) -> None:

@@ -234,7 +234,7 @@ def _inference(router: RouteTable, state: ServerState) -> None:
             max_rows=settings.max_backfill_rows, chunk_rows=settings.backfill_chunk_rows)
         for action, n in report.actions.items():
             metrics.count_signals(action, "backfill", n)
-        return Response(dumps(report.to_dict()), media_type="application/json")
+        return JSONBytes(dumps(report.to_dict()))
 
     @lean(router, "/api/v1/predict", ["POST"], tags, response_model=None,
                  responses={200: {"model": PredictResponse}, **errors_doc(403, 404, 409, 422, 502, 503, 504)})
