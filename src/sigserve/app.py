@@ -30,9 +30,11 @@ class Services:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, settings: Settings) -> AsyncIterator[Services]:
+    async def open(cls, settings: Settings, store: Store | None = None) -> AsyncIterator[Services]:
+        """The services on ``settings``' store, or on ``store`` (not yet opened: this opens and
+        closes it), e.g. the stream worker's DuckDB store in a child process."""
         settings.home.mkdir(parents=True, exist_ok=True)
-        store = open_store(settings.store_url)
+        store = store if store is not None else open_store(settings.store_url)
         await store.open()
         try:
             registry = ModelRegistry(store, settings)

@@ -11,7 +11,6 @@ Refusals print ``error_code: message`` and exit non-zero, as everywhere in the C
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import signal
@@ -135,23 +134,9 @@ def _open_services(settings: Settings, store_process: bool) -> Any:
     url = settings.store_url
     if not store_process or not url.startswith("duckdb://") or url.endswith(":memory:"):
         return Services.open(settings)
+    from .stream_storeproc import StoreProcess
 
-    @contextlib.asynccontextmanager
-    async def opened() -> Any:
-        from .engine import Engine
-        from .registry.models import ModelRegistry
-        from .stream_storeproc import StoreProcess
-
-        settings.home.mkdir(parents=True, exist_ok=True)
-        store = StoreProcess(url, nice=STORE_PROCESS_NICE)
-        await store.open()
-        try:
-            registry = ModelRegistry(store, settings)
-            yield Services(settings, store, registry, Engine(store, registry, settings.prepared_ttl_s))
-        finally:
-            await store.close()
-
-    return opened()
+    return Services.open(settings, store=StoreProcess(url, nice=STORE_PROCESS_NICE))
 
 
 def _run(coro: Any) -> Any:
@@ -160,19 +145,13 @@ def _run(coro: Any) -> Any:
     imports) is frozen out of the collector, so a full collection never walks it mid-stream."""
     import gc
 
-    def tuned() -> Any:
-        async def run() -> Any:
-            return await coro
-
-        return run()
-
     gc.collect()
     gc.freeze()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard] on Linux
-        return asyncio.run(tuned())
-    return uvloop.run(tuned())
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 async def _with_bus(url: str | None, work: Any) -> Any:
