@@ -6,7 +6,30 @@ engine's ``compute`` (predict + policy, vectorised over the messages that arrive
 validate -> publish ``signals.{symbol}.{interval}`` (also stored by the ``TRADING_SIGNALS``
 stream, deduplicated with ``Nats-Msg-Id`` = the upsert key) -> upsert the rows -> ack.
 
-Guarantees (JetStream on):
+Input (``StreamOptions.input``, ``sigserve stream --input``):
+
+- ``durable`` (the default; JetStream on): the worker consumes the ``FEATURES`` stream through a
+  durable consumer: at least once, every guarantee below. The price is JetStream's storage of
+  each feature message before its delivery (file storage: a p99 of several ms at 1,000 msg/s on
+  a 2-core machine, ``bench/stream.py``'s ``floor-1000``).
+- ``core``: a plain core-NATS subscription on the feature subject (queue group honoured), even
+  when JetStream is on: no JetStream hop in front of the worker, and **at most once**. A message
+  is never redelivered: one that arrives while the worker is down, disconnected, paused on a
+  store outage, or over the in-memory bound is lost to the live path; its bar comes back only
+  through catch-up (on start, after a reconnect or an outage) and the grace-period fallback,
+  which compute the bars the store holds features for since the newest stored signal. The
+  ``FEATURES`` stream is still created (dead letters are stored in it, and a switch back to
+  ``durable`` finds it), the audit stream still stores every published signal, rows are still
+  group-committed, and the ack loop still awaits the writes and the audit stream's acks,
+  counting and logging failures; acks and naks are no-ops. The worker holds at most
+  ``max_ack_pending`` unfinished messages (received, not yet written and confirmed); past that,
+  and while the store is down, new messages are dropped (``stats["dropped"]``, a warning at
+  most every 10 s) instead of queued, so memory stays bounded. A batch whose write or audit
+  publish failed is counted (``naked``, ``dropped``) and not retried: its signals may already
+  be published; catch-up fills its rows only if they are newer than the newest stored signal
+  (otherwise run a backfill over the window).
+
+Guarantees with ``durable`` input (JetStream on; with ``core``, as qualified above):
 
 - A feature message is acked only after its rows are written and its signals are stored by the
   audit stream. A failure that may pass (``store_unavailable``, ``bus_unavailable``) naks it and
@@ -68,7 +91,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import orjson
@@ -107,6 +130,8 @@ _MISSING = object()
 # is a round trip and a commit (a WAL flush) each.
 DUCKDB_WRITE_LINGER_MS = 100.0
 SERVER_WRITE_LINGER_MS = 50.0
+INPUTS = ("durable", "core")
+DROP_LOG_INTERVAL_S = 10.0
 
 
 # --- names ---------------------------------------------------------------------------------------
@@ -169,6 +194,15 @@ class StreamOptions:
     features_max_age_s: float = 7 * 86_400.0
     kafka_bootstrap: str | None = None
     kafka_topic: str = "trading_signals_archive"
+    # durable: a JetStream durable consumer (at least once; the default when JetStream is on);
+    # core: a core-NATS subscription even with JetStream (at most once, no JetStream hop in front)
+    input: Literal["durable", "core"] = "durable"
+
+    def __post_init__(self) -> None:
+        if self.input not in INPUTS:
+            raise ValidationError(f"unknown stream input {self.input!r}: use durable (JetStream durable"
+                                  " consumer, at least once) or core (core NATS, at most once)",
+                                  details={"field": "input", "value": str(self.input)})
 
     @property
     def feature_subject(self) -> str:
@@ -673,6 +707,12 @@ class StreamWorker:
         self._subs: list[Subscription] = []
         self._rebuild_task: asyncio.Task[None] | None = None
         self._catchup_pending = False
+        # a core subscription (``input="core"``, or a bus without JetStream): at most once, no
+        # settle; ``_held`` counts the messages received and not yet finished (bounded by
+        # max_ack_pending there, as the durable consumer bounds its unacked ones)
+        self.core = not (bus.durable and self.options.input == "durable")
+        self._held = 0
+        self._drop_logged = -math.inf
         self.kafka: Any = None
         self.stats: collections.Counter[str] = collections.Counter()
         self.started = asyncio.Event()
@@ -693,6 +733,11 @@ class StreamWorker:
                                     duplicate_window_s=options.duplicate_window_s)
         else:
             log.warning("the bus has no JetStream: at-most-once input, no audit stream")
+        if bus.durable and self.core:
+            log.warning("core input: features come from a core-NATS subscription, at most once: a message"
+                        " lost while the worker is down, disconnected or paused is not redelivered (catch-up"
+                        " and the fallback compute its bar from the store's features); signals still go to"
+                        " the audit stream %s", names.stream(names.signals_stream))
         await self.config.start()
         self.config.subscribe(self._on_config)
         if options.kafka_bootstrap:
@@ -709,7 +754,7 @@ class StreamWorker:
                         loop.create_task(self._ack_loop(), name="stream-acks"),
                         loop.create_task(self._housekeeping(), name="stream-housekeeping")]
         subject = options.feature_subject
-        if bus.durable:
+        if not self.core:
             durable = options.queue_group or options.durable
             self._subs.append(await bus.consume(
                 names.stream(names.features_stream), durable, subject, self._on_message,
@@ -765,6 +810,9 @@ class StreamWorker:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self._inbox:
+            self._finished(len(self._inbox))
+            self._dropped(len(self._inbox), "the worker stopped")
         for msg in self._inbox:
             with contextlib.suppress(Exception):
                 await msg.nak()
@@ -911,10 +959,30 @@ class StreamWorker:
     # --- receiving --------------------------------------------------------------------------------
     async def _on_message(self, msg: BusMessage) -> None:
         if self._paused or self._stopping:
+            if self.core:
+                self._dropped(1, "the store is unavailable" if self._paused else "the worker is stopping")
             await msg.nak(delay=2.0)
             return
+        if self.core and self._held >= self.options.max_ack_pending:
+            self._dropped(1, f"{self._held} messages are unfinished (max_ack_pending)")
+            return
+        self._held += 1
         self._inbox.append(msg)
         self._wake.set()
+
+    def _dropped(self, n: int, why: str) -> None:
+        """Core input: ``n`` messages that will not come again (a warning at most every 10 s)."""
+        if not self.core:
+            return
+        self.stats["dropped"] += n
+        now = time.monotonic()
+        if now - self._drop_logged >= DROP_LOG_INTERVAL_S:
+            self._drop_logged = now
+            log.warning("core input: %d message(s) dropped, not redelivered (%s); %d dropped so far;"
+                        " catch-up computes stored bars", n, why, self.stats["dropped"])
+
+    def _finished(self, n: int) -> None:
+        self._held = max(0, self._held - n)
 
     async def _process_loop(self) -> None:
         inbox = self._inbox
@@ -935,9 +1003,12 @@ class StreamWorker:
                     await self._process(batch)
             except Exception as exc:  # never die on one batch: hand it back to the bus
                 self.stats["batch_errors"] += 1
-                log.exception("batch of %d failed; naked for redelivery", len(batch))
+                log.exception("batch of %d failed; %s", len(batch),
+                              "dropped (core input)" if self.core else "naked for redelivery")
                 if isinstance(exc, StoreUnavailable):
                     self._pause()
+                self._finished(len(batch))
+                self._dropped(len(batch), "its batch failed")
                 for msg in batch:
                     await msg.nak(delay=1.0)
             # let the bus client write this batch's publishes to the socket before the next batch
@@ -950,9 +1021,13 @@ class StreamWorker:
             self._sides.clear()
             self.stats["store_outages"] += 1
             self._wake.set()  # the processing loop pings the store until it answers
-            log.error("the store is unavailable: not acking; messages are naked until it answers")
+            log.error("the store is unavailable: %s until it answers", "core input: messages are dropped"
+                      if self.core else "not acking; messages are naked")
 
     async def _wait_for_store(self) -> None:
+        if self._inbox:
+            self._finished(len(self._inbox))
+            self._dropped(len(self._inbox), "the store is unavailable")
         while self._inbox:
             await self._inbox.popleft().nak(delay=2.0)
         delay = 0.1
@@ -1297,6 +1372,8 @@ class StreamWorker:
                 for result in results:
                     if isinstance(result, BaseException):
                         ok, error = False, result
+                        self.stats["publish_unconfirmed"] += 1
+            self._finished(len(flight.messages))
             if ok:
                 for msg in flight.messages:
                     await msg.ack()
@@ -1305,12 +1382,14 @@ class StreamWorker:
             self.stats["naked"] += len(flight.messages)
             for key in flight.keys:
                 self._sides.pop(key, None)
+            after = "dropped (core input: not redelivered)" if self.core else "naked for redelivery"
             if isinstance(error, StoreUnavailable):
                 self._pause()
             elif isinstance(error, BusUnavailable):
-                log.warning("bus failure, batch naked for redelivery: %s", error)
+                log.warning("bus failure, batch %s: %s", after, error)
             else:
-                log.error("batch failed, naked for redelivery: %r", error)
+                log.error("batch failed, %s: %r", after, error)
+            self._dropped(len(flight.messages), "its write or audit publish failed")
             for msg in flight.messages:
                 await msg.nak(delay=1.0)
 

@@ -1,6 +1,7 @@
 """``sigserve stream`` and ``sigserve config get|set`` (registered on the main CLI by cli.py).
 
     sigserve stream --nats nats://127.0.0.1:4222 --signals trend-1h --queue-group workers
+    sigserve stream --input core         # core-NATS input: lowest latency, at most once
     sigserve config get                                  # the effective config (file + KV)
     sigserve config set inference_settings.confidence_threshold 0.6 --nats nats://127.0.0.1:4222
     sigserve config set model_config.version 3           # into the YAML file (no --nats)
@@ -15,6 +16,7 @@ import json
 import logging
 import signal
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,6 +35,22 @@ NatsOpt = Annotated[str | None, typer.Option("--nats", envvar="SIGSERVE_NATS_URL
 PrefixOpt = Annotated[str, typer.Option(help="Namespace for subjects, streams and the KV bucket (default none).")]
 FileOpt = Annotated[Path | None, typer.Option("--config-file", envvar="SIGSERVE_STREAM_CONFIG",
                                               help="YAML config file (default: HOME/stream.yaml).")]
+
+
+class StreamInput(StrEnum):
+    """``--input``: how the worker takes feature messages in (``StreamOptions.input``)."""
+
+    durable = "durable"
+    core = "core"
+
+
+INPUT_HELP = (
+    "durable (default): a JetStream durable consumer of the FEATURES stream: at least once, a"
+    " message is acked after its row is written and its signal stored by the audit stream, and"
+    " redelivered otherwise. core: at-most-once input straight from core NATS (queue group"
+    " honoured), no JetStream hop in front of the worker, nothing redelivered: a message lost"
+    " while the worker is down, disconnected or paused is recovered only by catch-up/fallback"
+    " from the store's features. Signals go to the audit stream TRADING_SIGNALS in both modes.")
 
 
 def _config_file(settings: Settings, path: Path | None) -> Path:
@@ -60,9 +78,12 @@ def stream_cmd(
         help="Run a DuckDB store in a child process of its own (default): its writes never hold"
              " the worker's GIL or stall its loop.")] = True,
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error")] = "info",
+    input_: Annotated[StreamInput, typer.Option("--input", case_sensitive=False, help=INPUT_HELP)]
+    = StreamInput.durable,
 ) -> None:
     """Live worker: features.{symbol}.{interval} in, signals.{symbol}.{interval} out (JetStream:
-    durable input, audit stream TRADING_SIGNALS, acks after the row is written)."""
+    durable input by default, audit stream TRADING_SIGNALS, acks after the row is written;
+    --input core trades redelivery for latency)."""
     from .bus.nats import NatsBus
     from .stream import Names, StreamOptions, StreamWorker
 
@@ -78,7 +99,7 @@ def stream_cmd(
         signals=tuple(_split(signals)), subject=subject, queue_group=queue_group,
         names=Names(prefix=prefix), config_file=_config_file(settings, config_file),
         max_batch=max_batch, write_first=write_first, write_linger_ms=write_linger_ms, catchup=catchup,
-        kafka_bootstrap=kafka)
+        kafka_bootstrap=kafka, input=input_.value)
     url = nats or "nats://127.0.0.1:4222"
 
     async def main() -> dict[str, int]:
@@ -106,6 +127,7 @@ def stream_cmd(
                 console.print(f"streaming {options.feature_subject} -> {options.names.signals_all} on {url}"
                               f" for {', '.join(sorted(worker.routes))}"
                               + (f" (queue group {queue_group})" if queue_group else "")
+                              + (" (core input: at most once)" if worker.core and bus.durable else "")
                               + "; Ctrl-C stops", highlight=False, soft_wrap=True)
                 try:
                     await stop.wait()

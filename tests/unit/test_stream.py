@@ -12,6 +12,7 @@ import numpy as np
 import orjson
 import pytest
 
+from sigserve.bus import BusMessage
 from sigserve.domain import ACTION_CODE, Policy, SignalBatch, SignalDefinition
 from sigserve.engine import fill_feature_row
 from sigserve.errors import FeatureValueMissing, SigserveError, ValidationError
@@ -28,6 +29,7 @@ from sigserve.hotconfig import (
 from sigserve.stream import (
     SIGNAL_NAMESPACE,
     Names,
+    StreamOptions,
     apply_config,
     merge_batches,
     parse_feature_message,
@@ -403,3 +405,19 @@ async def test_kafka_sink_never_blocks_counts_retries_and_overflow(monkeypatch: 
     assert sink.stats["sent"] == 5 and sink.stats["failed_attempts"] == 2  # retried after the failures
     assert [k for _, k, _ in producer.sent] == [b"k0", b"k1", b"k2", b"k3", b"k4"]
     assert {t for t, _, _ in producer.sent} == {"trading_signals_archive"}
+
+
+def test_stream_options_input_defaults_to_durable_and_refuses_an_unknown_one() -> None:
+    assert StreamOptions().input == "durable" and StreamOptions(input="core").input == "core"
+    with pytest.raises(ValidationError, match="unknown stream input 'jetstream': use durable") as refused:
+        StreamOptions(input="jetstream")  # type: ignore[arg-type]
+    assert refused.value.code == "validation_error" and refused.value.details["field"] == "input"
+
+
+async def test_a_core_message_settles_as_a_no_op() -> None:
+    """Core input acks and naks what a core subscription delivered: nothing happens, nothing raises."""
+    msg = BusMessage("features.BTCUSDT.1m", b"{}")
+    await msg.ack()
+    await msg.nak(delay=1.0)
+    await msg.term()
+    assert msg.settled is False  # no settle callback: nothing was sent anywhere
