@@ -9,12 +9,21 @@ on one clock (both ends are in this process). Phases, per store (DuckDB file, Po
   latency p50/p99 and the rate actually answered;
 - ``floor-1000``: the transport alone: an echo process (one durable publish per feature, acked
   after the audit stream's ack; no model, no store) in place of the worker;
+- ``rate-1000-core``: ``rate-1000`` with the worker started with ``--input core`` (features from
+  a core-NATS subscription, at most once, instead of the FEATURES stream's durable consumer;
+  signals still published durably to the audit stream, acks awaited off the path);
+- ``floor-1000-core``: ``floor-1000`` with the echo process on a core subscription: like the
+  core worker, it answers each feature with one ``publish_durable`` (the subscriber gets it as a
+  core message, TRADING_SIGNALS stores it) and awaits the audit stream's ack in a task of its
+  own, never before its next publish. The FEATURES stream exists in every phase (the worker
+  creates it in both modes; it stores each feature message, which the core phases do not wait on);
 - ``drain``: a backlog of N messages is loaded into the FEATURES stream before the worker starts;
   the worker's sustained throughput is the backlog over the time from its first signal to its
   last (one worker; with ``--workers 2`` two in a queue group, PostgreSQL only).
 
     .venv/bin/python bench/stream.py --runs 3                 # both stores, every phase
     .venv/bin/python bench/stream.py --stores duckdb --phases rate-1000
+    .venv/bin/python bench/stream.py --phases floor-1000,floor-1000-core,rate-1000,rate-1000-core --seconds 10
 
 Run it under ``flock /tmp/sigserve-bench.lock`` on a shared machine. The JSON of every run is
 written under ``bench/results/stream-*.json``.
@@ -161,8 +170,10 @@ async def prepare(home: Path, store_url: str, names: tuple[str, ...]) -> None:
 
 
 class Worker:
-    def __init__(self, home: Path, store_url: str, prefix: str, group: str | None, pin: str = "none") -> None:
+    def __init__(self, home: Path, store_url: str, prefix: str, group: str | None, pin: str = "none",
+                 input_: str = "durable") -> None:
         self.home, self.store_url, self.prefix, self.group, self.pin = home, store_url, prefix, group, pin
+        self.input = input_
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
@@ -171,7 +182,7 @@ class Worker:
         wrap = shlex.split(os.environ.get("SIGSERVE_BENCH_WORKER_WRAP", ""))
         cmd = [*pin_cmd(self.pin), *wrap, str(ROOT.parent / ".venv" / "bin" / "sigserve"), "--home", str(self.home),
                "stream", "--nats", NATS, "--store", self.store_url, "--prefix", self.prefix, "--no-catchup",
-               "--log-level", "warning"]
+               "--log-level", "warning", "--input", self.input]
         if self.group:
             cmd += ["--queue-group", self.group]
         cmd += shlex.split(os.environ.get("SIGSERVE_BENCH_WORKER_ARGS", ""))  # e.g. "--write-linger-ms 0"
@@ -279,7 +290,8 @@ async def paced(bus: NatsBus, receiver: Receiver, messages: list[tuple[str, byte
     return published_s, sent, late
 
 
-async def run_rate(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: float) -> dict[str, Any]:
+async def run_rate(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: float,
+                   phase: str) -> dict[str, Any]:
     total = int(rate * seconds)
     messages = feed.batch(prefix, total)
     receiver = Receiver()
@@ -290,7 +302,7 @@ async def run_rate(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: fl
     await sub.stop()
     receiver.span()
     latency, worker = receiver.latencies([m[2] for m in messages], sent, signal_key)
-    return {"phase": f"rate-{rate}", "rate_target": rate, "published": total,
+    return {"phase": phase, "rate_target": rate, "published": total,
             "publish_rate": round(total / published_s, 1), "received": receiver.count,
             "answered_rate": round(receiver.count / max(1e-9, receiver.last - began), 1),
             "latency_ms": rounded(percentiles(latency)) if latency else {},
@@ -298,10 +310,12 @@ async def run_rate(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: fl
             "send_late_ms": rounded(percentiles(late))}
 
 
-async def echo_worker(prefix: str) -> None:
+async def echo_worker(prefix: str, core: bool = False) -> None:
     """The transport's floor: a process that answers each feature with one durable publish and
     acks it after the audit stream's ack, and does nothing else (no model, no store, no JSON
-    decoding: the symbol is the subject's, the bar's ts is found in the body)."""
+    decoding: the symbol is the subject's, the bar's ts is found in the body). ``core``: it
+    subscribes with core NATS instead of the durable consumer (the ack is then a no-op; the
+    audit stream's ack is still awaited, off the path, as the core worker does)."""
     names = Names(prefix=prefix)
     bus = NatsBus(NATS)
     await bus.connect()
@@ -332,7 +346,10 @@ async def echo_worker(prefix: str) -> None:
         pending.add(task)
         task.add_done_callback(pending.discard)
 
-    await bus.consume(names.stream(names.features_stream), "echo", names.subject("features.*.*"), handle)
+    if core:
+        await bus.subscribe(names.subject("features.*.*"), handle)
+    else:
+        await bus.consume(names.stream(names.features_stream), "echo", names.subject("features.*.*"), handle)
     await bus.flush()
     gc.collect()
     gc.freeze()  # as the worker does
@@ -341,10 +358,11 @@ async def echo_worker(prefix: str) -> None:
 
 
 async def run_floor(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: float,
-                    pin: str = "none") -> dict[str, Any]:
+                    pin: str = "none", phase: str = "floor-1000") -> dict[str, Any]:
     total = int(rate * seconds)
     messages = feed.batch(prefix, total)
-    proc = subprocess.Popen([*pin_cmd(pin), sys.executable, __file__, "--echo", prefix],
+    core = ["--echo-core"] if phase.endswith("-core") else []
+    proc = subprocess.Popen([*pin_cmd(pin), sys.executable, __file__, "--echo", prefix, *core],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     proc.stdout.readline()
@@ -355,9 +373,10 @@ async def run_floor(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: f
     await sub.stop()
     proc.terminate()
     proc.wait(10)
-    latency, _ = receiver.latencies([m[2] for m in messages], sent, echo_key)
-    return {"phase": f"floor-{rate}", "rate_target": rate, "published": total, "received": receiver.count,
+    latency, echo = receiver.latencies([m[2] for m in messages], sent, echo_key)
+    return {"phase": phase, "rate_target": rate, "published": total, "received": receiver.count,
             "latency_ms": rounded(percentiles(latency)) if latency else {},
+            "worker_receipt_to_publish_ms": rounded(percentiles(echo or [0.0])),
             "send_late_ms": rounded(percentiles(late))}
 
 
@@ -408,12 +427,13 @@ async def bench_store(kind: str, store_url: str, phases: list[str], feed: Feed, 
             await bus.ensure_stream(names.stream(names.signals_stream), [names.signals_all], max_age_s=3600)
             try:
                 if phase.startswith("floor-"):
-                    result = await run_floor(bus, feed, prefix, int(phase.split("-")[1]), seconds, pin)
+                    result = await run_floor(bus, feed, prefix, int(phase.split("-")[1]), seconds, pin, phase)
                 elif phase.startswith("rate-"):
-                    worker = Worker(home, store_url, prefix, None, pin)
+                    worker = Worker(home, store_url, prefix, None, pin,
+                                    "core" if phase.endswith("-core") else "durable")
                     worker.start()
                     try:
-                        result = await run_rate(bus, feed, prefix, int(phase.split("-")[1]), seconds)
+                        result = await run_rate(bus, feed, prefix, int(phase.split("-")[1]), seconds, phase)
                     finally:
                         result["worker_stats"] = worker.stop()
                 else:
@@ -446,18 +466,21 @@ async def bench_store(kind: str, store_url: str, phases: list[str], feed: Feed, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stores", default="duckdb,postgres")
-    parser.add_argument("--phases", default="floor-1000,rate-1000,rate-5000,drain,drain-group")
+    parser.add_argument("--phases", default="floor-1000,rate-1000,rate-5000,drain,drain-group",
+                        help="comma-separated: floor-1000, floor-1000-core, rate-1000, rate-1000-core,"
+                             " rate-5000, drain, drain-group")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--drain", type=int, default=40_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--echo", help=argparse.SUPPRESS)  # the floor phase's echo process
+    parser.add_argument("--echo-core", action="store_true", help=argparse.SUPPRESS)  # ... on core NATS
     parser.add_argument("--pin", choices=("split", "none"), default="none",
                         help="split: this process on CPU 0, the worker/echo on CPU 1 (rate and floor"
                              " phases; drain workers get every CPU); none: the scheduler's choice")
     args = parser.parse_args()
     if args.echo:
-        uvloop.run(echo_worker(args.echo))
+        uvloop.run(echo_worker(args.echo, args.echo_core))
         return
     pin = args.pin if len(CPUS) >= 2 else "none"
     if pin == "split":
@@ -481,7 +504,13 @@ def main() -> None:
                 "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in same if r["latency_ms"]),
                 "p99_ms": statistics.median(r["latency_ms"]["p99"] for r in same if r["latency_ms"]),
                 "answered_rate": statistics.median(r.get("answered_rate", r["received"] / args.seconds)
-                                                   for r in same)}
+                                                   for r in same),
+                "p50_range_ms": [min(r["latency_ms"]["p50"] for r in same if r["latency_ms"]),
+                                 max(r["latency_ms"]["p50"] for r in same if r["latency_ms"])],
+                "p99_range_ms": [min(r["latency_ms"]["p99"] for r in same if r["latency_ms"]),
+                                 max(r["latency_ms"]["p99"] for r in same if r["latency_ms"])],
+                "worker_p50_ms": statistics.median(r["worker_receipt_to_publish_ms"]["p50"] for r in same),
+                "worker_p99_ms": statistics.median(r["worker_receipt_to_publish_ms"]["p99"] for r in same)}
         else:
             summary[f"{key[0]} {key[1]}"] = {
                 "msg_per_s": statistics.median(r["msg_per_s"] or 0 for r in same),
