@@ -14,7 +14,8 @@ Usage::
     result = await engine.run_window("trend-1h", "BTCUSDT", "1h", start, end)
 
 Servers set ``observer`` to a ``(stage, seconds)`` callable to time the stages (feature_read,
-position_read, predict, policy, write); it costs nothing when None. A one-bar call may carry a
+position_read, predict, policy, write; a one-bar call reads its row and the position before it
+in one ``Store.read_bar``, timed as feature_read); it costs nothing when None. A one-bar call may carry a
 ``deadline`` (a ``time.perf_counter()`` value): past it, before anything is written, the engine
 refuses with ``deadline_exceeded`` or, with ``fallback_to_hold``, gives (and stores) a hold row
 flagged ``deadline_fallback_hold`` instead of the late signal.
@@ -442,18 +443,17 @@ class Engine:
         wanted = np.unique(np.asarray(ts, dtype=TS_DTYPE))
         observer = self.observer
         began = time.perf_counter() if observer is not None else 0.0
-        reading = self.store.read_features(
-            symbol, interval, prepared.read_names, ts=wanted,
-            feature_key=prepared.definition.feature_key or prepared.spec_key)
+        feature_key = prepared.definition.feature_key or prepared.spec_key
         start_side: int | None = None
         if wanted.size == 1 and prepared.rollout is None and prepared.definition.policy.position_aware:
-            # One bar (the live path): the position before it does not depend on the feature
-            # row, so both reads go out at once (two pooled connections on PostgreSQL: one round
-            # trip of latency instead of two). Unused when the bar has no row.
-            read, start_side = await asyncio.gather(reading, self._position_before(prepared, symbol,
-                                                                                  interval, wanted))
+            # One bar (the live path): its feature row and the position before it in one call
+            # (one statement, one round trip on PostgreSQL). Unused when the bar has no row.
+            read, start_side = await self.store.read_bar(
+                symbol, interval, prepared.read_names, wanted[0], feature_key=feature_key,
+                position=(prepared.definition.signal_id, prepared.card.version))
         else:
-            read = await reading
+            read = await self.store.read_features(symbol, interval, prepared.read_names, ts=wanted,
+                                                  feature_key=feature_key)
         if observer is not None:
             observer("feature_read", time.perf_counter() - began)
         skipped = int(wanted.size - len(read.batch))

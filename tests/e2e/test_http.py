@@ -476,6 +476,13 @@ async def test_metrics(home: Path, world: World) -> None:
         await client.post("/inference/run", json=run_body(world, 210))
         await client.post("/api/v1/predict", json={"symbol": BTC, "features": world.feature_dict(BTC, 210)})
         await client.post("/inference/run", json=run_body(world, 210, signal="nope"))
+        text = (await client.get("/metrics")).text
+        # one bar: its row and the position before it are one read (feature_read)
+        assert not re.search(r'sigserve_stage_duration_seconds_count{stage="position_read"} [1-9]', text)
+        r = await client.post("/inference/backfill", json={  # a window reads positions on their own
+            "signal_id": SIGNAL, "symbol": BTC, "interval_name": INTERVAL, "start": world.t(200),
+            "end": world.t(220)})
+        assert r.status_code == 200, r.text
         await client.get("/models/nope")
         await client.get("/nowhere")
         r = await client.get("/metrics")

@@ -517,6 +517,42 @@ async def test_one_bar_read_equals_that_bar_of_a_listed_read(store: Store) -> No
     assert newest.batch.close.tolist() == [3.0]
 
 
+async def test_read_bar_is_the_bar_and_the_position_before_it(store: Store) -> None:
+    # read_bar (the live path's one call) answers what its two reads answer, on every store.
+    await store.write_candles("BTC", "1h", candles([0, 1, 2, 3, 4, 5], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))
+    await write_rows(store, "full", ("a", "b"), [1, 2, 3, 6], [[1.0, math.nan], [2.0, 2.5], [3.0, 3.5],
+                                                               [6.0, 6.5]])
+    await write_rows(store, "partial", ("a",), [4], [[4.0]])
+    # sig v1: t0 buy, t1 hold, t2 sell; a v2 shadow buy at t1; another signal's buy at t2
+    await store.write_signals(batch([0, 1, 2], ["buy", "hold", "sell"]))
+    await store.write_signals(batch([1], ["buy"], version=2, shadow=True))
+    await store.write_signals(batch([2], ["buy"], signal_id="other"))
+    positions: list[tuple[str, int] | None] = [None, ("sig", 1), ("sig", 2), ("other", 1), ("none", 1)]
+    for hour in range(8):
+        for names in (("a", "b"), ("a",)):
+            for key in (None, "full", "partial"):
+                for position in positions:
+                    case = (hour, names, key, position)
+                    read, side = await store.read_bar("BTC", "1h", names, t(hour), feature_key=key,
+                                                      position=position)
+                    alone = await store.read_features("BTC", "1h", names, ts=ts_array(hour), feature_key=key)
+                    assert (read.incomplete, read.missing) == (alone.incomplete, alone.missing), case
+                    assert read.batch.ts.tolist() == alone.batch.ts.tolist(), case
+                    np.testing.assert_array_equal(read.batch.values, alone.batch.values)
+                    np.testing.assert_array_equal(read.batch.close, alone.batch.close)
+                    assert read.batch.feature_keys.tolist() == alone.batch.feature_keys.tolist(), case
+                    expected = FLAT
+                    if position is not None and len(alone.batch):
+                        expected = int((await store.position_sides(*position, "BTC", "1h", ts_array(hour)))[0])
+                    assert side == expected, case
+    # the answers themselves, not only agreement: short after t2's sell, long between t0 and t2
+    assert (await store.read_bar("BTC", "1h", ("a",), t(3), position=("sig", 1)))[1] == SHORT
+    assert (await store.read_bar("BTC", "1h", ("a",), t(2), position=("sig", 1)))[1] == LONG
+    assert (await store.read_bar("BTC", "1h", ("a",), t(3), position=("other", 1)))[1] == LONG
+    assert (await store.read_bar("BTC", "1h", ("a",), t(3), position=("sig", 2)))[1] == FLAT  # shadows: never
+    assert (await store.read_bar("BTC", "1h", ("a",), t(5), position=("sig", 1)))[1] == FLAT  # no row at t5
+
+
 async def test_feature_window_stats(store: Store) -> None:
     assert await store.feature_window_stats("BTC", "1h", None, None) == (0, None, None)
     await write_rows(store, "k1", ("a",), [1, 2, 3], [[1.0], [2.0], [3.0]])

@@ -2,8 +2,9 @@
 
 - ``sigserve_http_request_duration_seconds{route,method,status}``: every request, by route
   template (``/models/{name}``, never the raw path) or ``unmatched``;
-- ``sigserve_stage_duration_seconds{stage}``: the engine's stages (feature_read, position_read,
-  predict, policy, write), fed by ``Engine.observer``;
+- ``sigserve_stage_duration_seconds{stage}``: the engine's stages (feature_read: for one bar its
+  row and the position before it, one statement on PostgreSQL; position_read: a separate position
+  read, as a window's; predict, policy, write), fed by ``Engine.observer``;
 - ``sigserve_signals_total{action,endpoint}``: signals answered or written;
 - ``sigserve_errors_total{error_code}``: refusals by error code.
 

@@ -112,6 +112,19 @@ class Store(Protocol):
                             feature_key: str | None = None) -> FeatureRead:
         """Rows in [start, end] (or exactly at ``ts``), columns in ``names`` order, ts ascending."""
 
+    async def read_bar(self, symbol: str, interval: str, names: tuple[str, ...], ts: np.datetime64, *,
+                       feature_key: str | None = None,
+                       position: tuple[str, int] | None = None) -> tuple[FeatureRead, int]:
+        """One bar's feature row (as ``read_features(..., ts=[ts])``) and, with ``position`` =
+        ``(signal_id, model_version)``, the side before it (as ``position_sides``; FLAT without
+        ``position`` or without a row): the live path's two reads, one round trip where the
+        store can (PostgreSQL: one statement).
+
+        Usage::
+
+            read, side = await store.read_bar("BTC", "1h", names, ts, position=("trend", 3))
+        """
+
     async def feature_window_stats(self, symbol: str, interval: str, start: np.datetime64 | None,
                                    end: np.datetime64 | None) -> tuple[int, np.datetime64 | None,
                                                                         np.datetime64 | None]:

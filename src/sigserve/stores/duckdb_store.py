@@ -63,6 +63,7 @@ from ..domain import (
 from ..errors import InternalError, SigserveError, StoreUnavailable, ValidationError
 from ..timeutil import TS_DTYPE, interval_us
 from ._common import check_signals as _check_signals
+from ._common import read_bar_in_two
 from .base import Candles, FeatureRead
 
 if TYPE_CHECKING:
@@ -1087,6 +1088,11 @@ class DuckDBStore:
                 self._newest_signal[history] = at
         self._remember_position(batch)
         return 1
+
+    async def read_bar(self, symbol: str, interval: str, names: tuple[str, ...], ts: np.datetime64, *,
+                       feature_key: str | None = None,
+                       position: tuple[str, int] | None = None) -> tuple[FeatureRead, int]:
+        return await read_bar_in_two(self, symbol, interval, names, ts, feature_key, position)
 
     async def position_sides(self, signal_id: str, model_version: int, symbol: str, interval: str,
                              before: np.ndarray) -> np.ndarray:

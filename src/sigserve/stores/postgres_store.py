@@ -861,17 +861,34 @@ class PostgresStore:
             if wanted.size == 0:
                 return FeatureRead(_empty_batch(symbol, interval, names), 0, 0)
             if wanted.size <= _ROWS_READ_MAX_TS:
-                return await self._read_features_rows(symbol, interval, names, wanted, feature_key)
+                return (await self._read_features_rows(symbol, interval, names, wanted, feature_key))[0]
         return await self._read_features_copy(symbol, interval, names, start, end, wanted, feature_key)
 
+    async def read_bar(self, symbol: str, interval: str, names: tuple[str, ...], ts: np.datetime64, *,
+                       feature_key: str | None = None,
+                       position: tuple[str, int] | None = None) -> tuple[FeatureRead, int]:
+        wanted = np.array([ts], dtype=TS_DTYPE)
+        return await self._read_features_rows(symbol, interval, tuple(names), wanted, feature_key, position)
+
     async def _read_features_rows(self, symbol: str, interval: str, names: tuple[str, ...],
-                                  wanted: np.ndarray, feature_key: str | None) -> FeatureRead:
-        """A few bars (the live path): one prepared statement, one round trip."""
+                                  wanted: np.ndarray, feature_key: str | None,
+                                  position: tuple[str, int] | None = None) -> tuple[FeatureRead, int]:
+        """A few bars (the live path): one prepared statement, one round trip. With ``position``
+        (one bar: ``read_bar``) the same statement reads the side before the bar."""
         params: list[Any] = [symbol, interval, _py_ts_list(wanted)]
         key_filter = ""
         if feature_key is not None:
             params.append(feature_key)
             key_filter = " AND feature_key = $4"
+        side_column = ""
+        if position is not None:
+            params += [position[0], int(position[1]), _py_ts(wanted[0])]
+            last = len(params)
+            # uncorrelated: PostgreSQL evaluates it once (an InitPlan), on the index's seek
+            side_column = (f", coalesce((SELECT {_SIDE_SQL} FROM signal_history WHERE signal_id = ${last - 2}"
+                           f" AND model_version = ${last - 1} AND symbol = $1 AND interval = $2"
+                           f" AND action <> 'hold' AND NOT shadow AND ts < ${last} ORDER BY ts DESC LIMIT 1),"
+                           " 0::int2)")
         bar_filter = "symbol = $1 AND interval = $2 AND ts = ANY($3::timestamp[])"
         # The newest row per ts (or the pinned key's) beside every candle bar.
         sql = (
@@ -880,18 +897,20 @@ class PostgresStore:
             f" c AS (SELECT ts, close FROM candles WHERE {bar_filter})"
             " SELECT coalesce(f.ts, c.ts) AS ts, f.ts IS NOT NULL, coalesce(f.feature_key, ''),"
             " coalesce(array_send(f.vals), ''::bytea), c.ts IS NOT NULL, coalesce(c.close, 'NaN')"
-            " FROM f FULL JOIN c ON c.ts = f.ts ORDER BY 1"
+            f"{side_column} FROM f FULL JOIN c ON c.ts = f.ts ORDER BY 1"
         )
         async with self._connection() as con:
             rows = await con.fetch(sql, *params)
             if not rows:
-                return FeatureRead(_empty_batch(symbol, interval, names), 0, 0)
-            bar_ts, has_row_t, keys_t, blobs, has_candle_t, close_t = zip(*rows, strict=True)
+                return FeatureRead(_empty_batch(symbol, interval, names), 0, 0), FLAT
+            columns = list(zip(*rows, strict=True))
+            bar_ts, has_row_t, keys_t, blobs, has_candle_t, close_t = columns[:6]
+            side = int(columns[6][0]) if position is not None else FLAT
             has_row = np.array(has_row_t, dtype=bool)
             missing = int(np.count_nonzero(np.array(has_candle_t, dtype=bool) & ~has_row))
             at = np.flatnonzero(has_row)
             if at.size == 0:
-                return FeatureRead(_empty_batch(symbol, interval, names), 0, missing)
+                return FeatureRead(_empty_batch(symbol, interval, names), 0, missing), FLAT
             distinct, codes = _codes(np.array([keys_t[i] for i in at], dtype=object))
             codes -= 1
             key_names = await self._names_of(con, distinct)
@@ -913,7 +932,7 @@ class PostgresStore:
         batch = FeatureBatch(symbol, interval, bars, np.ascontiguousarray(values[kept]), names,
                              np.asarray(distinct, dtype=object)[codes[kept]],
                              np.array(close_t, dtype=np.float64)[at[kept]])
-        return FeatureRead(batch, int(at.size - kept.size), missing)
+        return FeatureRead(batch, int(at.size - kept.size), missing), side if kept.size else FLAT
 
     async def _read_features_copy(self, symbol: str, interval: str, names: tuple[str, ...],
                                   start: np.datetime64 | None, end: np.datetime64 | None,
