@@ -4,7 +4,9 @@
 
 One ``python -m sigserve serve`` (DuckDB, pinned to CPU 0) serves a 300-tree x 32-feature
 LightGBM (version 1), a second one trained differently (version 2), and a regime-gated ensemble of
-three such models (a bull/bear regime model and the two as specialists). The clients run on CPU 1
+three such models (a bull/bear regime model and the two as specialists), all compiled by lleaves
+as ``sigserve models compile`` does (``--runtime lightgbm``: LightGBM's own runtime, in a home of
+its own). The clients run on CPU 1
 and send ``POST /api/v1/predict`` with the 32 features inline, cycling over 1,000 real rows, in a
 closed keep-alive loop (c=1): the latency phases (1, 2) use wrk when it is installed (as
 bench/http.py; the Python client's own tail was most of the p99), the others a Python
@@ -12,7 +14,8 @@ http.client loop (with its garbage collector paused while it measures).
 
 1. **Shadow overhead**: p50/p99 without a rollout, then with version 2 as a shadow (``POST
    /admin/rollouts/{id}/start``), alternated ``--rounds`` times; the medians and the p99 ratio
-   (target <= 1.10). Shadow predictions run after the response, in a worker thread, batched.
+   (target <= 1.10). Shadow predictions run after the response, gathered for
+   ``SIGSERVE_SHADOW_LINGER_MS`` (100 ms) and predicted together.
 2. **Ensemble**: p50/p99 of the ensemble signal (target p99 <= 3 ms).
 3. **Rollback under load**: version 2 takes 100%; while the load runs, ``POST .../rollback``; the
    time from sending it to its answer, and to the first load answer from version 1 (``--trials``).
@@ -80,13 +83,13 @@ def _train(values: np.ndarray, names: tuple[str, ...], label: np.ndarray, path: 
     return path
 
 
-def build(home: Path) -> tuple[np.ndarray, tuple[str, ...], np.ndarray]:
+def build(home: Path, runtime: str) -> tuple[np.ndarray, tuple[str, ...], np.ndarray]:
     data = make_data(22_000)
     close = data.candles.close
     up = np.r_[close[15:] > close[:-15], np.zeros(15, bool)].astype(np.int32)
     up60 = np.r_[close[60:] > close[:-60], np.zeros(60, bool)].astype(np.int32)
     trend = np.r_[np.zeros(240, bool), close[240:] > close[:-240]].astype(np.int32)
-    models = home.parent / "rollout-models"
+    models = home.parent / "rollout-models"  # shared by both runtimes' homes
     m1 = _train(data.values, data.names, up, models / "v1.txt", 1)
     m2 = _train(data.values, data.names, up60, models / "v2.txt", 2)
     regime = _train(data.values, data.names, trend, models / "regime.txt", 3)
@@ -104,6 +107,10 @@ def build(home: Path) -> tuple[np.ndarray, tuple[str, ...], np.ndarray]:
                 await registry.promote("bench", one.version, Stage.PRODUCTION)
                 two = await registry.register(m2, name="bench", classes=["down", "up"])
                 reg = await registry.register(regime, name="bench-regime", classes=["bear", "bull"])
+                if runtime == "lleaves":  # as bench/http.py: served compiled (sigserve models compile)
+                    print("compiling the three models with lleaves (once per bench home) ...", flush=True)
+                    for card in (one, two, reg):
+                        await registry.compile(card.name, card.version)
                 gated = await register_ensemble(registry, "bench-gated", regime=reg.ref,
                                                 specialists={"bull": one.ref, "bear": two.ref})
                 policy = Policy(threshold=0.55, atr_feature="atr_14")
@@ -240,10 +247,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--no-pin", action="store_true")
+    parser.add_argument("--runtime", choices=("lleaves", "lightgbm"), default="lleaves",
+                        help="how the three LightGBM models are served (lleaves: compiled once per bench home)")
     args = parser.parse_args()
-    home = Path(os.environ.get("SIGSERVE_BENCH_HOME", ROOT / ".home")).resolve() / "rollout"
+    base = Path(os.environ.get("SIGSERVE_BENCH_HOME", ROOT / ".home")).resolve()
+    home = base / ("rollout" if args.runtime == "lightgbm" else "rollout-lleaves")
     home.mkdir(parents=True, exist_ok=True)
-    values, names, close = build(home)
+    values, names, close = build(home, args.runtime)
     plain = bodies(values, names, close, SIGNAL)
     gated = bodies(values, names, close, ENSEMBLE)
     result: dict[str, Any] = {"machine": machine(), "args": vars(args)}

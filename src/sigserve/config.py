@@ -41,6 +41,9 @@ class Settings(BaseSettings):
                                   description="who the token is in audit rows (token:LABEL)")
     shadow_queue_size: int = Field(default=1024, gt=0, description="shadow jobs a server queues;"
                                    " more are dropped and counted")
+    shadow_linger_ms: float = Field(
+        default=100.0, ge=0, le=10_000, description="shadow jobs are gathered this long and predicted"
+        " together (one vectorised predict per version); 0: as soon as the loop is free")
     # --- risk checks of /api/v1/predict (risk_check: true); None: that limit is not enforced ---
     risk_max_position_units: float | None = Field(default=None, gt=0)
     risk_max_position_notional: float | None = Field(default=None, gt=0)

@@ -58,7 +58,9 @@ def ensure_shadow_runner(state: ServerState) -> None:
     if engine.shadow_runner is None:
         from ..routing.shadow import ShadowRunner
 
-        runner = ShadowRunner(engine, maxsize=state.settings.shadow_queue_size, metrics=state.metrics)
+        settings = state.settings
+        runner = ShadowRunner(engine, maxsize=settings.shadow_queue_size, metrics=state.metrics,
+                              linger_s=settings.shadow_linger_ms / 1000.0)
         runner.start()
         engine.shadow_runner = runner
         state.svc.on_close.append(runner.stop)  # drain (2 s at most) before the store closes

@@ -1,11 +1,18 @@
 """Shadow predictions off the request path: a bounded queue and one background task.
 
 A request routed to a version with shadows submits ``(routed, feature row, served signal,
-write)`` and returns at once; the task drains the queue, predicts every shadow version on the
-same rows (vectorised per version; in the loop for a few rows, in a worker thread for more),
-writes the shadow rows (``shadow = true``) when the served row was written, and counts agreement
-and latency per version. A full queue drops
-the job and counts it (``sigserve_shadow_dropped_total``): shadows never slow the champion.
+write)`` and returns at once; the task gathers jobs for ``linger_s`` after the first one
+(``SIGSERVE_SHADOW_LINGER_MS``, 100 ms by default), then predicts every shadow version on all of
+their rows at once (vectorised per version; in the loop for a few rows, in a worker thread for
+more), writes the shadow rows (``shadow = true``) when the served row was written, and counts
+agreement and latency per version. A full queue drops the job and counts it
+(``sigserve_shadow_dropped_total``): shadows never slow the champion.
+
+Why the linger: under steady load the server is never idle, so shadow work done as soon as the
+loop is free lands on the next request, every time (measured at c=1: p99 x3, p50 +0.3 ms with
+one shadow predicted per request). Gathered, it is one vectorised predict (and one store write)
+per linger: far less work per row, and the pause it costs falls on one request in hundreds
+rather than on every one. Shadow rows reach the store up to ``linger_s`` later.
 
 Usage::
 
@@ -48,7 +55,7 @@ class ShadowJob:
 
 class ShadowRunner:
     def __init__(self, engine: Engine, *, maxsize: int = 1024, metrics: Any = None,
-                 max_batch: int = 256, inline_rows: int = 16) -> None:
+                 max_batch: int = 1024, inline_rows: int = 256, linger_s: float = 0.1) -> None:
         from ..engine import Engine
 
         self.engine = engine
@@ -56,7 +63,9 @@ class ShadowRunner:
         self.maxsize = maxsize
         self.max_batch = max_batch
         self.inline_rows = inline_rows
+        self.linger_s = linger_s
         self.queue: asyncio.Queue[ShadowJob] | None = None
+        self._flush = asyncio.Event()  # set: stop lingering (stop, idle)
         self.task: asyncio.Task[None] | None = None
         self.stats: collections.Counter[str] = collections.Counter()
         self._metrics = _ShadowMetrics(metrics) if metrics is not None else None
@@ -72,10 +81,10 @@ class ShadowRunner:
             return
         queue = self.queue
         if queue is not None and drain_s > 0:
+            self._flush.set()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(drain_s):
-                    while not queue.empty():
-                        await asyncio.sleep(0.01)
+                    await queue.join()
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
@@ -97,24 +106,32 @@ class ShadowRunner:
         return True
 
     async def idle(self, timeout_s: float = 5.0) -> None:
-        """Wait until every queued job is done (tests, benchmarks)."""
+        """Wait until every queued job is done, without lingering (tests, benchmarks)."""
         queue = self.queue
         if queue is not None:
-            async with asyncio.timeout(timeout_s):
-                await queue.join()
+            self._flush.set()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await queue.join()
+            finally:
+                self._flush.clear()
 
     async def _run(self) -> None:
         queue = self.queue
         assert queue is not None
         while True:
             jobs = [await queue.get()]
+            if self.linger_s > 0 and queue.qsize() < self.max_batch - 1 and not self._flush.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._flush.wait(), self.linger_s)
             while len(jobs) < self.max_batch and not queue.empty():
                 jobs.append(queue.get_nowait())
             try:
                 if sum(len(job.features) for job in jobs) <= self.inline_rows:
-                    # A few rows: predicted here, in the loop, between requests (the served
-                    # answers went out before this task ran). A worker thread for them cost a
-                    # thread hop per request and GIL handoffs that landed on the next request.
+                    # Up to a linger's worth of rows: predicted here, in the loop, between
+                    # requests (measured: 150 rows of a 300-tree model in 0.56 ms compiled,
+                    # 2.2 ms on LightGBM). A worker thread cost a thread hop and GIL handoffs
+                    # that landed on the requests running meanwhile.
                     results = self._compute(jobs)
                 else:
                     results = await asyncio.to_thread(self._compute, jobs)
