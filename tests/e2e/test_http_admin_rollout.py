@@ -57,6 +57,29 @@ async def _predict(client: httpx.AsyncClient, world: World, symbol: str, i: int)
     return dict(r.json())
 
 
+async def test_shadows_are_gathered_for_the_linger_and_predicted_together(
+        home: Path, world: World, tmp_path: Path) -> None:
+    assert await _register_candidate(home, world, tmp_path) == CANDIDATE
+    async with serving(settings_for(home, server_prepared_ttl_s=60.0, shadow_linger_ms=5_000.0)) as (app, client):
+        r = await client.post(f"/admin/rollouts/{SIGNAL}/start", json={"version": CANDIDATE})
+        assert r.status_code == 200, r.text
+        for i in range(60, 70):
+            assert (await _predict(client, world, BTC, i))["metadata"]["model_version"] == 1
+        runner = services_of(app).engine.shadow_runner
+        await asyncio.sleep(0.2)
+        assert runner.stats["predicted"] == 0  # lingering: nothing predicted yet
+        await runner.idle()  # flushes at once, without waiting out the linger
+        assert runner.stats["predicted"] == 10 and runner.stats["batches"] == 1
+        # the shadow rows of /inference/run are written when their batch is
+        r = await client.post("/inference/run", json={"signal_id": SIGNAL, "symbol": BTC,
+                                                      "ts": world.t(300), "interval_name": "1h"})
+        assert r.status_code == 200, r.text
+    # closing the server flushes the lingering job before the store closes: nothing lost
+    async with Services.open(settings_for(home)) as services:
+        rows = await services.store.read_signals(SIGNAL, BTC)
+    assert sorted((r["model_version"], bool(r["shadow"])) for r in rows) == [(1, False), (CANDIDATE, True)]
+
+
 async def test_rollout_stages_routing_shadows_and_audit(home: Path, world: World, tmp_path: Path) -> None:
     assert await _register_candidate(home, world, tmp_path) == CANDIDATE
     async with serving(settings_for(home, server_prepared_ttl_s=60.0)) as (app, client):

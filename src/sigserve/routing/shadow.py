@@ -126,6 +126,7 @@ class ShadowRunner:
                     await asyncio.wait_for(self._flush.wait(), self.linger_s)
             while len(jobs) < self.max_batch and not queue.empty():
                 jobs.append(queue.get_nowait())
+            self.stats["batches"] += 1
             try:
                 if sum(len(job.features) for job in jobs) <= self.inline_rows:
                     # Up to a linger's worth of rows: predicted here, in the loop, between
