@@ -19,6 +19,9 @@ What it measures, for every (server, endpoint) row at each concurrency (default 
 Servers (``--servers``, default all):
 
 - ``floor``: a do-nothing asyncio HTTP server (bench/peers/floor_server.py): what the harness costs.
+- ``floor-busy``: the same server spinning ``--floor-spin-us`` (400 µs, about sigserve's inline
+  request in its own process) per request: no allocations, no I/O, nothing of a real server's, so
+  its tail is what this machine adds to a request that long (read it beside sigserve's p99).
 - ``mlserver``: MLServer 1.7.1 + mlserver-lightgbm, V2 inference protocol JSON
   (``POST /v2/models/bench/infer``). Config in bench/peers/mlserver/: ``parallel_workers`` 0 (inference
   in the server process: the faster choice on one core, see ``--mlserver-workers``), no metrics server.
@@ -91,7 +94,7 @@ PEERS = HERE / "peers"
 TOKEN = "bench-token-0123456789abcdef"
 PG_DEFAULT = "postgresql://root@127.0.0.1:5432/sigserve_bench"
 N_BODIES = 1_000
-ALL_SERVERS = ("floor", "mlserver", "mlflow", "sigserve")
+ALL_SERVERS = ("floor", "floor-busy", "mlserver", "mlflow", "sigserve")
 PEER_NAMES = ("mlserver", "mlflow")
 
 
@@ -254,10 +257,11 @@ def mlflow_spec(w: Workload, work: Path, port: int) -> ServerSpec:
                       version=f"mlflow {package_version(venv, 'mlflow')}")
 
 
-def floor_spec(w: Workload, port: int) -> ServerSpec:
-    target = Target("floor", "do-nothing POST", "/", mlflow_bodies(w), json_headers(False))
-    return ServerSpec("floor", port, [sys.executable, str(PEERS / "floor_server.py"), str(port)], [target],
-                      version="asyncio protocol")
+def floor_spec(w: Workload, port: int, spin_us: float = 0.0) -> ServerSpec:
+    name = f"floor-busy ({spin_us:g} µs)" if spin_us else "floor"
+    target = Target(name, "spin POST" if spin_us else "do-nothing POST", "/", mlflow_bodies(w), json_headers(False))
+    argv = [sys.executable, str(PEERS / "floor_server.py"), str(port)] + ([str(spin_us)] if spin_us else [])
+    return ServerSpec(name, port, argv, [target], version="asyncio protocol")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -678,6 +682,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="extra environment for the sigserve server, e.g. SIGSERVE_DEADLINE_MS=1000 (repeatable)")
     parser.add_argument("--client", choices=("wrk", "python"), default="wrk", help="load generator")
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and load generator to CPUs")
+    parser.add_argument("--floor-spin-us", type=float, default=400.0,
+                        help="per-request spin of the floor-busy server (default 400: sigserve's inline request)")
     args = parser.parse_args(argv)
     unknown = set(args.servers) - set(ALL_SERVERS)
     if unknown:
@@ -711,6 +717,8 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         if name == "floor":
             spec = floor_spec(w, port)
+        elif name == "floor-busy":
+            spec = floor_spec(w, port, args.floor_spin_us)
         elif name == "mlserver":
             spec = mlserver_spec(w, work, port, args.mlserver_workers)
         elif name == "mlflow":

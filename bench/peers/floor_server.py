@@ -1,18 +1,25 @@
 """A do-nothing HTTP/1.1 keep-alive server: the harness floor (what the load generator and the loopback cost).
 
-    python bench/peers/floor_server.py PORT
+    python bench/peers/floor_server.py PORT [SPIN_US]
 
 It answers every request with a fixed small JSON body, after reading the request body (Content-Length).
+With ``SPIN_US`` it first spins on the CPU that long per request: a server as slow as the one
+measured but with no work of its own, so that its tail is what the machine adds to a request of
+that length (preemption, other tenants, interrupts), not what a server does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+import time
 
 BODY = b'{"ok":true,"score":0.5}'
 RESPONSE = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
             + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
+
+
+SPIN_S = float(sys.argv[2]) / 1e6 if len(sys.argv) > 2 else 0.0
 
 
 class Floor(asyncio.Protocol):
@@ -35,6 +42,10 @@ class Floor(asyncio.Protocol):
             if len(self.buffer) < end:
                 return
             self.buffer = self.buffer[end:]
+            if SPIN_S:
+                until = time.perf_counter() + SPIN_S
+                while time.perf_counter() < until:
+                    pass
             self.transport.write(RESPONSE)  # type: ignore[attr-defined]
 
 
