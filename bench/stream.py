@@ -152,7 +152,7 @@ def quiet_gc() -> Any:
         gc.unfreeze()
 
 
-async def prepare(home: Path, store_url: str, names: tuple[str, ...]) -> None:
+async def prepare(home: Path, store_url: str, names: tuple[str, ...], runtime: str = "lightgbm") -> None:
     settings = Settings(home=home, store=store_url)
     async with Services.open(settings) as services:
         store, registry = services.store, services.registry
@@ -164,6 +164,9 @@ async def prepare(home: Path, store_url: str, names: tuple[str, ...]) -> None:
             train_model(make_data(DATA_ROWS), model)
         card = await registry.register(model, name="bench-stream")
         await registry.promote(card.name, card.version, Stage.PRODUCTION, actor="bench")
+        if runtime == "lleaves":  # served compiled, as bench/http.py serves it (once per bench home)
+            print("compiling the bench model with lleaves ...", flush=True)
+            await registry.compile(card.name, card.version)
         await store.register_features(list(names))
         await store.create_signal(SignalDefinition(SIGNAL, "bench-stream", "@production", INTERVAL, SYMBOLS,
                                                    Policy(threshold=0.52, atr_feature="atr_14")))
@@ -410,11 +413,18 @@ async def run_drain(bus: NatsBus, feed: Feed, prefix: str, n: int, start_workers
             "_workers": workers}
 
 
+def stream_home(runtime: str) -> Path:
+    """The bench homes (one per store) of a runtime: lleaves has its own, so a compiled model
+    never changes the lightgbm runs' homes."""
+    return bench_home() / ("stream" if runtime == "lightgbm" else f"stream-{runtime}")
+
+
 async def bench_store(kind: str, store_url: str, phases: list[str], feed: Feed, drain_n: int,
-                      workers: int, seconds: float, pin: str = "none") -> list[dict[str, Any]]:
-    home = bench_home() / "stream" / kind
+                      workers: int, seconds: float, pin: str = "none",
+                      runtime: str = "lightgbm") -> list[dict[str, Any]]:
+    home = stream_home(runtime) / kind
     home.mkdir(parents=True, exist_ok=True)
-    await prepare(home, store_url, feed.names)
+    await prepare(home, store_url, feed.names, runtime)
     (home / "bench-stream.yaml").write_text("inference_settings:\n  grace_period_s: null\n")
     bus = NatsBus(NATS)
     await bus.connect()
@@ -473,6 +483,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--drain", type=int, default=40_000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--runtime", choices=("lightgbm", "lleaves"), default="lightgbm",
+                        help="how the worker serves the model: lightgbm (the default, as before) or lleaves"
+                             " (compiled once per bench home, as bench/http.py serves it)")
     parser.add_argument("--echo", help=argparse.SUPPRESS)  # the floor phase's echo process
     parser.add_argument("--echo-core", action="store_true", help=argparse.SUPPRESS)  # ... on core NATS
     parser.add_argument("--pin", choices=("split", "none"), default="none",
@@ -486,14 +499,15 @@ def main() -> None:
     if pin == "split":
         os.sched_setaffinity(0, {MEASURE_CPU})
     feed = Feed()
-    stores = {"duckdb": f"duckdb:///{bench_home() / 'stream' / 'duckdb' / 'sigserve.duckdb'}",
-              "postgres": f"{PG}?schema=bench_stream"}
+    suffix = "" if args.runtime == "lightgbm" else f"_{args.runtime}"
+    stores = {"duckdb": f"duckdb:///{stream_home(args.runtime) / 'duckdb' / 'sigserve.duckdb'}",
+              "postgres": f"{PG}?schema=bench_stream{suffix}"}
     runs: list[dict[str, Any]] = []
     for run in range(args.runs):
         for kind in args.stores.split(","):
             phases = [p for p in args.phases.split(",") if not (p == "drain-group" and kind == "duckdb")]
             for result in uvloop.run(bench_store(kind, stores[kind], phases, feed, args.drain, args.workers,
-                                                 args.seconds, pin)):
+                                                 args.seconds, pin, args.runtime)):
                 result["run"] = run
                 runs.append(result)
     summary: dict[str, Any] = {}
@@ -516,7 +530,7 @@ def main() -> None:
                 "msg_per_s": statistics.median(r["msg_per_s"] or 0 for r in same),
                 "workers": same[0]["workers"]}
     path = write_result("stream", {"bench": "stream", "machine": machine(), "nats": NATS, "pin": pin,
-                                   "load_avg": os.getloadavg(), "runs": runs,
+                                   "runtime": args.runtime, "load_avg": os.getloadavg(), "runs": runs,
                                    "summary_medians": summary})
     print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
     print(f"wrote {path}")
