@@ -266,8 +266,8 @@ def _driver() -> Any:
 
 async def _keep_session(con: Any) -> None:
     """Pool release without asyncpg's reset query (a round trip per call): this store changes
-    no session state (no SET, LISTEN, cursors or held advisory locks), and its temporary staging
-    tables must survive."""
+    no session state after a connection's init (no SET, LISTEN, cursors or held advisory locks
+    per call), and its temporary staging tables and plan_cache_mode must survive."""
 
 
 async def _give_back(pool: Any, con: Any) -> None:
@@ -545,6 +545,14 @@ class PostgresStore:
     async def _init_connection(con: Any) -> None:
         await con.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
         await con.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+        if con.get_server_version() >= (12, 0):
+            # Every parameterised statement here is prepared once per connection (asyncpg's
+            # cache) and is a key or narrow-range seek, so one generic plan fits every call. By
+            # default PostgreSQL plans a custom plan per call while that looks cheaper: measured
+            # on the one-bar read, ~0.7-1.0 ms of planning per call against 0.28 ms generic.
+            # ANALYZE (which bulk loads run) invalidates the cached plans, so a plan made on an
+            # empty table does not outlive the load. Bulk paths use COPY or literals: unaffected.
+            await con.execute("SET plan_cache_mode = force_generic_plan")
         await con.execute(_TEMP_TABLES)
 
     async def _migrate(self, con: Any) -> None:
