@@ -70,6 +70,8 @@ async def test_shadows_are_gathered_for_the_linger_and_predicted_together(
         assert runner.stats["predicted"] == 0  # lingering: nothing predicted yet
         await runner.idle()  # flushes at once, without waiting out the linger
         assert runner.stats["predicted"] == 10 and runner.stats["batches"] == 1
+        queue = (await client.get(f"/admin/rollouts/{SIGNAL}")).json()["shadow_queue"]
+        assert (queue["predicted"], queue["batches"], queue["dropped"]) == (10, 1, 0)
         # the shadow rows of /inference/run are written when their batch is
         r = await client.post("/inference/run", json={"signal_id": SIGNAL, "symbol": BTC,
                                                       "ts": world.t(300), "interval_name": "1h"})

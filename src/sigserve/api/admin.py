@@ -111,7 +111,8 @@ def build_admin(table: RouteTable, state: ServerState) -> None:
                                  "mean_predict_ms": round(ms / bars, 4)})
             status["shadow_queue"] = {"dropped": runner.stats["dropped"],
                                       "predicted": runner.stats["predicted"],
-                                      "failed": runner.stats["failed"]}
+                                      "failed": runner.stats["failed"],
+                                      "batches": runner.stats["batches"]}
         status["live_shadow_comparison"] = live
         return JSONResp(status)
 
