@@ -397,3 +397,20 @@ async def test_cache_is_keyed_by_what_the_runtime_was_checked_against(
     assert served is not warm
     np.testing.assert_array_equal(served.predict(x), expected)
     assert await registry.runtime(binary) is warm
+
+
+async def test_a_loaded_model_is_kept_out_of_full_collections(services: Services, model_dir: Path) -> None:
+    # a model lives as long as the runtime cache: its objects are frozen, not traversed by every
+    # full collection (a 300-tree model's tens of thousands of objects paused requests for ms)
+    import gc
+
+    card = await services.registry.register(trained(model_dir, "lightgbm", FILES[0][1]), name="m")
+    gc.collect()
+    gc.unfreeze()
+    try:
+        runtime = await services.registry.runtime(card)
+        assert gc.get_freeze_count() > 0
+        assert all(o is not runtime for o in gc.get_objects())  # frozen: in no generation
+        assert await services.registry.runtime(card) is runtime  # cached: loaded once
+    finally:
+        gc.unfreeze()
