@@ -136,9 +136,10 @@ class ShadowRunner:
                 if sum(len(job.features) for job in jobs) <= self.inline_rows:
                     # Up to a linger's worth of rows: predicted here, in the loop, in slices of
                     # slice_rows with a turn of the loop between them, so that a request that
-                    # arrives meanwhile waits for one slice (~0.2 ms), not the batch (~3-5 ms
-                    # for 300 rows: which set the p99). A worker thread cost a thread hop and
-                    # GIL handoffs that landed on the requests running meanwhile.
+                    # arrives meanwhile waits for one slice (~0.2 ms), not the batch (3-5 ms
+                    # for 300 rows of a 300-tree model, measured in process). A worker thread
+                    # cost a thread hop and GIL handoffs that landed on the requests running
+                    # meanwhile.
                     results = await self._compute_sliced(jobs)
                 else:
                     results = await asyncio.to_thread(self._compute, jobs)
