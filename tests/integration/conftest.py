@@ -46,13 +46,18 @@ def postgres_schema(tmp_path: Path) -> str:
     return f"sigtest_{_PG_RUN}_{hashlib.sha1(str(tmp_path).encode()).hexdigest()[:12]}"
 
 
-async def postgres(tmp_path: Path) -> Store:
-    from sigserve.stores.postgres_store import PostgresStore
-
+def postgres_url(tmp_path: Path) -> str:
+    """A store URL on this test's own schema (dropped after the test, see below)."""
     url = require_postgres_url()
     schema = postgres_schema(tmp_path)
     _PG_SCHEMAS.add((url, schema))
-    store = PostgresStore(f"{url}{'&' if '?' in url else '?'}schema={schema}&pool_max=4")
+    return f"{url}{'&' if '?' in url else '?'}schema={schema}&pool_max=4"
+
+
+async def postgres(tmp_path: Path) -> Store:
+    from sigserve.stores.postgres_store import PostgresStore
+
+    store = PostgresStore(postgres_url(tmp_path))
     await store.open()
     return store
 

@@ -36,6 +36,7 @@ from sigserve.config import Settings
 from sigserve.errors import StoreUnavailable
 from sigserve.hotconfig import LiveConfig
 from sigserve.stream import Names, StreamOptions, StreamWorker
+from tests.integration.conftest import postgres_url
 from tests.integration.test_stream import (
     COMPARED,
     INTERVAL,
@@ -50,7 +51,7 @@ from tests.integration.test_stream import (
     until_async,
 )
 from tests.integration.test_stream_cli import NATS_URL, SIGSERVE, _env, run
-from tests.services import require_postgres_url, require_tcp
+from tests.services import require_tcp
 
 LIVE = ("BTCUSDT", "ETHUSDT")
 EARLY = "SOLUSDT"  # published before the worker starts: only the durable consumer gets it
@@ -168,10 +169,7 @@ async def test_core_input_gives_the_rows_and_signals_of_durable_input(tmp_path: 
 
 
 async def test_two_core_workers_in_a_queue_group_process_each_bar_once(tmp_path: Path) -> None:
-    import asyncpg
-
-    schema = f"sigtest_core_{uuid.uuid4().hex[:10]}"
-    url = f"{require_postgres_url()}?schema={schema}&pool_max=4"
+    url = postgres_url(tmp_path)  # this test's schema, dropped after it
     symbols = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT")
     n = 150
     market = make_market(symbols, n, seed=9)
@@ -214,11 +212,6 @@ async def test_two_core_workers_in_a_queue_group_process_each_bar_once(tmp_path:
         await cleanup(bus_a, names)
         await bus_a.close()
         await bus_b.close()
-        con = await asyncpg.connect(require_postgres_url())
-        try:
-            await con.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await con.close()
 
 
 class FlakyStore:
