@@ -24,7 +24,7 @@ from sigserve.app import Services
 from sigserve.bus.nats import NatsBus
 from sigserve.config import Settings
 from sigserve.stream import Names
-from tests.integration.test_stream import INTERVAL, Signals, cleanup, make_market, seed_store
+from tests.integration.test_stream import INTERVAL, Market, Signals, cleanup, make_market, seed_store
 from tests.services import require_tcp
 
 NATS_URL = "nats://127.0.0.1:4222"
@@ -42,18 +42,24 @@ def _env() -> dict[str, str]:
     return env
 
 
-def start_worker(home: Path, prefix: str) -> subprocess.Popen[str]:
+def start_worker(home: Path, prefix: str, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([*SIGSERVE, "--home", str(home), "stream", "--nats", NATS_URL, "--prefix", prefix,
-                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--log-level", "warning", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=_env())
+
+
+async def seeded_home(tmp_path: Path, bars: int = 20) -> tuple[Path, Market]:
+    """A DuckDB home with the stream tests' model and signal for BTCUSDT (no feature rows)."""
+    home = tmp_path / "home"
+    market = make_market(("BTCUSDT",), bars)
+    async with Services.open(Settings(home=home)) as services:
+        await seed_store(services, tmp_path, market, store_features=False)
+    return home, market
 
 
 async def test_stream_command_serves_refuses_a_second_duckdb_worker_and_stops(tmp_path: Path) -> None:
     require_tcp("NATS", "127.0.0.1", 4222)
-    home = tmp_path / "home"
-    market = make_market(("BTCUSDT",), 20)
-    async with Services.open(Settings(home=home)) as services:
-        await seed_store(services, tmp_path, market, store_features=False)
+    home, market = await seeded_home(tmp_path)
     names = Names(prefix=f"t{uuid.uuid4().hex[:10]}")
     bus = NatsBus(NATS_URL)
     await bus.connect()

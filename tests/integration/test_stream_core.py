@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -50,7 +49,7 @@ from tests.integration.test_stream import (
     until,
     until_async,
 )
-from tests.integration.test_stream_cli import NATS_URL, SIGSERVE, _env, run
+from tests.integration.test_stream_cli import NATS_URL, run, seeded_home, start_worker
 from tests.services import require_tcp
 
 LIVE = ("BTCUSDT", "ETHUSDT")
@@ -327,18 +326,13 @@ async def test_stream_command_input_core_serves_and_an_unknown_input_is_refused(
     assert refused.stderr.startswith("validation_error: Invalid value for '--input'"), refused.stderr
     assert "'durable', 'core'" in refused.stderr and "Traceback" not in refused.stderr
     require_tcp("NATS", "127.0.0.1", 4222)
-    home = tmp_path / "home"
-    market = make_market(("BTCUSDT",), 20)
-    async with Services.open(Settings(home=home)) as services:
-        await seed_store(services, tmp_path, market, store_features=False)
+    home, market = await seeded_home(tmp_path)
     names = Names(prefix=f"t{uuid.uuid4().hex[:10]}")
     bus = nats_bus()
     await bus.connect()
     live = Signals()
     await bus.subscribe(names.signals_all, live)
-    worker = subprocess.Popen([*SIGSERVE, "--home", str(home), "stream", "--nats", NATS_URL, "--prefix",
-                               names.prefix, "--input", "core", "--no-catchup", "--log-level", "warning"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    worker = start_worker(home, names.prefix, "--input", "core", "--no-catchup")
     try:
         assert worker.stdout is not None
         line = await asyncio.to_thread(worker.stdout.readline)
