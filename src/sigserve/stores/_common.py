@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from ..domain import ACTIONS, FLAT, SignalBatch
+from ..domain import ACTIONS, SignalBatch
 from ..errors import ValidationError
 from ..timeutil import TS_DTYPE
-
-if TYPE_CHECKING:
-    from .base import FeatureRead, Store
 
 SOURCES = ("stream", "catchup_scan", "historical_replay")
 
@@ -37,15 +32,3 @@ def check_signals(batch: SignalBatch) -> None:
                                   details={"ts": f"{dup}Z"})
     if batch.source not in SOURCES:
         raise ValidationError(f"unknown source {batch.source!r}", details={"source": batch.source})
-
-
-async def read_bar_in_two(store: Store, symbol: str, interval: str, names: tuple[str, ...],
-                          ts: np.datetime64, feature_key: str | None,
-                          position: tuple[str, int] | None) -> tuple[FeatureRead, int]:
-    """``Store.read_bar`` as its two reads, one after the other (an embedded store: no round trip)."""
-    read = await store.read_features(symbol, interval, names, ts=np.array([ts], dtype=TS_DTYPE),
-                                     feature_key=feature_key)
-    if position is None or len(read.batch) == 0:
-        return read, FLAT
-    sides = await store.position_sides(position[0], position[1], symbol, interval, read.batch.ts[:1])
-    return read, int(sides[0])

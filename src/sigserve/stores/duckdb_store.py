@@ -63,7 +63,6 @@ from ..domain import (
 from ..errors import InternalError, SigserveError, StoreUnavailable, ValidationError
 from ..timeutil import TS_DTYPE, interval_us
 from ._common import check_signals as _check_signals
-from ._common import read_bar_in_two
 from .base import Candles, FeatureRead
 
 if TYPE_CHECKING:
@@ -1092,7 +1091,13 @@ class DuckDBStore:
     async def read_bar(self, symbol: str, interval: str, names: tuple[str, ...], ts: np.datetime64, *,
                        feature_key: str | None = None,
                        position: tuple[str, int] | None = None) -> tuple[FeatureRead, int]:
-        return await read_bar_in_two(self, symbol, interval, names, ts, feature_key, position)
+        # in process: no round trip to save, so the two reads in turn
+        read = await self.read_features(symbol, interval, names, ts=np.array([ts], dtype=TS_DTYPE),
+                                        feature_key=feature_key)
+        if position is None or len(read.batch) == 0:
+            return read, FLAT
+        sides = await self.position_sides(position[0], position[1], symbol, interval, read.batch.ts[:1])
+        return read, int(sides[0])
 
     async def position_sides(self, signal_id: str, model_version: int, symbol: str, interval: str,
                              before: np.ndarray) -> np.ndarray:
