@@ -217,11 +217,13 @@ class Engine:
         self.store = store
         self.registry = registry
         self.observer = observer
-        # A long-running driver keeps each resolved signal this long (0: resolve every call), so
-        # the hot path skips the definition, alias and feature-registry reads. A retire, promote
-        # or deprecate made elsewhere takes effect within the TTL; forget() applies it at once.
+        # A long-running driver keeps each resolved signal (0: resolve every call), so the hot
+        # path skips the definition, alias and feature-registry reads, and checks the store's
+        # catalog version every TTL: a retire, promote or deprecate made elsewhere takes effect
+        # within the TTL plus one resolution; forget() applies it at once.
         self.prepared_ttl_s = prepared_ttl_s
-        self._prepared: dict[str, tuple[float, Prepared]] = {}
+        # signal_id -> (checked at, resolution, the catalog version it was made at; None: unknown)
+        self._prepared: dict[str, tuple[float, Prepared, int | None]] = {}
         self._refreshing: dict[str, asyncio.Task[None]] = {}
         self._generation = 0  # bumped by forget()
         # routing.shadow.ShadowRunner of a server: shadows off the request path (None: inline)
@@ -240,17 +242,20 @@ class Engine:
         """Swap a resolution in (one reference assignment): the next call uses it, and a
         background re-resolution that started before this call does not put its older one back."""
         self._generation += 1
-        self._prepared[signal_id] = (time.monotonic(), prepared)
+        self._prepared[signal_id] = (time.monotonic(), prepared, None)
 
     # --- resolution -----------------------------------------------------------------------
     async def prepare(self, signal_id: str) -> Prepared:
         """Resolve and check everything that can refuse before a feature is read.
 
-        With a TTL, a resolution past it is still served while one background task resolves
-        the signal again (a re-resolution is 4-5 ms of store reads: on the request path it was
-        the p99 of a server's one-bar answers). A refusal found by that task (a retired signal,
-        a rejected model, the store gone) drops the entry, so the next call resolves in line and
-        refuses: a change made elsewhere takes effect within the TTL plus one resolution.
+        With a TTL, a resolution past it is still served while one background task reads the
+        store's catalog version and, only when it moved, resolves the signal again. A
+        re-resolution is 4-5 ms of store reads (a rollout's or an ensemble's several times
+        that), and once a second it was the p99 of a server's answers: measured over HTTP, an
+        ensemble's p99 4.3 ms with it against 2.3 ms without, a shadowed signal's 4.5 against
+        2.1 ms. A refusal found by that task (a retired signal, a rejected model, the store
+        gone) drops the entry, so the next call resolves in line and refuses: a change made
+        elsewhere takes effect within the TTL plus one resolution.
         """
         if self.prepared_ttl_s > 0:
             cached = self._prepared.get(signal_id)
@@ -260,17 +265,27 @@ class Engine:
                     task = asyncio.get_running_loop().create_task(self._refresh(signal_id))
                     self._refreshing[signal_id] = task
                 return cached[1]
+            generation = self._generation
+            version = await self.store.catalog_version()
             prepared = await self._resolve(signal_id)
-            self._prepared[signal_id] = (now, prepared)
+            if generation == self._generation:
+                self._prepared[signal_id] = (now, prepared, version)
             return prepared
         return await self._resolve(signal_id)
 
     async def _refresh(self, signal_id: str) -> None:
         generation = self._generation
         try:
+            # read before the resolution: a change committed during it shows at the next check
+            version = await self.store.catalog_version()
+            cached = self._prepared.get(signal_id)
+            if cached is not None and cached[2] == version:
+                if generation == self._generation:
+                    self._prepared[signal_id] = (time.monotonic(), cached[1], version)
+                return
             prepared = await self._resolve(signal_id)
             if generation == self._generation:
-                self._prepared[signal_id] = (time.monotonic(), prepared)
+                self._prepared[signal_id] = (time.monotonic(), prepared, version)
         except Exception:  # the next call resolves in line and raises it to its caller
             self._prepared.pop(signal_id, None)
         finally:

@@ -706,6 +706,9 @@ class StreamWorker:
         self._tasks: list[asyncio.Task[Any]] = []
         self._subs: list[Subscription] = []
         self._rebuild_task: asyncio.Task[None] | None = None
+        # the store's catalog version the routes were last loaded at (None: reload at the next
+        # tick): a periodic reload with no catalog change resolves nothing
+        self._catalog_version: int | None = None
         self._catchup_pending = False
         # a core subscription (``input="core"``, or a bus without JetStream): at most once, no
         # settle; ``_held`` counts the messages received and not yet finished (bounded by
@@ -882,6 +885,7 @@ class StreamWorker:
         loaded and sha-verified off the hot path, then the routes are swapped in one assignment."""
         config = self.config.current
         routes: dict[str, Route] = {}
+        version: int | None = await self.runner.call(self.store.catalog_version)
         for definition in await self._definitions():
             if not definition.active:
                 if initial and self.options.signals:
@@ -913,6 +917,7 @@ class StreamWorker:
                 if initial:
                     raise
                 self.stats["reload_failed"] += 1
+                version = None  # try again at the next tick
                 log.error("signal %s keeps its current model: %s", definition.signal_id, exc)
                 if current is not None:
                     routes[definition.signal_id] = current
@@ -920,6 +925,7 @@ class StreamWorker:
             raise ValidationError("no active signal definition to stream: create one (sigserve signals"
                                   " create) or pass --signals", details={"signals": list(self.options.signals)})
         self._swap(routes)
+        self._catalog_version = version
 
     def _swap(self, routes: dict[str, Route]) -> None:
         before = {k: (r.prepared.card.ref, r.prepared.card.sha256) for k, r in self.routes.items()}
@@ -1498,7 +1504,8 @@ class StreamWorker:
                     await self.fallback()
                 if config.model.auto_reload and now - last_reload >= config.model.reload_interval_s:
                     last_reload = now
-                    if self._rebuild_task is None or self._rebuild_task.done():
+                    if ((self._rebuild_task is None or self._rebuild_task.done())
+                            and await self.runner.call(self.store.catalog_version) != self._catalog_version):
                         self._schedule_rebuild()
                 if now - last_stats >= config.monitoring.stats_interval_s:
                     last_stats = now

@@ -1,11 +1,13 @@
 """A server's cache of resolved signals (``Engine.prepared_ttl_s``): past the TTL the cached
-resolution is still served while one background task resolves the signal again, so no request
-waits on those store reads; a refusal found by that task reaches the next call; ``forget()`` wins
-over a re-resolution that started before it."""
+resolution is still served while one background task reads the store's catalog version and, only
+when it moved, resolves the signal again, so no request waits on those store reads; a refusal
+found by that task reaches the next call; ``forget()`` wins over a re-resolution that started
+before it."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -52,6 +54,7 @@ async def test_a_stale_resolution_is_served_while_it_is_refreshed(ready: Service
     first = await engine.prepare("sig")
     assert counted.calls == 1
     assert await engine.prepare("sig") is first and counted.calls == 1  # within the TTL
+    await ready.store.register_features(["unrelated"])  # the catalog moves
     await asyncio.sleep(TTL * 1.5)
     counted.gate = asyncio.Event()  # the re-resolution cannot finish until released
     served = await asyncio.wait_for(engine.prepare("sig"), timeout=1.0)
@@ -63,6 +66,25 @@ async def test_a_stale_resolution_is_served_while_it_is_refreshed(ready: Service
     await settle(engine)
     fresh = await engine.prepare("sig")
     assert fresh is not first and fresh.card.sha256 == first.card.sha256
+
+
+async def test_an_unchanged_catalog_keeps_the_resolution_without_reading_it(
+        ready: Services, counted: CountingGets) -> None:  # noqa: F811
+    engine = ready.engine
+    first = await engine.prepare("sig")
+    for _ in range(3):
+        await asyncio.sleep(TTL * 1.5)
+        assert await engine.prepare("sig") is first  # past the TTL: a check starts
+        await settle(engine)
+    assert counted.calls == 1  # three checks, no resolution
+    checked_at = engine._prepared["sig"][0]
+    assert time.monotonic() - checked_at < TTL  # each check renews the entry
+    await ready.store.register_features(["unrelated"])
+    await asyncio.sleep(TTL * 1.5)
+    await engine.prepare("sig")
+    await settle(engine)
+    assert counted.calls == 2  # the catalog moved: resolved once more
+    assert await engine.prepare("sig") is not first
 
 
 async def test_a_refusal_found_in_the_background_reaches_the_next_call(
@@ -80,6 +102,7 @@ async def test_a_refusal_found_in_the_background_reaches_the_next_call(
 async def test_forget_wins_over_an_older_refresh(ready: Services, counted: CountingGets) -> None:  # noqa: F811
     engine = ready.engine
     first = await engine.prepare("sig")
+    await ready.store.register_features(["unrelated"])  # the catalog moves
     await asyncio.sleep(TTL * 1.5)
     counted.gate = asyncio.Event()
     await engine.prepare("sig")  # starts a refresh that blocks in get_signal

@@ -937,6 +937,55 @@ async def test_schema_version_is_the_newest_migration(store: Store) -> None:
 
 # --- training runs ------------------------------------------------------------------------------
 
+async def test_catalog_version_moves_with_every_change_a_resolution_reads(store: Store) -> None:
+    """Servers keep a resolved signal while the catalog version stays: every change that a
+    resolution reads must move it, and data writes must not (they would re-resolve every TTL)."""
+    from sigserve.domain import TrafficPolicy
+
+    seen = [await store.catalog_version()]
+
+    async def moved(what: str) -> None:
+        now = await store.catalog_version()
+        assert now not in seen, f"{what} did not move the catalog version"
+        seen.append(now)
+
+    async def stayed(what: str) -> None:
+        assert await store.catalog_version() == seen[-1], f"{what} moved the catalog version"
+
+    stored = await store.insert_model(card())
+    await moved("insert_model")
+    await store.set_model_stage("m", stored.version, Stage.PRODUCTION, "cli:test")
+    await moved("set_model_stage")
+    await store.update_model_extra("m", stored.version, "lleaves", {"compiled_path": "x.so"})
+    await moved("update_model_extra")
+    assert await store.register_features(["f0", "f1", "atr_14"])
+    await moved("register_features")
+    assert await store.register_features(["f0"]) == []
+    await stayed("register_features of known names")
+    await store.set_feature_status("f1", "deprecated")
+    await moved("set_feature_status")
+    await store.create_signal(definition())
+    await moved("create_signal")
+    await store.set_signal_status("sig", "retired")
+    await moved("set_signal_status")
+    await store.set_traffic_policy(TrafficPolicy("sig", champion=1), actor="cli:test", action="start")
+    await moved("set_traffic_policy")
+    # refusals change nothing, and move nothing
+    with pytest.raises(ValidationError):
+        await store.set_feature_status("nope", "deprecated")
+    with pytest.raises(SignalNotFound):
+        await store.set_signal_status("nope", "retired")
+    with pytest.raises(ValidationError):
+        await store.create_signal(definition())
+    await stayed("a refused change")
+    # data: features, candles, signals
+    await write_rows(store, "fk1", ("f0", "f1", "atr_14"), [0, 1], grid([0, 1]))
+    await store.write_candles("BTC", "1h", candles([0, 1], [100.0, 101.0]))
+    await store.write_signals(batch([0], ["buy"]))
+    await store.write_signals(batch([1, 2], ["hold", "sell"]))
+    await stayed("data writes")
+
+
 async def test_training_runs_round_trip_and_upsert(store: Store) -> None:
     from sigserve.domain import TrainingRun
 

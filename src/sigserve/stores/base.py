@@ -74,6 +74,12 @@ class Store(Protocol):
     async def schema_version(self) -> int:
         """The newest migration applied (``open()`` applies the pending ones)."""
 
+    async def catalog_version(self) -> int:
+        """A number that changes with every committed change that resolving a signal reads:
+        signal definitions, traffic policies, model versions (stage, runtime) and feature
+        statuses, made by any process. One cheap read: a server keeps a resolved signal while it
+        stays the same (``Engine.prepare``). Only equality means anything."""
+
     # --- model registry -------------------------------------------------------------------
     async def insert_model(self, card: ModelCard) -> ModelCard:
         """Insert a new version; the store assigns ``version`` = last version + 1 atomically."""

@@ -176,6 +176,18 @@ MIGRATIONS.append((
     """,
 ))
 
+MIGRATIONS.append((
+    5,
+    """
+    -- moves with every change a signal's resolution reads (see catalog_version)
+    CREATE TABLE catalog_version (version BIGINT NOT NULL);
+    INSERT INTO catalog_version VALUES (0);
+    """,
+))
+
+# DuckDB has no triggers: every catalog change runs this in its own transaction
+_BUMP_CATALOG = "UPDATE catalog_version SET version = version + 1"
+
 _SIDE_OF_ACTION = {"buy": LONG, "sell": SHORT, "close_long": FLAT, "close_short": FLAT}
 _SIDE_OF_CODE = {ACTION_CODE[a]: side for a, side in _SIDE_OF_ACTION.items()}
 
@@ -315,6 +327,10 @@ class DuckDBStore:
         with self._guard():
             self._con.execute("SELECT 1").fetchall()
 
+    async def catalog_version(self) -> int:
+        with self._guard():
+            return int(_first(self._con.execute("SELECT version FROM catalog_version").fetchall())[0])
+
     async def schema_version(self) -> int:
         with self._guard():
             row = _first(self._con.execute(
@@ -440,6 +456,7 @@ class DuckDBStore:
                 )
                 con.execute("INSERT INTO model_events VALUES (?, ?, NULL, ?, 'register', ?)",
                             [card.name, version, str(card.stage), now])
+                con.execute(_BUMP_CATALOG)
                 got = _first(con.execute(
                     f"SELECT {self._MODEL_COLUMNS} FROM model_registry WHERE name=? AND version=?",
                     [card.name, version],
@@ -491,6 +508,7 @@ class DuckDBStore:
                             [str(stage), now, name, version])
                 con.execute("INSERT INTO model_events VALUES (?, ?, ?, ?, ?, ?)",
                             [name, version, row[0], str(stage), actor, now])
+                con.execute(_BUMP_CATALOG)
 
             self._transaction(con, txn)
 
@@ -499,11 +517,15 @@ class DuckDBStore:
 
     async def update_model_extra(self, name: str, version: int, runtime: str | None,
                                  extra: dict[str, Any]) -> None:
-        with self._guard():
+        def txn() -> None:
             self._con.execute(
                 "UPDATE model_registry SET runtime=?, extra=?, updated_at=? WHERE name=? AND version=?",
                 [runtime, json.dumps(extra), _now(), name, version],
             )
+            self._con.execute(_BUMP_CATALOG)
+
+        with self._guard(), self._lock:
+            self._transaction(self._con, txn)
 
     async def model_events(self, name: str) -> list[dict[str, Any]]:
         with self._guard():
@@ -524,8 +546,12 @@ class DuckDBStore:
             new = [n for n in dict.fromkeys(names) if n not in known]
             now = _now()
             if new:
-                self._con.executemany("INSERT INTO feature_registry VALUES (?, 'registered', ?, ?)",
-                                      [[n, now, now] for n in new])
+                def txn() -> None:
+                    self._con.executemany("INSERT INTO feature_registry VALUES (?, 'registered', ?, ?)",
+                                          [[n, now, now] for n in new])
+                    self._con.execute(_BUMP_CATALOG)
+
+                self._transaction(self._con, txn)
         return new
 
     async def feature_statuses(self, names: list[str]) -> dict[str, str]:
@@ -536,12 +562,16 @@ class DuckDBStore:
         return dict(rows)
 
     async def set_feature_status(self, name: str, status: str) -> None:
-        with self._guard():
+        def txn() -> None:
             row = _first(self._con.execute(
                 "UPDATE feature_registry SET status=?, updated_at=? WHERE name=? RETURNING name",
                 [status, _now(), name]).fetchall())
-        if row is None:
-            raise ValidationError(f"no registered feature named {name!r}", details={"name": name})
+            if row is None:
+                raise ValidationError(f"no registered feature named {name!r}", details={"name": name})
+            self._con.execute(_BUMP_CATALOG)
+
+        with self._guard(), self._lock:
+            self._transaction(self._con, txn)
 
     async def list_features(self) -> list[dict[str, Any]]:
         with self._guard():
@@ -915,11 +945,16 @@ class DuckDBStore:
                 raise ValidationError(f"signal {definition.signal_id!r} already exists",
                                       details={"signal_id": definition.signal_id})
             now = _now()
-            self._con.execute(
-                "INSERT INTO signal_definitions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [definition.signal_id, definition.model_name, definition.model_ref,
-                 definition.interval, list(definition.symbols), definition.policy.to_json(),
-                 definition.status, definition.feature_key, now, now])
+
+            def txn() -> None:
+                self._con.execute(
+                    "INSERT INTO signal_definitions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [definition.signal_id, definition.model_name, definition.model_ref,
+                     definition.interval, list(definition.symbols), definition.policy.to_json(),
+                     definition.status, definition.feature_key, now, now])
+                self._con.execute(_BUMP_CATALOG)
+
+            self._transaction(self._con, txn)
 
     async def get_signal(self, signal_id: str) -> SignalDefinition | None:
         with self._guard():
@@ -936,14 +971,18 @@ class DuckDBStore:
         return [self._definition(r) for r in rows]
 
     async def set_signal_status(self, signal_id: str, status: str) -> None:
-        with self._guard():
+        def txn() -> None:
             row = _first(self._con.execute(
                 "UPDATE signal_definitions SET status=?, updated_at=? WHERE signal_id=?"
                 " RETURNING signal_id", [status, _now(), signal_id]).fetchall())
-        if row is None:
-            from ..errors import SignalNotFound
+            if row is None:
+                from ..errors import SignalNotFound
 
-            raise SignalNotFound(f"no signal {signal_id!r}", details={"signal_id": signal_id})
+                raise SignalNotFound(f"no signal {signal_id!r}", details={"signal_id": signal_id})
+            self._con.execute(_BUMP_CATALOG)
+
+        with self._guard(), self._lock:
+            self._transaction(self._con, txn)
 
     # --- signal history -------------------------------------------------------------------
     async def write_signals(self, batch: SignalBatch) -> int:
@@ -1317,6 +1356,7 @@ class DuckDBStore:
                             [policy.signal_id, int(seq), now, actor, action,
                              None if previous is None else json.dumps(previous),
                              json.dumps(stored.to_dict())])
+                con.execute(_BUMP_CATALOG)
                 return stored
 
             return self._transaction(con, txn)

@@ -194,6 +194,42 @@ MIGRATIONS.append((
     """,
 ))
 
+MIGRATIONS.append((
+    4,
+    """
+    -- One number that moves with every change a signal's resolution reads (definitions, traffic
+    -- policies, model versions, feature statuses), whoever makes it: servers poll it to keep a
+    -- resolved signal until it moves. Row triggers, so a statement that changes nothing (ON
+    -- CONFLICT DO NOTHING) does not move it.
+    CREATE TABLE catalog_version (
+        singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton), version bigint NOT NULL
+    );
+    INSERT INTO catalog_version VALUES (true, 0);
+    CREATE FUNCTION bump_catalog_version() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
+    BEGIN
+        UPDATE catalog_version SET version = version + 1;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER model_registry_catalog AFTER INSERT OR UPDATE OR DELETE ON model_registry
+        FOR EACH ROW EXECUTE FUNCTION bump_catalog_version();
+    CREATE TRIGGER feature_registry_catalog AFTER INSERT OR UPDATE OR DELETE ON feature_registry
+        FOR EACH ROW EXECUTE FUNCTION bump_catalog_version();
+    CREATE TRIGGER signal_definitions_catalog AFTER INSERT OR UPDATE OR DELETE ON signal_definitions
+        FOR EACH ROW EXECUTE FUNCTION bump_catalog_version();
+    CREATE TRIGGER traffic_policies_catalog AFTER INSERT OR UPDATE OR DELETE ON traffic_policies
+        FOR EACH ROW EXECUTE FUNCTION bump_catalog_version();
+    CREATE TRIGGER model_registry_catalog_truncate AFTER TRUNCATE ON model_registry
+        FOR EACH STATEMENT EXECUTE FUNCTION bump_catalog_version();
+    CREATE TRIGGER feature_registry_catalog_truncate AFTER TRUNCATE ON feature_registry
+        FOR EACH STATEMENT EXECUTE FUNCTION bump_catalog_version();
+    CREATE TRIGGER signal_definitions_catalog_truncate AFTER TRUNCATE ON signal_definitions
+        FOR EACH STATEMENT EXECUTE FUNCTION bump_catalog_version();
+    CREATE TRIGGER traffic_policies_catalog_truncate AFTER TRUNCATE ON traffic_policies
+        FOR EACH STATEMENT EXECUTE FUNCTION bump_catalog_version();
+    """,
+))
+
 # Staging tables for COPY, one set per connection (created when the pool opens it).
 _TEMP_TABLES = """
 CREATE TEMP TABLE IF NOT EXISTS _in_features (sym int4, ts timestamp, vals float8[])
@@ -540,6 +576,10 @@ class PostgresStore:
     async def schema_version(self) -> int:
         async with self._connection() as con:
             return int(await con.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
+
+    async def catalog_version(self) -> int:
+        async with self._connection() as con:
+            return int(await con.fetchval("SELECT version FROM catalog_version"))
 
     @staticmethod
     async def _init_connection(con: Any) -> None:
