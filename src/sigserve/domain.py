@@ -301,6 +301,7 @@ class SignalBatch:
         """The rows ``rows`` selects (a boolean mask or indices), in that order."""
         return replace(self, **{name: getattr(self, name)[rows] for name in SIGNAL_ROW_COLUMNS})
 
+
     def row(self, i: int) -> dict[str, Any]:
         """One signal as a plain dict (for the CLI and the HTTP edge)."""
         entry, stop, take, size = (float(self.entry_price[i]), float(self.stop_loss[i]),
@@ -325,3 +326,17 @@ class SignalBatch:
             "latency_ms": float(self.latency_ms[i]),
             "flags": str(self.flags[i]),
         }
+
+
+def merge_batches(batches: list[SignalBatch]) -> SignalBatch:
+    """One batch of the rows of batches that share their key fields, in ts order; for a bar that
+    appears twice the later batch's row wins."""
+    if len(batches) == 1:
+        return batches[0]
+    columns = {name: np.concatenate([getattr(b, name) for b in batches]) for name in SIGNAL_ROW_COLUMNS}
+    ts = columns["ts"]
+    # the last occurrence of each ts: unique over the reversed order
+    _, first_in_reversed = np.unique(ts[::-1], return_index=True)
+    keep = np.sort(ts.shape[0] - 1 - first_in_reversed)
+    keep = keep[np.argsort(ts[keep], kind="stable")]
+    return replace(batches[-1], **{name: column[keep] for name, column in columns.items()})

@@ -100,12 +100,12 @@ from .bus.base import Bus, BusMessage, Subscription
 from .domain import (
     ACTIONS,
     FLAT,
-    SIGNAL_ROW_COLUMNS,
     FeatureBatch,
     SignalBatch,
     SignalDefinition,
     Source,
     TrafficPolicy,
+    merge_batches,
 )
 from .engine import DEADLINE_FLAG, Engine, Prepared, card_feature_spec, check_feature_keys, fill_feature_row
 from .errors import (
@@ -597,20 +597,6 @@ async def _write_all(store: Store, batches: list[SignalBatch]) -> list[int | Exc
             out.append(exc)
     return out
 
-
-
-def merge_batches(batches: list[SignalBatch]) -> SignalBatch:
-    """One batch of the rows of batches that share their key fields, in ts order; for a bar that
-    appears twice the later batch's row wins."""
-    if len(batches) == 1:
-        return batches[0]
-    columns = {name: np.concatenate([getattr(b, name) for b in batches]) for name in SIGNAL_ROW_COLUMNS}
-    ts = columns["ts"]
-    # the last occurrence of each ts: unique over the reversed order
-    _, first_in_reversed = np.unique(ts[::-1], return_index=True)
-    keep = np.sort(ts.shape[0] - 1 - first_in_reversed)
-    keep = keep[np.argsort(ts[keep], kind="stable")]
-    return replace(batches[-1], **{name: column[keep] for name, column in columns.items()})
 
 
 # --- routes --------------------------------------------------------------------------------------
