@@ -5,7 +5,8 @@ computes (so a streamed bar equals ``predict_bar``'s until an operator says othe
 
 ``model_config``        ``name`` / ``version`` override the signal definitions' model
                         (``version``: a number, ``production`` or ``staging``); ``auto_reload``
-                        re-resolves aliases every ``reload_interval_s`` and swaps a new version in.
+                        checks the store's catalog version every ``reload_interval_s`` and, when
+                        it moved, re-resolves aliases and swaps a new version in.
 ``inference_settings``  ``confidence_threshold`` (0: the definition's policy alone; a buy or sell
                         under it becomes hold), ``publish_holds``, ``max_latency_ms`` (None: no
                         budget) with ``fallback_to_hold``, ``grace_period_s`` (None: no fallback

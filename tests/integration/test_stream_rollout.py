@@ -173,6 +173,35 @@ async def test_a_rollout_change_reaches_the_running_worker(world: World) -> None
     assert [(r["model_version"], r["shadow"]) for r in rows] == [(2, False)]
 
 
+async def test_the_periodic_reload_resolves_only_when_the_catalog_moved(world: World) -> None:
+    """``auto_reload`` checks the store's catalog version each interval: an unchanged catalog
+    resolves nothing (a re-resolution reads the store and loads versions); a change made in the
+    store is picked up by the next tick, with no explicit rebuild."""
+    from sigserve.hotconfig import build
+
+    worker = await world.start()
+    worker.config.current = build({"model_config": {"reload_interval_s": 0.05}})
+    loads = 0
+    load_routes = worker._load_routes
+
+    async def counted(**kwargs: Any) -> None:
+        nonlocal loads
+        loads += 1
+        await load_routes(**kwargs)
+
+    worker._load_routes = counted  # type: ignore[method-assign]
+    await asyncio.sleep(1.0)  # four housekeeping ticks, each past the interval
+    assert loads == 0
+    policy = await world.call(lambda: world.services.store.get_traffic_policy(SIGNAL))
+    await world.call(lambda: world.services.store.set_traffic_policy(
+        replace(policy, champion=2, challenger=None, share=0.0, shadows=(), stage="none"),
+        actor="test", action="promote"))
+    await until(lambda: worker.routes[SIGNAL].prepared.card.version == 2, what="the promoted champion")
+    assert loads == 1
+    await asyncio.sleep(0.6)
+    assert loads == 1  # loaded at the new version: quiet again
+
+
 async def test_catch_up_under_a_rollout_publishes_both_versions_and_never_a_shadow(world: World) -> None:
     """Bars stored while no worker ran are computed through the rollout (as backfill) on start."""
     worker = await world.start()
