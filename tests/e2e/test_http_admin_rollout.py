@@ -26,7 +26,7 @@ from sigserve.app import Services
 from sigserve.backfill import BackfillRequest, run_backfill
 from sigserve.features.compute import FEATURE_NAMES
 from sigserve.routing import bucket
-from tests.e2e.http_world import BTC, ETH, MODEL, SIGNAL, World, services_of, serving, settings_for
+from tests.e2e.http_world import BTC, ETH, MODEL, SIGNAL, World, services_of, serving, settings_for, state_of
 from tests.fixtures.models import train_forward_return_lightgbm
 
 CANDIDATE = 3  # a differently trained model, registered by the tests
@@ -80,6 +80,38 @@ async def test_shadows_are_gathered_for_the_linger_and_predicted_together(
     async with Services.open(settings_for(home)) as services:
         rows = await services.store.read_signals(SIGNAL, BTC)
     assert sorted((r["model_version"], bool(r["shadow"])) for r in rows) == [(1, False), (CANDIDATE, True)]
+
+
+async def test_shadow_steps_wait_for_a_gap_between_requests(home: Path, world: World, tmp_path: Path) -> None:
+    """While a request is in flight a shadow step waits (the edge counts requests), up to one
+    linger from the batch's start; a gap lets the steps run at once."""
+    assert await _register_candidate(home, world, tmp_path) == CANDIDATE
+    async with serving(settings_for(home, server_prepared_ttl_s=60.0, shadow_linger_ms=2_000.0)) as (app, client):
+        r = await client.post(f"/admin/rollouts/{SIGNAL}/start", json={"version": CANDIDATE})
+        assert r.status_code == 200, r.text
+        for i in range(60, 66):
+            await _predict(client, world, BTC, i)
+        requests = state_of(app).requests
+        assert requests.busy == 0  # every answered request left the count
+        runner = services_of(app).engine.shadow_runner
+        requests.enter()  # a request in flight
+        flushed = asyncio.get_running_loop().create_task(runner.idle(timeout_s=10.0))
+        await asyncio.sleep(0.3)
+        assert runner.stats["predicted"] == 0  # the batch started, its steps wait for a gap
+        requests.leave()
+        await flushed
+        assert runner.stats["predicted"] == 6
+        # never forever: past one linger from the batch's start the steps run between requests
+        runner.linger_s = 0.2
+        for i in range(66, 70):
+            await _predict(client, world, BTC, i)
+        requests.enter()
+        try:
+            began = time.monotonic()
+            await runner.idle(timeout_s=5.0)
+            assert runner.stats["predicted"] == 10 and time.monotonic() - began >= 0.15
+        finally:
+            requests.leave()
 
 
 async def test_rollout_stages_routing_shadows_and_audit(home: Path, world: World, tmp_path: Path) -> None:

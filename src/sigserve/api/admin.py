@@ -60,7 +60,7 @@ def ensure_shadow_runner(state: ServerState) -> None:
 
         settings = state.settings
         runner = ShadowRunner(engine, maxsize=settings.shadow_queue_size, metrics=state.metrics,
-                              linger_s=settings.shadow_linger_ms / 1000.0)
+                              linger_s=settings.shadow_linger_ms / 1000.0, gate=state.requests)
         runner.start()
         engine.shadow_runner = runner
         state.svc.on_close.append(runner.stop)  # drain (2 s at most) before the store closes

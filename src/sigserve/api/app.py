@@ -104,7 +104,8 @@ class SigserveApp:
                 methods[method] = HotRoute(spec.path, handler)
         self._openapi_app: FastAPI | None = None
         self._openapi_lock = threading.Lock()
-        self._edge = EdgeMiddleware(self._dispatch, token=settings.auth_token, metrics=self.metrics)
+        self._edge = EdgeMiddleware(self._dispatch, token=settings.auth_token, metrics=self.metrics,
+                                    requests=self.server_state.requests)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -18,6 +18,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import InternalError, Unauthorized
+from ..idle import IdleGate
 from .auth import CHALLENGE, CHALLENGE_INVALID, MESSAGES, PUBLIC_PATHS, TokenCheck
 from .errors import REQUEST_ID_KEY, STARTED_KEY, envelope, send_error
 from .metrics import Metrics
@@ -30,10 +31,11 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 
 class EdgeMiddleware:
-    def __init__(self, app: ASGIApp, *, token: str, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, *, token: str, metrics: Metrics, requests: IdleGate | None = None) -> None:
         self.app = app
         self.auth = TokenCheck(token)
         self.metrics = metrics
+        self.requests = requests if requests is not None else IdleGate()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -66,6 +68,8 @@ class EdgeMiddleware:
                 message["headers"] = [*message.get("headers", ()), id_header]
             await send(message)
 
+        requests = self.requests
+        requests.enter()
         try:
             refused = None if scope["path"] in PUBLIC_PATHS else self.auth.check(authorization)
             if refused is not None:
@@ -86,6 +90,7 @@ class EdgeMiddleware:
                                   {}, request_id))
             await send_error(send_with_id, 500, body)
         finally:
+            requests.leave()
             route: Any = scope.get("route")
             method = scope.get("method", "GET")
             self.metrics.observe_request(

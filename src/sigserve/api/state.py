@@ -10,6 +10,7 @@ from ..app import Services
 from ..config import Settings
 from ..engine import Engine
 from ..errors import SignalNotFound, StoreUnavailable
+from ..idle import IdleGate
 from .metrics import Metrics
 
 log = logging.getLogger("sigserve.api")
@@ -20,6 +21,8 @@ class ServerState:
     settings: Settings
     metrics: Metrics
     services: Services | None = None
+    # requests in flight (the edge counts them): background work waits for a gap between them
+    requests: IdleGate = field(default_factory=IdleGate)
     _default: tuple[float, str] | None = field(default=None, repr=False)
 
     @property

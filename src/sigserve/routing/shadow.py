@@ -3,17 +3,18 @@
 A request routed to a version with shadows submits ``(routed, feature row, served signal,
 write)`` and returns at once; the task gathers jobs for ``linger_s`` after the first one
 (``SIGSERVE_SHADOW_LINGER_MS``, 100 ms by default), then predicts every shadow version on all of
-their rows at once (vectorised per version; up to 512 rows in the loop, 16 jobs at a time with
-a turn of the loop after each slice, so a request arriving meanwhile waits for one slice; more in
-a worker thread), writes the shadow rows (``shadow = true``, one write per version and symbol)
-when the served row was written, and counts agreement and latency per version. A full queue drops the job and counts it
-(``sigserve_shadow_dropped_total``): shadows never slow the champion.
+their rows (up to 512 rows in the loop, one job at a time with a turn of the loop after each,
+so a request arriving meanwhile waits for one job's ~45 us; more in a worker thread, vectorised
+per version), writes the shadow rows (``shadow = true``, one write per version and symbol)
+when the served row was written, and counts agreement and latency per version. A full queue
+drops the job and counts it (``sigserve_shadow_dropped_total``): shadows never slow the champion.
 
 Why the linger: under steady load the server is never idle, so shadow work done as soon as the
 loop is free lands on the next request, every time (measured at c=1: p99 x3, p50 +0.3 ms with
-one shadow predicted per request). Gathered, it is one vectorised predict (and one store write)
-per linger: far less work per row, and the pause it costs falls on one request in hundreds
-rather than on every one. Shadow rows reach the store up to ``linger_s`` later.
+one shadow predicted per request). Gathered, the work runs in one burst per linger, in pauses
+short enough to hide in a request's network time, and the rows are one store write: only the
+requests that arrive during the burst wait, and each for one job at most. Shadow rows reach the
+store up to ``linger_s`` later.
 
 Usage::
 
@@ -39,6 +40,7 @@ import numpy as np
 
 from ..domain import ACTIONS, FLAT, FeatureBatch, SignalBatch, merge_batches
 from ..engine import model_input
+from ..idle import IdleGate
 
 if TYPE_CHECKING:
     from ..engine import Engine, Prepared
@@ -59,7 +61,7 @@ class ShadowJob:
 class ShadowRunner:
     def __init__(self, engine: Engine, *, maxsize: int = 1024, metrics: Any = None,
                  max_batch: int = 1024, inline_rows: int = 512, linger_s: float = 0.1,
-                 slice_rows: int = 16) -> None:
+                 slice_jobs: int = 1, gate: IdleGate | None = None) -> None:
         from ..engine import Engine
 
         self.engine = engine
@@ -68,7 +70,10 @@ class ShadowRunner:
         self.max_batch = max_batch
         self.inline_rows = inline_rows
         self.linger_s = linger_s
-        self.slice_rows = slice_rows
+        self.slice_jobs = slice_jobs
+        # the server's requests in flight: each step waits for a moment with none, up to one
+        # linger from the batch's start (then it runs between requests, as without a gate)
+        self.gate = gate
         self.queue: asyncio.Queue[ShadowJob] | None = None
         self._flush = asyncio.Event()  # set: stop lingering (stop, idle)
         self.task: asyncio.Task[None] | None = None
@@ -134,17 +139,24 @@ class ShadowRunner:
             self.stats["batches"] += 1
             try:
                 if sum(len(job.features) for job in jobs) <= self.inline_rows:
-                    # Up to a linger's worth of rows: computed here, in the loop, slice_rows
+                    # Up to a linger's worth of rows: computed here, in the loop, slice_jobs
                     # jobs at a time (grouping, predict, policy, comparison) with a turn of the
-                    # loop between slices, so that a request that arrives meanwhile waits for one
-                    # slice (~0.2 ms), not the batch (3-5 ms for 300 rows of a 300-tree model,
-                    # measured in process). A worker thread cost a thread hop and GIL handoffs
-                    # that landed on the requests running meanwhile. Slicing the predicts alone
-                    # left the batch's Python work in one piece: a shadowed signal's p99 was
-                    # 1.6x its p99 without the shadow (2.1 against 1.3 ms over HTTP).
+                    # loop between slices, so that a request that arrives meanwhile waits for
+                    # one slice, not the batch (3-5 ms for 300 rows of a 300-tree model). A
+                    # worker thread cost a thread hop and GIL handoffs that landed on the
+                    # requests running meanwhile. Measured in process (300 trees, lleaves): a
+                    # one-job slice takes the one-row path, p50 44 us (p99 160); 16 jobs take
+                    # 300 us (p99 525) for 18 us a job: the vectorised policy's fixed cost
+                    # (~150 us) makes a slice's pause, and the pauses made the p99 of a
+                    # shadowed signal. Slicing the predicts alone left the batch's Python work
+                    # in one piece: p99 1.6x that without the shadow (2.1 against 1.3 ms).
                     results = []
-                    for i in range(0, len(jobs), self.slice_rows):
-                        results += self._compute(jobs[i:i + self.slice_rows])
+                    gate = self.gate
+                    defer_until = time.monotonic() + max(self.linger_s, 0.01)
+                    for i in range(0, len(jobs), self.slice_jobs):
+                        if gate is not None and gate.busy:
+                            await gate.idle(defer_until - time.monotonic())
+                        results += self._compute(jobs[i:i + self.slice_jobs])
                         await asyncio.sleep(0)
                 else:
                     results = await asyncio.to_thread(self._compute, jobs)
