@@ -301,7 +301,6 @@ class SignalBatch:
         """The rows ``rows`` selects (a boolean mask or indices), in that order."""
         return replace(self, **{name: getattr(self, name)[rows] for name in SIGNAL_ROW_COLUMNS})
 
-
     def row(self, i: int) -> dict[str, Any]:
         """One signal as a plain dict (for the CLI and the HTTP edge)."""
         entry, stop, take, size = (float(self.entry_price[i]), float(self.stop_loss[i]),
@@ -330,9 +329,9 @@ class SignalBatch:
 
 def merge_batches(batches: list[SignalBatch]) -> SignalBatch:
     """One batch of the rows of batches that share their key fields, in ts order; for a bar that
-    appears twice the later batch's row wins."""
-    if len(batches) == 1:
-        return batches[0]
+    appears twice the later row wins (within a batch too)."""
+    if len(batches) == 1 and bool(np.all(np.diff(batches[0].ts) > np.timedelta64(0, "us"))):
+        return batches[0]  # already one row per bar, in order
     columns = {name: np.concatenate([getattr(b, name) for b in batches]) for name in SIGNAL_ROW_COLUMNS}
     ts = columns["ts"]
     # the last occurrence of each ts: unique over the reversed order

@@ -199,14 +199,6 @@ class RunResult:
     features: FeatureBatch | None = None
 
 
-def model_input(prepared: Prepared, features: FeatureBatch) -> np.ndarray:
-    """The matrix ``prepared``'s runtime predicts for ``features`` (its columns, float64, C order)."""
-    matrix = features.values
-    if matrix.shape[1] != prepared.n_model_features:
-        matrix = matrix[:, : prepared.n_model_features]
-    return np.ascontiguousarray(matrix, dtype=np.float64)
-
-
 class Engine:
     # A compute call on at least this many rows runs in a worker thread, so that a server's event
     # loop keeps answering while a backfill chunk is predicted.
@@ -348,19 +340,20 @@ class Engine:
     # --- the pure part --------------------------------------------------------------------
     def compute(self, prepared: Prepared, features: FeatureBatch, start_side: int, source: str,
                 latency_ms: np.ndarray | float | None = None,
-                min_confidence: float = 0.0, output: np.ndarray | None = None) -> tuple[SignalBatch, int]:
+                min_confidence: float = 0.0) -> tuple[SignalBatch, int]:
         """Predict and apply the policy to a feature batch. No I/O.
 
         ``latency_ms`` None means measure this call and spread it over the rows.
         ``min_confidence`` (a stream worker's live confidence threshold) turns a raw buy or sell
         under it into hold, before positions are resolved; 0 changes nothing.
-        ``output``: the model's output for these rows, already predicted (``model_input`` in
-        slices, as the shadow runner does between requests); None: predicted here.
         """
         started = time.perf_counter()
         n = len(features)
-        if output is None:
-            output = prepared.runtime.predict(model_input(prepared, features))
+        matrix = features.values
+        if matrix.shape[1] != prepared.n_model_features:
+            matrix = matrix[:, : prepared.n_model_features]
+        model_input = np.ascontiguousarray(matrix, dtype=np.float64)
+        output = prepared.runtime.predict(model_input)
         observer = self.observer
         if observer is not None:
             predicted = time.perf_counter()

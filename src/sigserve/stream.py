@@ -598,7 +598,6 @@ async def _write_all(store: Store, batches: list[SignalBatch]) -> list[int | Exc
     return out
 
 
-
 # --- routes --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Route:

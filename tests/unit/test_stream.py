@@ -244,6 +244,12 @@ def test_merge_batches_keeps_the_later_row_per_bar_in_ts_order() -> None:
     assert [int(a) for a in merged.action] == [ACTION_CODE[a] for a in ("buy", "hold", "hold", "hold")]
     assert merged.raw_output.shape == (4, 2) and len(merged.flags) == 4
     assert merge_batches([first]) is first
+    # one batch with a bar twice (shadow jobs of one bar): one row, the later
+    twice = first.take(np.array([2, 0, 0]))
+    twice.confidence[2] = 0.95
+    alone = merge_batches([twice])
+    assert alone.ts.tolist() == [first.ts[0], first.ts[2]]
+    assert alone.confidence.tolist() == [0.95, 0.7]
 
 
 # --- names and config overrides ---------------------------------------------------------------------

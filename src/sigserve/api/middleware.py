@@ -31,11 +31,11 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 
 class EdgeMiddleware:
-    def __init__(self, app: ASGIApp, *, token: str, metrics: Metrics, requests: IdleGate | None = None) -> None:
+    def __init__(self, app: ASGIApp, *, token: str, metrics: Metrics, requests: IdleGate) -> None:
         self.app = app
         self.auth = TokenCheck(token)
         self.metrics = metrics
-        self.requests = requests if requests is not None else IdleGate()
+        self.requests = requests  # requests in flight, for background work to wait for a gap
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

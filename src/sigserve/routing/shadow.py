@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..domain import ACTIONS, FLAT, FeatureBatch, SignalBatch, merge_batches
-from ..engine import model_input
 from ..idle import IdleGate
 
 if TYPE_CHECKING:
@@ -61,7 +60,7 @@ class ShadowJob:
 class ShadowRunner:
     def __init__(self, engine: Engine, *, maxsize: int = 1024, metrics: Any = None,
                  max_batch: int = 1024, inline_rows: int = 512, linger_s: float = 0.1,
-                 slice_jobs: int = 1, gate: IdleGate | None = None) -> None:
+                 gate: IdleGate | None = None) -> None:
         from ..engine import Engine
 
         self.engine = engine
@@ -70,7 +69,6 @@ class ShadowRunner:
         self.max_batch = max_batch
         self.inline_rows = inline_rows
         self.linger_s = linger_s
-        self.slice_jobs = slice_jobs
         # the server's requests in flight: each step waits for a moment with none, up to one
         # linger from the batch's start (then it runs between requests, as without a gate)
         self.gate = gate
@@ -139,10 +137,10 @@ class ShadowRunner:
             self.stats["batches"] += 1
             try:
                 if sum(len(job.features) for job in jobs) <= self.inline_rows:
-                    # Up to a linger's worth of rows: computed here, in the loop, slice_jobs
-                    # jobs at a time (grouping, predict, policy, comparison) with a turn of the
-                    # loop between slices, so that a request that arrives meanwhile waits for
-                    # one slice, not the batch (3-5 ms for 300 rows of a 300-tree model). A
+                    # Up to a linger's worth of rows: computed here, in the loop, one job at a
+                    # time (grouping, predict, policy, comparison) with a turn of the loop
+                    # between jobs, so that a request that arrives meanwhile waits for one job,
+                    # not the batch (3-5 ms for 300 rows of a 300-tree model). A
                     # worker thread cost a thread hop and GIL handoffs that landed on the
                     # requests running meanwhile. Measured in process (300 trees, lleaves): a
                     # one-job slice takes the one-row path, p50 44 us (p99 160); 16 jobs take
@@ -153,10 +151,10 @@ class ShadowRunner:
                     results = []
                     gate = self.gate
                     defer_until = time.monotonic() + max(self.linger_s, 0.01)
-                    for i in range(0, len(jobs), self.slice_jobs):
+                    for job in jobs:
                         if gate is not None and gate.busy:
                             await gate.idle(defer_until - time.monotonic())
-                        results += self._compute(jobs[i:i + self.slice_jobs])
+                        results += self._compute([job])
                         await asyncio.sleep(0)
                 else:
                     results = await asyncio.to_thread(self._compute, jobs)
@@ -169,13 +167,14 @@ class ShadowRunner:
                 for _ in jobs:
                     queue.task_done()
 
-    def _compute(self, jobs: list[ShadowJob]) -> list[SignalBatch | None]:
-        """Every job's shadows, one vectorised predict per (shadow version, symbol, source)."""
-        out: list[SignalBatch | None] = []
+    def _compute(self, jobs: list[ShadowJob]) -> list[SignalBatch]:
+        """Every job's shadows, one vectorised predict per (shadow version, symbol, source); the
+        rows to write."""
+        out: list[SignalBatch] = []
         for group in self._groups(jobs):
             started = time.perf_counter()
-            output = group.shadow.runtime.predict(model_input(group.shadow, group.features))
-            out += self._finish(group, output, started)
+            batch, _ = self.compute_engine.compute(group.shadow, group.features, FLAT, group.members[0].source)
+            out += self._finish(group, batch, started)
         return out
 
     def _groups(self, jobs: list[ShadowJob]) -> list[_Group]:
@@ -199,10 +198,9 @@ class ShadowRunner:
                     group.parts.append(rows)
         return list(groups.values())
 
-    def _finish(self, group: _Group, output: np.ndarray, started: float) -> list[SignalBatch | None]:
-        """Policy on the predicted rows, agreement and latency counted; the rows to write."""
+    def _finish(self, group: _Group, batch: SignalBatch, started: float) -> list[SignalBatch]:
+        """Agreement and latency counted; the rows to write."""
         shadow, members = group.shadow, group.members
-        batch, _ = self.compute_engine.compute(shadow, group.features, FLAT, members[0].source, output=output)
         per_row_ms = (time.perf_counter() - started) * 1000.0 / len(members)
         batch.shadow = True
         self.stats["predicted"] += len(members)
@@ -217,11 +215,7 @@ class ShadowRunner:
         entry[2] += per_row_ms * len(members)
         if self._metrics is not None:
             self._metrics.observe(signal_id, shadow.card.version, len(members), agree, per_row_ms)
-        if not members[0].write:
-            return []
-        _, first = np.unique(batch.ts, return_index=True)  # sorted, one row per bar
-        in_order = first.size == len(batch) and bool(np.all(first == np.arange(first.size)))
-        return [batch if in_order else batch.take(first)]
+        return [batch] if members[0].write else []
 
 
 @dataclass
@@ -235,14 +229,13 @@ class _Group:
         return self.parts[0] if len(self.parts) == 1 else _concat(self.parts)
 
 
-def _one_per_key(batches: list[SignalBatch | None]) -> list[SignalBatch]:
-    """The batches to write, merged per upsert key prefix (one write per shadow version, symbol
-    and source, however many slices computed them)."""
+def _one_per_key(batches: list[SignalBatch]) -> list[SignalBatch]:
+    """The batches to write, merged per upsert key prefix: one write per shadow version, symbol
+    and source, one row per bar (the later job's), in ts order."""
     by_key: dict[tuple[str, int, str, str, str], list[SignalBatch]] = {}
     for batch in batches:
-        if batch is not None:
-            key = (batch.signal_id, batch.model_version, batch.symbol, batch.interval, batch.source)
-            by_key.setdefault(key, []).append(batch)
+        key = (batch.signal_id, batch.model_version, batch.symbol, batch.interval, batch.source)
+        by_key.setdefault(key, []).append(batch)
     return [merge_batches(group) for group in by_key.values()]
 
 

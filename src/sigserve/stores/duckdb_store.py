@@ -186,6 +186,7 @@ MIGRATIONS.append((
 ))
 
 # DuckDB has no triggers: every catalog change runs this in its own transaction
+# (DuckDBStore._catalog_change; the changes made on a worker connection run it themselves)
 _BUMP_CATALOG = "UPDATE catalog_version SET version = version + 1"
 
 _SIDE_OF_ACTION = {"buy": LONG, "sell": SHORT, "close_long": FLAT, "close_short": FLAT}
@@ -411,6 +412,21 @@ class DuckDBStore:
                 if self._parallel_ops == 0:
                     con.execute("SET threads = 1")
 
+    @contextmanager
+    def _catalog_change(self) -> Iterator[Any]:
+        """A change to what resolutions read, on the store's connection: one transaction that
+        also moves the catalog version (DuckDB has no triggers), or nothing at all."""
+        with self._guard(), self._lock:
+            con = self._con
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+                con.execute(_BUMP_CATALOG)
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
     @staticmethod
     def _transaction(con: Any, fn: Callable[[], T]) -> T:
         con.execute("BEGIN TRANSACTION")
@@ -517,15 +533,11 @@ class DuckDBStore:
 
     async def update_model_extra(self, name: str, version: int, runtime: str | None,
                                  extra: dict[str, Any]) -> None:
-        def txn() -> None:
-            self._con.execute(
+        with self._catalog_change() as con:
+            con.execute(
                 "UPDATE model_registry SET runtime=?, extra=?, updated_at=? WHERE name=? AND version=?",
                 [runtime, json.dumps(extra), _now(), name, version],
             )
-            self._con.execute(_BUMP_CATALOG)
-
-        with self._guard(), self._lock:
-            self._transaction(self._con, txn)
 
     async def model_events(self, name: str) -> list[dict[str, Any]]:
         with self._guard():
@@ -546,12 +558,9 @@ class DuckDBStore:
             new = [n for n in dict.fromkeys(names) if n not in known]
             now = _now()
             if new:
-                def txn() -> None:
-                    self._con.executemany("INSERT INTO feature_registry VALUES (?, 'registered', ?, ?)",
-                                          [[n, now, now] for n in new])
-                    self._con.execute(_BUMP_CATALOG)
-
-                self._transaction(self._con, txn)
+                with self._catalog_change() as con:
+                    con.executemany("INSERT INTO feature_registry VALUES (?, 'registered', ?, ?)",
+                                    [[n, now, now] for n in new])
         return new
 
     async def feature_statuses(self, names: list[str]) -> dict[str, str]:
@@ -562,16 +571,12 @@ class DuckDBStore:
         return dict(rows)
 
     async def set_feature_status(self, name: str, status: str) -> None:
-        def txn() -> None:
-            row = _first(self._con.execute(
+        with self._catalog_change() as con:
+            row = _first(con.execute(
                 "UPDATE feature_registry SET status=?, updated_at=? WHERE name=? RETURNING name",
                 [status, _now(), name]).fetchall())
             if row is None:
                 raise ValidationError(f"no registered feature named {name!r}", details={"name": name})
-            self._con.execute(_BUMP_CATALOG)
-
-        with self._guard(), self._lock:
-            self._transaction(self._con, txn)
 
     async def list_features(self) -> list[dict[str, Any]]:
         with self._guard():
@@ -945,16 +950,12 @@ class DuckDBStore:
                 raise ValidationError(f"signal {definition.signal_id!r} already exists",
                                       details={"signal_id": definition.signal_id})
             now = _now()
-
-            def txn() -> None:
-                self._con.execute(
+            with self._catalog_change() as con:
+                con.execute(
                     "INSERT INTO signal_definitions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [definition.signal_id, definition.model_name, definition.model_ref,
                      definition.interval, list(definition.symbols), definition.policy.to_json(),
                      definition.status, definition.feature_key, now, now])
-                self._con.execute(_BUMP_CATALOG)
-
-            self._transaction(self._con, txn)
 
     async def get_signal(self, signal_id: str) -> SignalDefinition | None:
         with self._guard():
@@ -971,18 +972,14 @@ class DuckDBStore:
         return [self._definition(r) for r in rows]
 
     async def set_signal_status(self, signal_id: str, status: str) -> None:
-        def txn() -> None:
-            row = _first(self._con.execute(
+        with self._catalog_change() as con:
+            row = _first(con.execute(
                 "UPDATE signal_definitions SET status=?, updated_at=? WHERE signal_id=?"
                 " RETURNING signal_id", [status, _now(), signal_id]).fetchall())
             if row is None:
                 from ..errors import SignalNotFound
 
                 raise SignalNotFound(f"no signal {signal_id!r}", details={"signal_id": signal_id})
-            self._con.execute(_BUMP_CATALOG)
-
-        with self._guard(), self._lock:
-            self._transaction(self._con, txn)
 
     # --- signal history -------------------------------------------------------------------
     async def write_signals(self, batch: SignalBatch) -> int:
