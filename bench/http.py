@@ -35,8 +35,11 @@ Servers (``--servers``, default all):
 Each peer is installed on first use into its own venv, ``bench/.venvs/<peer>`` (pinned versions in
 bench/peers/*-requirements.txt). All servers serve the same LightGBM model: 300 trees, 32 features,
 binary, trained once by bench/common.py on ``--bars`` (20k) synthetic bars in ``bench/.home/http``.
-Every request carries one row; the bodies cycle over 1,000 real feature rows (and for
-``/inference/run`` over the timestamps of those rows).
+Every request carries one row; the bodies cycle over 1,000 real feature rows. ``/inference/run`` has
+two rows: *replayed bars* cycles over the timestamps of those rows on one signal, so after the first
+lap every request recomputes a bar already served (a position read inside history, the stored row
+replaced); *new bars* sends every bar in time order, each load (warm-up, each pass) on a signal of
+its own made for the run and without history, as a trading engine asks for each new bar once.
 
 Output: a table and the ratios of each sigserve row against the faster peer at the same concurrency,
 and JSON in bench/results/http-<timestamp>.json.
@@ -58,6 +61,7 @@ sys.path.append(str(HERE))
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
@@ -112,6 +116,9 @@ class Target:
     bodies: list[str]
     headers: dict[str, str] = field(default_factory=dict)
     note: str = ""
+    # the bodies of this target's k-th load (smoke, warm-up, then each pass), when each must meet
+    # a state of its own: /inference/run on new bars runs every load on a signal without history
+    fresh: Callable[[int], list[str]] | None = None
 
 
 @dataclass
@@ -157,6 +164,7 @@ class Workload:
     names: tuple[str, ...]
     rows: np.ndarray  # (N_BODIES, 32), finite
     ts: np.ndarray  # their bar timestamps (datetime64[us])
+    live_ts: np.ndarray  # every bar with a finite row, ascending: the new bars of a live signal
 
 
 def workload(home: Path, bars: int) -> Workload:
@@ -164,7 +172,7 @@ def workload(home: Path, bars: int) -> Workload:
     model_path = train_model(data, home / f"model-{N_TREES}x{N_FEATURES}.txt")  # prepare_home's path
     finite = np.flatnonzero(np.isfinite(data.values).all(axis=1))
     picks = finite[np.linspace(len(finite) // 2, len(finite) - 1, N_BODIES).astype(int)]
-    return Workload(model_path, data.names, data.values[picks], data.ts[picks])
+    return Workload(model_path, data.names, data.values[picks], data.ts[picks], data.ts[finite])
 
 
 def floats(row: np.ndarray) -> list[float]:
@@ -186,9 +194,19 @@ def sigserve_predict_bodies(w: Workload, signal_id: str) -> list[str]:
             for r in w.rows]
 
 
-def sigserve_run_bodies(w: Workload, signal_id: str) -> list[str]:
+def sigserve_run_bodies(w: Workload, signal_id: str, ts: np.ndarray | None = None) -> list[str]:
     return [json.dumps({"signal_id": signal_id, "symbol": SYMBOL, "ts": f"{t.astype('datetime64[us]')}Z",
-                        "interval_name": INTERVAL, "source": "stream"}) for t in w.ts]
+                        "interval_name": INTERVAL, "source": "stream"}) for t in (w.ts if ts is None else ts)]
+
+
+def new_bar_bodies(w: Workload, signal_ids: list[str]) -> Callable[[int], list[str]]:
+    """The k-th load's bodies: every bar in time order, on a signal (``signal_ids[k]``) with no
+    history, as a trading engine asks for each new bar once (the live path, not a replay)."""
+
+    def bodies(k: int) -> list[str]:
+        return sigserve_run_bodies(w, signal_ids[k], w.live_ts)
+
+    return bodies
 
 
 def json_headers(token: bool) -> dict[str, str]:
@@ -277,7 +295,9 @@ def sigserve_can_serve() -> str | None:
     return None
 
 
-async def prepare_sigserve(home: Path, bars: int, runtime: str, store_url: str | None) -> tuple[str, str]:
+async def prepare_sigserve(home: Path, bars: int, runtime: str, store_url: str | None,
+                           new_signals: list[str]) -> tuple[str, str]:
+    """The bench home's signal, and ``new_signals``: copies of it without history (new-bar loads)."""
     from common import prepare_home, settings_for
 
     from sigserve.app import Services
@@ -285,6 +305,10 @@ async def prepare_sigserve(home: Path, bars: int, runtime: str, store_url: str |
     overrides = {"store": store_url} if store_url else {}
     async with Services.open(settings_for(home, **overrides)) as services:
         card, signal_id = await prepare_home(services, bars, compiled=runtime == "lleaves")
+        definition = await services.store.get_signal(signal_id)
+        assert definition is not None
+        for new_id in new_signals:
+            await services.store.create_signal(dataclasses.replace(definition, signal_id=new_id))
     return signal_id, f"{card.name} v{card.version} ({card.runtime})"
 
 
@@ -351,8 +375,12 @@ def sigserve_specs(w: Workload, home: Path, args: argparse.Namespace, skips: lis
             shutil.copy(w.model_path, pg_home / w.model_path.name)  # the same model file
             asyncio.run(ensure_pg_database(url, pg_home))
             stores.append(("postgresql", url, pg_home))
+    # new bars: each load (smoke, warm-up, every pass) on a signal of its own, made for this run
+    loads = 2 + args.rounds * len(args.concurrency)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
     for kind, url, store_home in stores:
-        signal_id, card = asyncio.run(prepare_sigserve(store_home, args.bars, args.runtime, url))
+        new_ids = [f"bench-new-{stamp}-{k}" for k in range(loads)]
+        signal_id, card = asyncio.run(prepare_sigserve(store_home, args.bars, args.runtime, url, new_ids))
         port = free_port()
         argv = [sys.executable, "-m", "sigserve", "serve", "--host", "127.0.0.1", "--port", str(port)]
         if url:
@@ -360,8 +388,12 @@ def sigserve_specs(w: Workload, home: Path, args: argparse.Namespace, skips: lis
         env = {"SIGSERVE_HOME": str(store_home), "SIGSERVE_AUTH_TOKEN": TOKEN, "SIGSERVE_PROFILE": "dev",
                **dict(item.split("=", 1) for item in args.sigserve_env)}
         name = f"sigserve ({kind})"
-        targets = [Target(name, "/inference/run", "/inference/run", sigserve_run_bodies(w, signal_id),
-                          json_headers(True), note=card)]
+        targets = [
+            Target(name, "/inference/run (replayed bars)", "/inference/run", sigserve_run_bodies(w, signal_id),
+                   json_headers(True), note=card),
+            Target(name, "/inference/run (new bars)", "/inference/run", [], json_headers(True), note=card,
+                   fresh=new_bar_bodies(w, new_ids)),
+        ]
         if kind == "duckdb":
             targets.insert(0, Target(name, "/api/v1/predict inline", "/api/v1/predict",
                                      sigserve_predict_bodies(w, signal_id), json_headers(True), note=card))
@@ -547,6 +579,12 @@ class Live:
     scripts: list[Path]
 
 
+def loaded(target: Target, k: int) -> Target:
+    """``target`` with the bodies of its k-th load (0: the smoke request, 1: the warm-up, then the
+    passes), for a target whose loads each need a fresh state; else ``target`` itself."""
+    return target if target.fresh is None else dataclasses.replace(target, bodies=target.fresh(k))
+
+
 def start_server(spec: ServerSpec, args: argparse.Namespace, work: Path, server_cpu: int | None,
                  stack: contextlib.ExitStack) -> Live:
     """``--cold-runs`` fresh starts, each to its first successful prediction; the last one stays up."""
@@ -563,6 +601,7 @@ def start_server(spec: ServerSpec, args: argparse.Namespace, work: Path, server_
                 stack.push(attempt.pop_all())  # keep it running for the load cells
     scripts = []
     for target in spec.targets:
+        target = loaded(target, 0)
         status, body = post_once(spec.port, target)
         if status != 200:
             raise RuntimeError(f"{spec.name} {target.path}: HTTP {status} {body[:300]!r}")
@@ -586,8 +625,19 @@ def measure(lives: list[Live], args: argparse.Namespace, load: LoadFn, client_cp
     cells = [(live, target, script, c) for live in lives for target, script in zip(live.spec.targets, live.scripts,
                                                                                     strict=True)
              for c in args.concurrency]
+    loads: Counter[int] = Counter()  # per target: its loads so far (the smoke request was one)
+
+    def next_load(target: Target, script: Path) -> tuple[Target, Path]:
+        if target.fresh is None:
+            return target, script
+        key = id(target)
+        loads[key] += 1
+        fresh = loaded(target, loads[key])
+        return fresh, wrk_script(fresh, script.with_name(f"{script.stem}-{loads[key]}.lua"))
+
     if args.warmup > 0:
-        for live, target, script in {(cell[0].spec.name, cell[1].path): cell[:3] for cell in cells}.values():
+        for live, target, script in {(cell[0].spec.name, cell[1].endpoint): cell[:3] for cell in cells}.values():
+            target, script = next_load(target, script)
             load(live.spec.port, target, max(args.concurrency), args.warmup, client_cpu, script)
     parts: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(cells))}
     codes: dict[int, Counter[str]] = {i: Counter() for i in range(len(cells))}
@@ -596,6 +646,7 @@ def measure(lives: list[Live], args: argparse.Namespace, load: LoadFn, client_cp
             print(f"  round {round_no + 1}/{args.rounds}", flush=True)
         for i, (live, target, script, c) in enumerate(cells):
             since = live.log.stat().st_size
+            target, script = next_load(target, script)
             parts[i].append(load(live.spec.port, target, c, args.seconds / args.rounds, client_cpu, script))
             codes[i].update(log_error_codes(live.log, since))
     rows = []
