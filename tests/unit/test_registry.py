@@ -3,7 +3,10 @@ the lifecycle with its aliases, tamper detection before deserialisation, and the
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -374,6 +377,89 @@ async def test_runtime_is_cached_by_sha(services: Services, model_dir: Path,
     r1 = await small.runtime(v1)
     await small.runtime(other)
     assert await small.runtime(v1) is not r1
+
+
+async def test_concurrent_first_uses_share_one_load(services: Services, model_dir: Path,
+                                                     load_calls: list[ModelCard]) -> None:
+    # a signal not warmed up, asked for by 16 clients at once: one load, one runtime for all
+    source = trained(model_dir, "lightgbm", FILES[0][1])
+    card = await services.registry.register(source, name="m")
+    runtimes = await asyncio.gather(*(services.registry.runtime(card) for _ in range(16)))
+    assert len(load_calls) == 1
+    assert all(r is runtimes[0] for r in runtimes)
+    assert await services.registry.runtime(card) is runtimes[0]  # and cached
+    assert len(load_calls) == 1
+
+
+async def test_a_failed_shared_load_refuses_every_waiter_and_the_next_use_loads_again(
+    services: Services, model_dir: Path, load_calls: list[ModelCard],
+) -> None:
+    source = trained(model_dir, "lightgbm", FILES[0][1])
+    card = await services.registry.register(source, name="m")
+    stored = services.settings.home / str(card.artifact_path)
+    stored.write_bytes(stored.read_bytes() + b"\n")
+    results = await asyncio.gather(*(services.registry.runtime(card) for _ in range(4)),
+                                   return_exceptions=True)
+    assert all(isinstance(r, SigserveError) and r.code == "artifact_corrupt" for r in results)
+    assert load_calls == []
+    await services.registry.register(source, name="m")  # heals the stored copy
+    runtime = await services.registry.runtime(card)  # not the failed load's answer: a new load
+    assert len(load_calls) == 1
+    assert runtime.predict(np.zeros((1, len(card.feature_names)))).shape[0] == 1
+
+
+@pytest.fixture
+def slow_loads(monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple[str, float, float]], threading.Event]:
+    """load_runtime held until the event is set; each load's (artifact, start, end) recorded."""
+    import sigserve.runtimes
+
+    spans: list[tuple[str, float, float]] = []
+    release = threading.Event()
+    real = sigserve.runtimes.load_runtime
+
+    def held(card: ModelCard, path: Path, **kwargs: Any) -> Any:
+        began = time.perf_counter()
+        release.wait(10)
+        time.sleep(0.02)
+        try:
+            return real(card, path, **kwargs)
+        finally:
+            spans.append((str(card.sha256), began, time.perf_counter()))
+
+    monkeypatch.setattr(sigserve.runtimes, "load_runtime", held)
+    return spans, release
+
+
+async def test_a_waiter_that_gives_up_leaves_the_load_to_the_others(
+    services: Services, model_dir: Path, slow_loads: tuple[list[tuple[str, float, float]], threading.Event],
+) -> None:
+    spans, release = slow_loads
+    card = await services.registry.register(trained(model_dir, "lightgbm", FILES[0][1]), name="m")
+    impatient = asyncio.ensure_future(services.registry.runtime(card))
+    patient = asyncio.ensure_future(services.registry.runtime(card))
+    await asyncio.sleep(0.05)
+    impatient.cancel()  # a request past its deadline, a client gone
+    release.set()
+    runtime = await patient
+    assert impatient.cancelled()
+    assert len(spans) == 1
+    assert await services.registry.runtime(card) is runtime  # the load was cached all the same
+    assert len(spans) == 1
+
+
+async def test_loads_of_different_models_run_one_at_a_time(
+    services: Services, model_dir: Path, slow_loads: tuple[list[tuple[str, float, float]], threading.Event],
+) -> None:
+    # native loaders (and the lazy imports in front of them) are entered by one thread at a time
+    spans, release = slow_loads
+    first = await services.registry.register(trained(model_dir, "lightgbm", FILES[0][1]), name="m")
+    second = await services.registry.register(trained(model_dir, "xgboost-json", FILES[1][1]), name="x")
+    assert first.sha256 != second.sha256
+    release.set()
+    await asyncio.gather(services.registry.runtime(first), services.registry.runtime(second))
+    assert len(spans) == 2
+    earlier, later = sorted(spans, key=lambda span: span[1])
+    assert earlier[2] <= later[1]  # the second began after the first ended
 
 
 async def test_cache_is_keyed_by_what_the_runtime_was_checked_against(

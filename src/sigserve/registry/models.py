@@ -17,8 +17,10 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
@@ -60,13 +62,25 @@ def parse_model_ref(text: str) -> tuple[str, str]:
     return name, ref
 
 
+RuntimeKey = tuple[str, str | None, str, tuple[str, ...]]
+
+# Loads run one at a time in the process. Measured: 16 concurrent first requests for a signal
+# not warmed up loaded its lleaves model 16 times at once, and 6 of them failed with "partially
+# initialized module 'lleaves' has no attribute 'Model'" (the lazy import entered from several
+# threads). Native loaders (LLVM, LightGBM, onnxruntime) are not made to be entered
+# concurrently either, and a load is rare: at startup, on a promotion or a rollout.
+_LOAD_LOCK = threading.Lock()
+
+
 class ModelRegistry:
     def __init__(self, store: Store, settings: Settings, cache_size: int = 16) -> None:
         self.store = store
         self.settings = settings
         self.artifacts = LocalArtifactSource(settings.home)
-        self._runtimes: OrderedDict[tuple[str, str | None, str, tuple[str, ...]], Runtime] = OrderedDict()
+        self._runtimes: OrderedDict[RuntimeKey, Runtime] = OrderedDict()
         self._cache_size = cache_size
+        # the load in progress per runtime key: concurrent first uses share it (one load)
+        self._loading: dict[RuntimeKey, asyncio.Task[Runtime]] = {}
 
     # --- registration ---------------------------------------------------------------------
     async def register(self, path: Path, *, name: str, features: list[str] | None = None,
@@ -193,7 +207,26 @@ class ModelRegistry:
         if cached is not None:
             self._runtimes.move_to_end(key)
             return cached
+        loop = asyncio.get_running_loop()
+        loading = self._loading.get(key)
+        if loading is None or loading.get_loop() is not loop:
+            loading = loop.create_task(self._load_and_cache(key, card), name=f"load {card.ref}")
+            self._loading[key] = loading
+            loading.add_done_callback(functools.partial(self._loaded, key))
+        # shielded: a caller that gives up (its deadline, a disconnect) leaves the load running
+        # for the others and the cache
+        return await asyncio.shield(loading)
+
+    def _loaded(self, key: RuntimeKey, task: asyncio.Task[Runtime]) -> None:
+        if self._loading.get(key) is task:
+            del self._loading[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here too: every waiter may have gone
+
+    async def _load_and_cache(self, key: RuntimeKey, card: ModelCard) -> Runtime:
         runtime = await asyncio.to_thread(self._load, card)
+        if self._loading.get(key) is not asyncio.current_task():
+            return runtime  # forgotten while it loaded (forget): served to its waiters, not cached
         self._runtimes[key] = runtime
         # A loaded model lives as long as the cache: keep its objects (tens of thousands for a
         # 300-tree model) out of the collector's full passes, as servers do with what startup
@@ -208,19 +241,23 @@ class ModelRegistry:
     def _load(self, card: ModelCard) -> Runtime:
         from ..runtimes import load_runtime
 
-        path = self.artifacts.verified_path(card.sha256, card.artifact_path)
-        if card.runtime == "lleaves":
-            # The compiled object is native code: it is verified like the artifact it came from.
-            compiled = self.artifacts.verified_path(card.extra.get("compiled_sha256"),
-                                                    card.extra.get("compiled_path"))
-            card = replace(card, extra={**card.extra, "compiled_path": str(compiled)})
-        return load_runtime(card, path, threads=self.settings.predict_threads)
+        with _LOAD_LOCK:
+            path = self.artifacts.verified_path(card.sha256, card.artifact_path)
+            if card.runtime == "lleaves":
+                # The compiled object is native code: it is verified like the artifact it came from.
+                compiled = self.artifacts.verified_path(card.extra.get("compiled_sha256"),
+                                                        card.extra.get("compiled_path"))
+                card = replace(card, extra={**card.extra, "compiled_path": str(compiled)})
+            return load_runtime(card, path, threads=self.settings.predict_threads)
 
     def forget(self, sha256: str | None = None) -> None:
         """Drop cached runtimes (all, or those of one artifact), so the next use re-verifies."""
         for key in list(self._runtimes):
             if sha256 is None or key[0] == sha256:
                 del self._runtimes[key]
+        for key in list(self._loading):
+            if sha256 is None or key[0] == sha256:
+                del self._loading[key]  # a later use loads again, from the bytes on disk then
 
     async def compile(self, name: str, version: int) -> ModelCard:
         """Compile a LightGBM version with lleaves (once; cached by sha) and serve it compiled."""
