@@ -113,3 +113,46 @@ async def test_forget_wins_over_an_older_refresh(ready: Services, counted: Count
     assert "sig" not in engine._prepared  # the older answer was not put back
     again = await engine.prepare("sig")  # resolved in line
     assert again is not first and counted.calls == 3
+
+
+async def test_concurrent_first_calls_share_one_resolution(ready: Services,  # noqa: F811
+                                                           counted: CountingGets) -> None:
+    engine = ready.engine
+    counted.gate = asyncio.Event()  # every caller arrives while the first resolution waits
+    calls = [asyncio.ensure_future(engine.prepare("sig")) for _ in range(16)]
+    await asyncio.sleep(0.05)
+    calls[0].cancel()  # a caller that gives up (its deadline) leaves it to the others
+    counted.gate.set()
+    answers = await asyncio.gather(*calls[1:])
+    assert counted.calls == 1
+    assert all(answer is answers[0] for answer in answers)
+    assert await engine.prepare("sig") is answers[0]  # kept, as a resolution in line is
+    assert counted.calls == 1 and not engine._resolving
+
+
+async def test_a_shared_refusal_reaches_every_caller_and_is_not_kept(ready: Services,  # noqa: F811
+                                                                     counted: CountingGets) -> None:
+    engine = ready.engine
+    await ready.store.set_signal_status("sig", "retired")
+    results = await asyncio.gather(*(engine.prepare("sig") for _ in range(4)), return_exceptions=True)
+    assert all(isinstance(r, SignalRetired) for r in results)
+    assert counted.calls == 1
+    await ready.store.set_signal_status("sig", "active")
+    assert (await engine.prepare("sig")).definition.signal_id == "sig"  # resolved anew
+    assert counted.calls == 2
+
+
+async def test_forget_during_a_shared_resolution_starts_a_fresh_one(ready: Services,  # noqa: F811
+                                                                    counted: CountingGets) -> None:
+    engine = ready.engine
+    counted.gate = asyncio.Event()
+    older = asyncio.ensure_future(engine.prepare("sig"))
+    await asyncio.sleep(0.02)
+    engine.forget("sig")  # e.g. a promotion made through this server
+    newer = asyncio.ensure_future(engine.prepare("sig"))
+    await asyncio.sleep(0.02)
+    counted.gate.set()
+    first, second = await asyncio.gather(older, newer)
+    assert counted.calls == 2  # the caller after forget() did not join the older resolution
+    assert engine._prepared["sig"][1] is second  # and only the newer one is kept
+    assert first is not second
