@@ -307,6 +307,9 @@ async def prepare_sigserve(home: Path, bars: int, runtime: str, store_url: str |
         card, signal_id = await prepare_home(services, bars, compiled=runtime == "lleaves")
         definition = await services.store.get_signal(signal_id)
         assert definition is not None
+        for old in await services.store.list_signals():  # an earlier run's: retired, not warmed up
+            if old.signal_id.startswith("bench-new-") and old.active:
+                await services.store.set_signal_status(old.signal_id, "retired")
         for new_id in new_signals:
             await services.store.create_signal(dataclasses.replace(definition, signal_id=new_id))
     return signal_id, f"{card.name} v{card.version} ({card.runtime})"
@@ -386,6 +389,7 @@ def sigserve_specs(w: Workload, home: Path, args: argparse.Namespace, skips: lis
         if url:
             argv += ["--store", url]
         env = {"SIGSERVE_HOME": str(store_home), "SIGSERVE_AUTH_TOKEN": TOKEN, "SIGSERVE_PROFILE": "dev",
+               "SIGSERVE_DEFAULT_SIGNAL": signal_id,  # warmed up at startup; the new-bar signals after it
                **dict(item.split("=", 1) for item in args.sigserve_env)}
         name = f"sigserve ({kind})"
         targets = [

@@ -428,6 +428,30 @@ async def test_default_signal_is_the_only_active_one(home: Path, world: World) -
         assert (await client.post("/api/v1/predict", json={"symbol": BTC})).status_code == 200
 
 
+async def test_other_active_signals_are_warmed_up_in_the_background(home: Path, world: World,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    async with serving(settings_for(home, server_prepared_ttl_s=60.0)) as (app, client):
+        engine = services_of(app).engine
+        for _ in range(500):  # the startup task resolves the other active signal, no request asked
+            if PINNED in engine._prepared:
+                break
+            await asyncio.sleep(0.01)
+        assert PINNED in engine._prepared
+        assert engine._prepared[PINNED][1].card.version == 2
+        store = services_of(app).store
+        reads: list[str] = []
+        real = store.get_signal
+
+        async def counted(signal_id: str) -> Any:
+            reads.append(signal_id)
+            return await real(signal_id)
+
+        monkeypatch.setattr(store, "get_signal", counted)
+        r = await client.post("/inference/run", json=run_body(world, 200, signal=PINNED))
+        assert r.status_code == 200, r.text
+        assert reads == []  # the first request for it read no definition: it was warm
+
+
 # --- models ---------------------------------------------------------------------------------------
 async def test_models_endpoints(home: Path, world: World) -> None:
     async with serving(settings_for(home)) as (app, client):

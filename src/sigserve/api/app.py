@@ -34,7 +34,7 @@ import logging
 import re
 import threading
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -197,14 +197,19 @@ class SigserveApp:
             settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
             services.engine.prepared_ttl_s = settings.server_prepared_ttl_s
             state.services = services
-            await warm_up(state)
+            warmed = await warm_up(state)
             services.engine.observer = self.metrics.observe_stage
             # What startup allocated lives as long as the process: keep it out of the collector's
             # full passes (measured: a full pass over it paused a request for ~60 ms).
             gc.freeze()
+            others = asyncio.get_running_loop().create_task(
+                warm_other_signals(state, skip=warmed), name="warm other signals")
             try:
                 yield self
             finally:
+                others.cancel()
+                with suppress(asyncio.CancelledError):
+                    await others
                 gc.unfreeze()
                 state.services = None
 
@@ -236,8 +241,9 @@ def create_app(settings: Settings | None = None) -> SigserveApp:
     return SigserveApp(settings)
 
 
-async def warm_up(state: ServerState) -> None:
-    """Resolve the default signal, load and verify its model, and predict one row through it.
+async def warm_up(state: ServerState) -> str | None:
+    """Resolve the default signal, load and verify its model, and predict one row through it;
+    its id, or None when there is none.
 
     A default signal that cannot be served does not stop the server: its requests get the
     refusal's code; the log says why now.
@@ -247,12 +253,12 @@ async def warm_up(state: ServerState) -> None:
         signal_id = await state.default_signal()
     except SigserveError as exc:
         log.info("no default signal to warm up: %s", exc.message)
-        return
+        return None
     try:
         prepared = await engine.prepare(signal_id)
     except SigserveError as exc:
         log.warning("the default signal %r cannot be served: %s", signal_id, exc)
-        return
+        return signal_id
     names = prepared.read_names
     row = FeatureBatch("warm-up", prepared.definition.interval, np.zeros(1, dtype=TS_DTYPE),
                        np.zeros((1, len(names))), names, np.array([""], dtype=object),
@@ -266,10 +272,45 @@ async def warm_up(state: ServerState) -> None:
     # first /inference/run (whose budget they once used up).
     definition = prepared.definition
     if not definition.symbols:
-        return
+        return signal_id
     symbol = definition.symbols[0]
     try:
         newest = await engine.newest_bar(symbol, definition.interval)
         await engine.predict_bar(signal_id, symbol, definition.interval, newest, write=False)
     except SigserveError as exc:
         log.info("no stored bar of %s to warm the read path up with: %s", symbol, exc.message)
+    return signal_id
+
+
+async def warm_other_signals(state: ServerState, *, skip: str | None) -> int:
+    """After startup, in the background: resolve the other active signals and load their models
+    (as many as the model cache keeps, in the store's order); how many were warmed.
+
+    Without it, the first requests for another signal paid its resolution and model load
+    (~0.1 s for a compiled 300-tree model), and a burst of them ran past the deadline together.
+    Requests that arrive meanwhile share the work under way (``Engine.prepare``,
+    ``ModelRegistry.runtime``). A signal that cannot be served is logged and left to refuse.
+    """
+    engine = state.engine
+    try:
+        definitions = await state.svc.store.list_signals()
+    except Exception as exc:  # best effort, as below
+        log.info("could not list the signals to warm up: %s", exc)
+        return 0
+    room = max(engine.registry.cache_size - 1, 0)
+    warmed = 0
+    for definition in definitions:
+        if warmed >= room:
+            break
+        if not definition.active or definition.signal_id == skip:
+            continue
+        try:
+            await engine.prepare(definition.signal_id)
+        except SigserveError as exc:
+            log.info("signal %r cannot be served yet: %s", definition.signal_id, exc.message)
+            continue
+        except Exception:  # best effort: a request for it resolves in line and gets the error
+            log.exception("warming signal %r up failed", definition.signal_id)
+            continue
+        warmed += 1
+    return warmed

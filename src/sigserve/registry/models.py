@@ -82,6 +82,11 @@ class ModelRegistry:
         # the load in progress per runtime key: concurrent first uses share it (one load)
         self._loading: dict[RuntimeKey, asyncio.Task[Runtime]] = {}
 
+    @property
+    def cache_size(self) -> int:
+        """How many loaded runtimes the registry keeps (least recently used goes first)."""
+        return self._cache_size
+
     # --- registration ---------------------------------------------------------------------
     async def register(self, path: Path, *, name: str, features: list[str] | None = None,
                        classes: list[str] | None = None, task: str | None = None,
