@@ -304,6 +304,8 @@ async def warm_other_signals(state: ServerState, *, skip: str | None) -> int:
             break
         if not definition.active or definition.signal_id == skip:
             continue
+        # each resolution (store reads in the loop) waits for a gap between requests, up to 1 s
+        await state.requests.idle(1.0)
         try:
             await engine.prepare(definition.signal_id)
         except SigserveError as exc:
