@@ -24,7 +24,6 @@ flagged ``deadline_fallback_hold`` instead of the late signal.
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 import operator
 import time
@@ -57,6 +56,7 @@ from .errors import (
 from .registry.models import ModelRegistry
 from .runtimes.base import Runtime
 from .signals.policy import PolicyPlan, resolve_one, resolve_positions
+from .singleflight import SingleFlight
 from .stores.base import Store
 from .timeutil import TS_DTYPE, format_ts, validate_interval
 
@@ -219,7 +219,7 @@ class Engine:
         self._prepared: dict[str, tuple[float, Prepared, int | None]] = {}
         self._refreshing: dict[str, asyncio.Task[None]] = {}
         # the in-line resolution in progress per signal: concurrent first calls share it
-        self._resolving: dict[str, asyncio.Task[Prepared]] = {}
+        self._resolving: SingleFlight[str, Prepared] = SingleFlight()
         self._generation = 0  # bumped by forget()
         # routing.shadow.ShadowRunner of a server: shadows off the request path (None: inline)
         self.shadow_runner: Any = None
@@ -230,10 +230,10 @@ class Engine:
         self._generation += 1
         if signal_id is None:
             self._prepared.clear()
-            self._resolving.clear()
+            self._resolving.drop()
         else:
             self._prepared.pop(signal_id, None)
-            self._resolving.pop(signal_id, None)
+            self._resolving.drop(lambda key: key == signal_id)
 
     def install(self, signal_id: str, prepared: Prepared) -> None:
         """Swap a resolution in (one reference assignment): the next call uses it, and a
@@ -264,14 +264,8 @@ class Engine:
                 return cached[1]
             # Concurrent first calls (a cold signal asked for by many clients at once) share
             # one resolution: measured, 16 of them each read the store in turn and 6 ran past
-            # a 100 ms deadline. Shielded: a caller that gives up leaves it to the others.
-            loop = asyncio.get_running_loop()
-            pending = self._resolving.get(signal_id)
-            if pending is None or pending.get_loop() is not loop:
-                pending = loop.create_task(self._resolve_and_keep(signal_id, now))
-                self._resolving[signal_id] = pending
-                pending.add_done_callback(functools.partial(self._resolved, signal_id))
-            return await asyncio.shield(pending)
+            # a 100 ms deadline.
+            return await self._resolving.run(signal_id, lambda: self._resolve_and_keep(signal_id, now))
         return await self._resolve(signal_id)
 
     async def _resolve_and_keep(self, signal_id: str, now: float) -> Prepared:
@@ -281,12 +275,6 @@ class Engine:
         if generation == self._generation:
             self._prepared[signal_id] = (now, prepared, version)
         return prepared
-
-    def _resolved(self, signal_id: str, task: asyncio.Task[Prepared]) -> None:
-        if self._resolving.get(signal_id) is task:
-            del self._resolving[signal_id]
-        if not task.cancelled():
-            task.exception()  # retrieved here too: every waiter may have gone
 
     async def _refresh(self, signal_id: str) -> None:
         generation = self._generation

@@ -17,7 +17,6 @@ Usage::
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import re
 import threading
@@ -30,6 +29,7 @@ from ..config import Settings
 from ..domain import ALIASES, SERVABLE_STAGES, ModelCard, Stage, Task
 from ..errors import ModelLifecycleRefused, ModelNotFound, ValidationError
 from ..runtimes.base import Runtime
+from ..singleflight import SingleFlight
 from ..stores.base import Store
 from .artifacts import LocalArtifactSource, sha256_file
 
@@ -80,7 +80,7 @@ class ModelRegistry:
         self._runtimes: OrderedDict[RuntimeKey, Runtime] = OrderedDict()
         self._cache_size = cache_size
         # the load in progress per runtime key: concurrent first uses share it (one load)
-        self._loading: dict[RuntimeKey, asyncio.Task[Runtime]] = {}
+        self._loading: SingleFlight[RuntimeKey, Runtime] = SingleFlight()
 
     @property
     def cache_size(self) -> int:
@@ -212,25 +212,11 @@ class ModelRegistry:
         if cached is not None:
             self._runtimes.move_to_end(key)
             return cached
-        loop = asyncio.get_running_loop()
-        loading = self._loading.get(key)
-        if loading is None or loading.get_loop() is not loop:
-            loading = loop.create_task(self._load_and_cache(key, card), name=f"load {card.ref}")
-            self._loading[key] = loading
-            loading.add_done_callback(functools.partial(self._loaded, key))
-        # shielded: a caller that gives up (its deadline, a disconnect) leaves the load running
-        # for the others and the cache
-        return await asyncio.shield(loading)
-
-    def _loaded(self, key: RuntimeKey, task: asyncio.Task[Runtime]) -> None:
-        if self._loading.get(key) is task:
-            del self._loading[key]
-        if not task.cancelled():
-            task.exception()  # retrieved here too: every waiter may have gone
+        return await self._loading.run(key, lambda: self._load_and_cache(key, card))
 
     async def _load_and_cache(self, key: RuntimeKey, card: ModelCard) -> Runtime:
         runtime = await asyncio.to_thread(self._load, card)
-        if self._loading.get(key) is not asyncio.current_task():
+        if not self._loading.owns(key):
             return runtime  # forgotten while it loaded (forget): served to its waiters, not cached
         self._runtimes[key] = runtime
         # A loaded model lives as long as the cache: keep its objects (tens of thousands for a
@@ -260,9 +246,8 @@ class ModelRegistry:
         for key in list(self._runtimes):
             if sha256 is None or key[0] == sha256:
                 del self._runtimes[key]
-        for key in list(self._loading):
-            if sha256 is None or key[0] == sha256:
-                del self._loading[key]  # a later use loads again, from the bytes on disk then
+        # a load under way is dropped too: a later use loads again, from the bytes on disk then
+        self._loading.drop(None if sha256 is None else lambda key: key[0] == sha256)
 
     async def compile(self, name: str, version: int) -> ModelCard:
         """Compile a LightGBM version with lleaves (once; cached by sha) and serve it compiled."""
