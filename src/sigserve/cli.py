@@ -27,8 +27,6 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError as SettingsError
-from rich.console import Console
-from rich.table import Table
 from typer.exceptions import Abort, Exit, TyperException
 
 from .config import Settings
@@ -56,7 +54,37 @@ from .routing.cli import models_ensemble, rollout_app  # noqa: E402  (champion /
 app.add_typer(rollout_app, name="rollout")
 models_app.command("ensemble")(models_ensemble)
 
-console = Console()
+def _console(**options: Any) -> Any:
+    from rich.console import Console
+
+    return Console(**options)
+
+
+class _LazyConsole:
+    """A rich Console made on first use: importing rich costs ~40 ms of every command's start,
+    ``sigserve serve``'s cold start included, which prints nothing through it."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._real: Any = None
+
+    def get(self) -> Any:
+        """The Console itself (for an API that wants one, such as rich's Progress)."""
+        if self._real is None:
+            self._real = _console(**self._options)
+        return self._real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
+
+
+def _table(*headers: str) -> Any:
+    from rich.table import Table
+
+    return Table(*headers)
+
+
+console = _LazyConsole()
 _state: dict[str, Any] = {}
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
@@ -157,7 +185,7 @@ def models_list(name: Annotated[str | None, typer.Option()] = None, as_json: Jso
     if as_json:
         _print_json([c.to_dict() for c in cards])
         return
-    table = Table("model", "version", "stage", "flavor", "task", "features", "runtime", "sha256")
+    table = _table("model", "version", "stage", "flavor", "task", "features", "runtime", "sha256")
     for c in cards:
         table.add_row(c.name, str(c.version), str(c.stage), c.flavor, str(c.task),
                       str(len(c.feature_names)), c.runtime or c.flavor, (c.sha256 or "")[:12])
@@ -306,7 +334,7 @@ def features_list(as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json(rows)
         return
-    table = Table("name", "status", "created_at")
+    table = _table("name", "status", "created_at")
     for r in rows:
         table.add_row(r["name"], r["status"], r["created_at"])
     console.print(table)
@@ -425,7 +453,7 @@ def signals_list(as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json([_definition_dict(d) for d in defs])
         return
-    table = Table("signal_id", "model", "interval", "symbols", "status", "threshold")
+    table = _table("signal_id", "model", "interval", "symbols", "status", "threshold")
     for d in defs:
         ref = d.model_ref if d.model_ref.startswith("@") else ":" + d.model_ref
         table.add_row(d.signal_id, d.model_name + ref, d.interval, ",".join(d.symbols) or "*",
@@ -464,7 +492,7 @@ def signals_history(
         _print_json([{**r, "ts": format_ts(r["ts"]),
                       "created_at": r["created_at"].replace(tzinfo=UTC).isoformat()} for r in rows])
         return
-    table = Table("ts", "symbol", "action", "confidence", "entry", "stop", "take", "size", "model")
+    table = _table("ts", "symbol", "action", "confidence", "entry", "stop", "take", "size", "model")
     for r in rows:
         def fmt(x: Any) -> str:
             return "" if x is None else f"{x:.4g}"
@@ -520,7 +548,7 @@ def backfill_cmd(
                 raise ValidationError("this signal covers any symbol: pass --symbol")
         reports = []
         with Progress("[progress.description]{task.description}", BarColumn(),
-                      MofNCompleteColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                      MofNCompleteColumn(), TimeRemainingColumn(), console=_console(stderr=True),
                       disable=as_json or not sys.stderr.isatty()) as progress:
             for sym in symbols:
                 task = progress.add_task(f"{signal} {sym}", total=None)
@@ -597,7 +625,7 @@ def train_cmd(
     if stage not in STAGES:
         raise ValidationError(f"unknown stage {stage!r}: use one of {list(STAGES)}")
     pipeline = load_config(config)
-    out = Console(stderr=True) if as_json else console
+    out = _console(stderr=True) if as_json else console.get()
     summary = _run(lambda s: run_pipeline(s, pipeline, stage=stage, console=out))
     if as_json:
         _print_json(summary)
@@ -665,7 +693,7 @@ def demo_cmd(
         from .api.server import check
 
         check(settings, 1)  # refuse a bad token before the demo's work, not after
-    result = run_demo(settings, console, bars=bars)
+    result = run_demo(settings, console.get(), bars=bars)
     if no_serve:
         return
     from .api.server import serve
@@ -683,7 +711,7 @@ from . import stream_cli as _stream_cli  # noqa: E402,F401  (registers its comma
 # --- entry point ----------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; map every refusal to ``error_code: message`` and a non-zero exit."""
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err = _LazyConsole(stderr=True, highlight=False, soft_wrap=True)
     # This process (and any server worker it starts) belongs to sigserve: skip lightgbm's
     # scikit-learn/pandas integrations at import (see runtimes.import_lightgbm).
     os.environ.setdefault("SIGSERVE_LEAN_IMPORTS", "1")

@@ -400,3 +400,12 @@ def test_db_upgrade_creates_the_schema_and_is_idempotent(tmp_path: Path) -> None
     assert version >= 2  # DuckDB: the base schema plus feature coverage
     assert (home / "sigserve.duckdb").is_file()
     assert ok(home, "db", "upgrade") == first  # nothing pending the second time
+
+
+def test_the_cli_imports_rich_only_to_print() -> None:
+    """rich costs ~40-100 ms of every start; ``sigserve serve`` (cold start < 1 s) prints nothing
+    through it, so the CLI module must not import it until a command prints."""
+    code = ("import sys, sigserve.cli, sigserve.api.server; "
+            "print('rich' in sys.modules); sigserve.cli.console.get(); print('rich' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]
