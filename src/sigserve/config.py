@@ -37,6 +37,9 @@ class Settings(BaseSettings):
         default=False, description="past the budget, answer (and store) hold instead of deadline_exceeded")
     server_prepared_ttl_s: float = Field(
         default=1.0, ge=0, description="how long the server keeps a resolved signal (0: resolve every call)")
+    group_bars: bool = Field(
+        default=True, description="concurrent /inference/run requests are served together: one"
+        " feature read, predict and upsert per run of consecutive bars (a group commit)")
     auth_token_label: str = Field(default="default", min_length=1, max_length=64,
                                   description="who the token is in audit rows (token:LABEL)")
     shadow_queue_size: int = Field(default=1024, gt=0, description="shadow jobs a server queues;"

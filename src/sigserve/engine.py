@@ -30,7 +30,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -198,6 +198,7 @@ class RunResult:
     end_side: int
     extra: tuple[SignalBatch, ...] = ()  # a rollout's other routed version's rows (backfill)
     features: FeatureBatch | None = None
+    start_side: int = FLAT  # the position before the first row (what compute started from)
 
 
 class Engine:
@@ -223,6 +224,9 @@ class Engine:
         self._generation = 0  # bumped by forget()
         # routing.shadow.ShadowRunner of a server: shadows off the request path (None: inline)
         self.shadow_runner: Any = None
+        # bar_batch.BarBatcher of a server: concurrent predict_bar calls share reads and writes
+        # (None: each call reads and writes alone)
+        self.bar_batcher: Any = None
 
     def forget(self, signal_id: str | None = None) -> None:
         """Drop cached resolutions (all, or one signal's); a background re-resolution that
@@ -516,7 +520,7 @@ class Engine:
         else:
             batch, end_side = self.compute(prepared, features, start_side, src)
         written = await self._write(batch) if write else 0
-        return RunResult(batch, written, skipped, end_side, features=features)
+        return RunResult(batch, written, skipped, end_side, features=features, start_side=start_side)
 
     async def _write(self, batch: SignalBatch) -> int:
         observer = self.observer
@@ -541,6 +545,20 @@ class Engine:
         if prepared.rollout is not None:
             prepared = prepared.rollout.pick(symbol, ts)
         started = time.perf_counter()
+        batcher = self.bar_batcher
+        if batcher is not None and write and (deadline is None or started <= deadline):
+            return await batcher.submit(prepared, symbol, interval, ts, source=str(Source(source)),
+                                        deadline=deadline, fallback_to_hold=fallback_to_hold,
+                                        started=started)
+        return await self.predict_one(prepared, symbol, interval, ts, started, source=source, write=write,
+                                      deadline=deadline, fallback_to_hold=fallback_to_hold)
+
+    async def predict_one(self, prepared: Prepared, symbol: str, interval: str, ts: np.datetime64,
+                          started: float, *, source: str = Source.HISTORICAL_REPLAY, write: bool = True,
+                          deadline: float | None = None,
+                          fallback_to_hold: bool = False) -> dict[str, Any]:
+        """:meth:`predict_bar` of a resolved (and routed) version, alone: its own read and write."""
+        signal_id = prepared.definition.signal_id
         when = np.array([ts], dtype=TS_DTYPE)
         result: RunResult | None = None
         if deadline is not None and started > deadline:
@@ -551,12 +569,7 @@ class Engine:
             result = await self.run_bars(signal_id, symbol, interval, when, source=source,
                                          prepared=prepared, write=False)
             if len(result.batch) == 0:
-                if prepared.spec_key is not None and not prepared.definition.feature_key:
-                    await self._refuse_other_spec(prepared, symbol, interval, when)
-                raise FeatureValueMissing(
-                    f"no complete feature row for {symbol} {interval} at {format_ts(ts)}:"
-                    " import or compute features for that bar first",
-                    details={"symbol": symbol, "interval": interval, "ts": format_ts(ts)})
+                await self.refuse_missing(prepared, symbol, interval, ts)
             batch = result.batch
             if deadline is not None and time.perf_counter() > deadline:
                 batch = self._late(prepared, symbol, interval, when, source, deadline,
@@ -586,6 +599,17 @@ class Engine:
             shadow.shadow = True
             if write:
                 await self._write(shadow)
+
+    async def refuse_missing(self, prepared: Prepared, symbol: str, interval: str,
+                             ts: np.datetime64) -> NoReturn:
+        """The bar has no complete feature row: ``feature_value_missing``, or
+        ``feature_spec_mismatch`` when the row there was computed for another spec."""
+        if prepared.spec_key is not None and not prepared.definition.feature_key:
+            await self._refuse_other_spec(prepared, symbol, interval, np.array([ts], dtype=TS_DTYPE))
+        raise FeatureValueMissing(
+            f"no complete feature row for {symbol} {interval} at {format_ts(ts)}:"
+            " import or compute features for that bar first",
+            details={"symbol": symbol, "interval": interval, "ts": format_ts(ts)})
 
     async def _refuse_other_spec(self, prepared: Prepared, symbol: str, interval: str,
                                  when: np.ndarray) -> None:

@@ -196,6 +196,11 @@ class SigserveApp:
         async with Services.open(settings) as services:
             settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
             services.engine.prepared_ttl_s = settings.server_prepared_ttl_s
+            batcher = None
+            if settings.group_bars:
+                from ..bar_batch import BarBatcher
+
+                batcher = services.engine.bar_batcher = BarBatcher(services.engine)
             state.services = services
             warmed = await warm_up(state)
             services.engine.observer = self.metrics.observe_stage
@@ -210,6 +215,9 @@ class SigserveApp:
                 others.cancel()
                 with suppress(asyncio.CancelledError):
                     await others
+                if batcher is not None:
+                    await batcher.stop()
+                    services.engine.bar_batcher = None
                 gc.unfreeze()
                 state.services = None
 
