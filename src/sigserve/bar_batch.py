@@ -6,23 +6,25 @@ position read and an upsert. On DuckDB every upsert is its own transaction and f
 behind sixteen syncs. The batcher takes every request that is waiting when it gets the loop
 (a *cycle*) and serves them together, the way a database's group commit does:
 
-- requests are grouped by series: routed model version, symbol, interval and source;
-- within a series, the bars are split into runs of consecutive bars (no bar between two of
-  them, so no stored signal between them either). A run is one feature read, one position
-  read and one vectorised predict, with the position carried through the run's bars in ts
-  order, as sequential requests would carry it through the store, and one upsert;
-- a run of one request is served by ``Engine.predict_one`` exactly as without the batcher.
+- requests are grouped by series: signal, routed model version, symbol, interval and source;
+- a series' requests are one feature read, one position read (the position before each run of
+  consecutive bars among them) and one upsert; each run is one vectorised predict, with the
+  position carried through its bars in ts order, as one request after another carries it
+  through the store. Runs start from the store as it was before the cycle: the answer
+  sequential requests give in descending order of runs (a later run's rows never move the
+  position before an earlier one), and concurrent requests may be answered in any order;
+- a series with one request is served by ``Engine.predict_one`` exactly as without the batcher.
 
 What each request sees is what it would see alone: its own row (requests for the same bar share
 it), ``feature_value_missing`` or ``feature_spec_mismatch`` for a bar without a row (the others
 in its run are served), ``deadline_exceeded`` or a ``deadline_fallback_hold`` row when its budget
 ran out before the read or the write (a hold does not move the position, so the run's other
 rows are recomputed without the late bar), and the store's error when the read or the write
-fails (the run's rows are written whole or not at all). Each row's ``latency_ms`` runs from its
-request's start to the write, waiting included. Stage metrics observe a run once.
+fails (the series' rows are written whole or not at all). Each row's ``latency_ms`` runs from its
+request's start to the write, waiting included. Stage metrics observe a group once.
 
 A request waits for the cycle in progress at most, so at concurrency 1 the cost is one task
-switch. A cancelled request (the server's hard stop) is skipped when its run is settled.
+switch. A cancelled request (the server's hard stop) is skipped when its group is settled.
 
 Usage::
 
@@ -35,6 +37,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -42,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .domain import SignalBatch, merge_batches
-from .engine import DEADLINE_FLAG
+from .engine import DEADLINE_FLAG, check_feature_keys
 from .errors import FeatureSpecMismatch
 from .timeutil import TS_DTYPE, interval_us
 
@@ -72,10 +75,10 @@ class BatchStats:
 
     requests: int = 0
     cycles: int = 0
-    runs: int = 0  # runs of two or more requests served together
-    together: int = 0  # requests served in those runs
+    groups: int = 0  # a series' requests served together (two or more)
+    together: int = 0  # requests served in those groups
     alone: int = 0  # requests served by Engine.predict_one
-    widest: int = 0  # the most requests in one run
+    widest: int = 0  # the most requests in one group
     by_size: dict[int, int] = field(default_factory=dict)
 
 
@@ -120,9 +123,11 @@ class BarBatcher:
             taken, self._pending = self._pending, []
             self.stats.cycles += 1
             try:
-                series: dict[tuple[int, str, str, str], list[BarRequest]] = {}
+                series: dict[tuple[str, int, str, str, str], list[BarRequest]] = {}
                 for request in taken:
-                    key = (id(request.prepared), request.symbol, request.interval, request.source)
+                    card = request.prepared.card
+                    key = (request.prepared.definition.signal_id, card.version, request.symbol,
+                           request.interval, request.source)
                     series.setdefault(key, []).append(request)
                 if len(series) == 1:
                     await self._series(taken)
@@ -135,7 +140,7 @@ class BarBatcher:
                     raise
 
     async def _series(self, requests: list[BarRequest]) -> None:
-        """One series' requests: the late ones alone, the others in runs of consecutive bars."""
+        """One series' requests: the late ones alone, the others together."""
         now = time.perf_counter()
         live: list[BarRequest] = []
         for request in requests:
@@ -143,33 +148,18 @@ class BarBatcher:
                 await self._alone(request)  # a hold row or deadline_exceeded, no read
             else:
                 live.append(request)
-        if not live:
-            return
-        live.sort(key=lambda r: r.ts)
-        step = np.timedelta64(interval_us(live[0].interval), "us")
-        run = [live[0]]
-        for request in live[1:]:
-            gap = request.ts - run[-1].ts
-            if gap == np.timedelta64(0, "us") or gap == step:
-                run.append(request)
-            else:
-                await self._serve(run)
-                run = [request]
-        await self._serve(run)
-
-    async def _serve(self, run: list[BarRequest]) -> None:
-        if len(run) == 1:
-            await self._alone(run[0])
-            return
-        try:
-            await self._together(run)
-        except FeatureSpecMismatch:
-            # a row of another spec in the run: which bar it is, each request's own answer says
-            for request in run:
-                await self._alone(request)
-        except Exception as exc:
-            for request in run:
-                _fail(request, exc)
+        if len(live) == 1:
+            await self._alone(live[0])
+        elif live:
+            try:
+                await self._together(live)
+            except FeatureSpecMismatch:
+                # a row of another spec among them: which bar it is, each request's answer says
+                for request in live:
+                    await self._alone(request)
+            except Exception as exc:  # the store's error is every request's answer
+                for request in live:
+                    _fail(request, exc)
 
     async def _alone(self, request: BarRequest) -> None:
         self.stats.alone += 1
@@ -185,64 +175,98 @@ class BarBatcher:
         else:
             _settle(request, row)
 
-    async def _together(self, run: list[BarRequest]) -> None:
-        engine = self.engine
-        first = run[0]
+    async def _together(self, requests: list[BarRequest]) -> None:
+        """One read, one position read, a predict per run of consecutive bars, one write.
+
+        Every run starts from the position the store holds before it, read before this cycle
+        writes anything. That is what sequential requests give when the runs come in
+        descending ts order (a run's rows never change the position before an earlier run), and
+        concurrent requests may be answered in any order; within a run the position is carried
+        in ts order, as one request after another would carry it through the store.
+        """
+        engine, store = self.engine, self.engine.store
+        first = requests[0]
         prepared, symbol, interval, source = first.prepared, first.symbol, first.interval, first.source
+        definition, card = prepared.definition, prepared.card
         stats = self.stats
-        stats.runs += 1
-        stats.together += len(run)
-        stats.widest = max(stats.widest, len(run))
-        stats.by_size[len(run)] = stats.by_size.get(len(run), 0) + 1
-        wanted = np.unique(np.array([r.ts for r in run], dtype=TS_DTYPE))
-        result = await engine.run_bars(prepared.definition.signal_id, symbol, interval, wanted,
-                                       source=source, prepared=prepared, write=False)
-        read, features = result.batch, result.features
-        row_of = {int(t): i for i, t in enumerate(read.ts.astype(np.int64))}
+        stats.groups += 1
+        stats.together += len(requests)
+        stats.widest = max(stats.widest, len(requests))
+        stats.by_size[len(requests)] = stats.by_size.get(len(requests), 0) + 1
+        observer = engine.observer
+        began = time.perf_counter()
+        wanted = np.unique(np.array([r.ts for r in requests], dtype=TS_DTYPE))
+        read = await store.read_features(symbol, interval, prepared.read_names, ts=wanted,
+                                         feature_key=definition.feature_key or prepared.spec_key)
+        features = read.batch
+        if observer is not None:
+            observer("feature_read", time.perf_counter() - began)
+        if prepared.spec_key is not None and len(features):
+            check_feature_keys(prepared, features.feature_keys)
+        ts = features.ts.astype(np.int64)
+        bounds = [0, *(np.flatnonzero(np.diff(ts) != interval_us(interval)) + 1).tolist(), len(ts)]
+        runs = list(itertools.pairwise(bounds)) if len(ts) else []
+        sides = np.zeros(len(runs), dtype=np.int8)
+        if runs:
+            began = time.perf_counter()
+            sides = await store.position_sides(definition.signal_id, card.version, symbol, interval,
+                                               features.ts[bounds[:-1]])
+            if observer is not None:
+                observer("position_read", time.perf_counter() - began)
+        row_of = {int(t): i for i, t in enumerate(ts)}
         by_row: dict[int, list[BarRequest]] = {}
         missing: list[BarRequest] = []
-        for request in run:
+        for request in requests:
             i = row_of.get(int(np.asarray(request.ts, dtype=TS_DTYPE).astype(np.int64)))
             if i is None:
                 missing.append(request)
             else:
                 by_row.setdefault(i, []).append(request)
+
+        def compute(skip: set[int]) -> tuple[list[SignalBatch], dict[int, tuple[SignalBatch, int]]]:
+            """Each run's rows but ``skip``, from the run's stored start position."""
+            parts: list[SignalBatch] = []
+            where: dict[int, tuple[SignalBatch, int]] = {}
+            for (a, b), side in zip(runs, sides.tolist(), strict=True):
+                rows = [i for i in range(a, b) if i not in skip]
+                if rows:
+                    out, _ = engine.compute(prepared, features.take(np.array(rows)), int(side), source)
+                    parts.append(out)
+                    where.update({i: (out, j) for j, i in enumerate(rows)})
+            return parts, where
+
+        parts, served = compute(set())
         now = time.perf_counter()
         # A bar is late when every request for it is. Its row becomes a hold, stored when one of
-        # them falls back to hold; a hold does not move the position, so the other bars are
-        # recomputed from the same start without it.
-        late = sorted(i for i, requests in by_row.items() if all(r.late(now) for r in requests))
-        batch = read
-        served: dict[int, tuple[SignalBatch, int]] = {i: (read, i) for i in by_row}
-        holds: SignalBatch | None = None
-        if late and features is not None:
-            keep = sorted(set(by_row) - set(late))
-            features = features.take(np.array(keep, dtype=np.int64))
-            batch, _ = engine.compute(prepared, features, result.start_side, source)
-            served = {i: (batch, j) for j, i in enumerate(keep)}
+        # them falls back to hold; a hold does not move the position, so the other bars of its
+        # run are recomputed without it.
+        late = sorted(i for i, waiting in by_row.items() if all(r.late(now) for r in waiting))
+        if late:
+            parts, served = compute(set(late))
             fallback = [i for i in late if any(r.fallback_to_hold for r in by_row[i])]
             if fallback:
-                holds = engine.hold_batch(prepared, symbol, interval, read.ts[fallback], source,
-                                          DEADLINE_FLAG, read.feature_keys[fallback])
+                holds = engine.hold_batch(prepared, symbol, interval, features.ts[fallback], source,
+                                          DEADLINE_FLAG, features.feature_keys[fallback])
+                parts.append(holds)
                 served.update({i: (holds, j) for j, i in enumerate(fallback)})
         stamp = time.perf_counter()  # latency: from a bar's first request to its write
         for i, (rows, j) in served.items():
             rows.latency_ms[j] = (stamp - min(r.started for r in by_row[i])) * 1000.0
-        parts = [rows for rows in (batch, holds) if rows is not None and len(rows)]
         if parts:
             await engine._write(parts[0] if len(parts) == 1 else merge_batches(parts))
         late_rows = set(late)
-        for i, requests in by_row.items():
-            for request in requests:
+        for i, waiting in by_row.items():
+            for request in waiting:
                 if i in late_rows and not (request.fallback_to_hold and i in served):
                     _fail(request, _deadline_exceeded(engine, request))
                 else:
                     rows, j = served[i]
                     _settle(request, rows.row(j))
-        if prepared.shadows and features is not None:
-            for j in range(len(batch)):
-                one = np.array([j])
-                await engine._shadow(prepared, features.take(one), batch.take(one), source, True)
+        if prepared.shadows:
+            for i, (rows, j) in served.items():
+                if i not in late_rows:
+                    await engine._shadow(prepared, features.take(np.array([i])), rows.take(np.array([j])),
+                                         source, True)
         for request in missing:
             if request.future.done():
                 continue

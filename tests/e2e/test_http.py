@@ -25,6 +25,7 @@ from sigserve.api.app import SigserveApp
 from sigserve.engine import DEADLINE_FLAG, Engine
 from sigserve.errors import ERROR_CODES
 from sigserve.features.compute import FEATURE_NAMES, WARMUP_BARS
+from sigserve.timeutil import format_ts
 from tests.e2e.http_world import (
     AUTH,
     BARS,
@@ -143,6 +144,30 @@ async def test_run_equals_the_backfill_row_bit_for_bit(home: Path, world: World)
             for field in ("action", "confidence", "raw_output", "entry_price", "stop_loss",
                           "take_profit", "recommended_size", "model_sha256", "feature_key"):
                 assert got[field] == stored[field], (i, field)
+
+
+async def test_concurrent_runs_are_served_together_and_equal_the_backfill(home: Path, world: World) -> None:
+    first, n = 250, 16
+    async with serving(settings_for(home, server_prepared_ttl_s=60.0)) as (app, client):
+        batcher = services_of(app).engine.bar_batcher
+        assert batcher is not None  # on by default (SIGSERVE_GROUP_BARS)
+        answers = await asyncio.gather(*(client.post("/inference/run", json=run_body(
+            world, i, source="historical_replay")) for i in range(first + n - 1, first - 1, -1)))
+        assert [r.status_code for r in answers] == [200] * n, [r.text for r in answers]
+        assert batcher.stats.together == n and batcher.stats.groups >= 1
+        served = {r.json()["ts"]: r.json() for r in answers}
+        stored = await history(app)
+        assert len(stored) == n
+        # the backfill of the same bars (positions carried through them) writes the same rows
+        r = await client.post("/inference/backfill", json={
+            "signal_id": SIGNAL, "symbol": BTC, "interval_name": INTERVAL,
+            "start": world.t(first), "end": world.t(first + n - 1)})
+        assert r.json()["rows_written"] == n
+        fields = ("action", "confidence", "raw_output", "entry_price", "stop_loss", "take_profit",
+                  "recommended_size", "model_version", "feature_key", "flags")
+        for row in await history(app):
+            got = served[format_ts(row["ts"])]
+            assert {f: got[f] for f in fields} == {f: row[f] for f in fields}
 
 
 @pytest.mark.parametrize("body, field", [

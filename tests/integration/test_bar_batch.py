@@ -7,6 +7,7 @@ run whose write failed. A reference signal on the same model, served one call at
 order without the batcher, gives the expected rows.
 """
 
+# ruff: noqa: F811  (``models``: test_engine's module-scoped fixture, imported and then requested)
 from __future__ import annotations
 
 import asyncio
@@ -33,7 +34,7 @@ from tests.integration.test_engine import (
     complete_rows,
     import_market,
     market,
-    models,  # noqa: F401 - the module-scoped fixture
+    models,  # noqa: F401
     stable,
 )
 
@@ -56,6 +57,7 @@ async def two_signals(services: Services, models: ModelFactory, symbols: tuple[s
         await import_market(services, symbol, market(symbol), rows)
     await add_signal(services, models, signal_id="ref")
     await add_signal(services, models, signal_id="bat")
+    await add_signal(services, models, signal_id="other")
     await services.engine.prepare("bat")  # the model load is no request's latency
 
 
@@ -75,6 +77,14 @@ async def sequential(services: Services, symbol: str, ts: list[np.datetime64], s
     return out
 
 
+async def by_runs(services: Services, symbol: str,
+                  runs: list[list[np.datetime64]]) -> list[dict[str, Any] | str]:
+    """The reference of concurrent runs: the runs (of consecutive bars, ascending) one request at
+    a time, the latest run first; the answers in the runs' order."""
+    answers = [await sequential(services, symbol, run) for run in runs[::-1]]
+    return [a for run in answers[::-1] for a in run]
+
+
 async def concurrent(services: Services, symbol: str, ts: list[np.datetime64],
                      **kwargs: Any) -> list[dict[str, Any] | str]:
     """Every call at once, through the batcher (an error is its code), in the order of ``ts``."""
@@ -90,7 +100,7 @@ async def concurrent(services: Services, symbol: str, ts: list[np.datetime64],
 def comparable(row: dict[str, Any] | str) -> dict[str, Any] | str:
     if isinstance(row, str):
         return row
-    out = {k: v for k, v in row.items() if k not in DROP + ("latency_ms",)}
+    out = {k: v for k, v in row.items() if k not in (*DROP, "latency_ms")}
     out["raw_output"] = [None if v != v else v for v in row["raw_output"]]
     return out
 
@@ -132,7 +142,7 @@ async def test_concurrent_bars_equal_sequential_ones_in_one_write(
     assert [comparable(by_ts[r["ts"]]) for r in expected if isinstance(r, dict)] == \
         [comparable(r) for r in expected]
     assert await stored(services, "bat") == await stored(services, "ref")
-    assert (batcher.stats.runs, batcher.stats.widest, writes) == (1, 64, [64])
+    assert (batcher.stats.groups, batcher.stats.widest, writes) == (1, 64, [64])
     assert all(r["latency_ms"] > 0 for r in by_ts.values())
 
     # the same bars again (replayed: positions from inside the history), twice each
@@ -147,13 +157,19 @@ async def test_runs_split_at_gaps_and_series_are_independent(
     services: Services, models: ModelFactory,
 ) -> None:
     await two_signals(services, models, symbols=(BTC, ETH))
-    btc = bars(BTC, FIRST, 10) + bars(BTC, FIRST + 40, 10)  # two runs: a stored bar may lie between
+    # two runs, with stored bars between them (the second starts from the position they left),
+    # and scattered bars (runs of one, each from its own stored position)
+    btc_runs = [bars(BTC, FIRST, 10), bars(BTC, FIRST + 40, 10), bars(BTC, FIRST + 55, 1),
+                bars(BTC, FIRST + 60, 1), bars(BTC, FIRST + 62, 2)]
+    btc = [t for run in btc_runs for t in run]
     eth = bars(ETH, FIRST + 5, 12)
-    # the bars between the two BTC runs are stored first, so the second run starts from them
-    for signal in ("ref", "bat"):
+    for signal in ("ref", "bat", "other"):
         await sequential(services, BTC, bars(BTC, FIRST + 10, 30), signal)
-    expected_btc = await sequential(services, BTC, btc)
+    expected_btc = await by_runs(services, BTC, btc_runs)
     expected_eth = await sequential(services, ETH, eth)
+    # the runs' start positions differ from an ascending replay's: the test tells them apart
+    ascending = await sequential(services, BTC, btc, "other")
+    assert [comparable(r) for r in ascending] != [comparable(r) for r in expected_btc]
 
     batcher = services.engine.bar_batcher = BarBatcher(services.engine)
 
@@ -164,7 +180,7 @@ async def test_runs_split_at_gaps_and_series_are_independent(
     got_btc, got_eth = await both()
     assert [comparable(r) for r in got_btc] == [comparable(r) for r in expected_btc]
     assert [comparable(r) for r in got_eth] == [comparable(r) for r in expected_eth]
-    assert batcher.stats.by_size == {10: 2, 12: 1}
+    assert batcher.stats.by_size == {24: 1, 12: 1}
     for symbol in (BTC, ETH):
         assert await stored(services, "bat", symbol) == await stored(services, "ref", symbol)
 
@@ -174,7 +190,7 @@ async def test_a_bar_without_features_is_refused_alone(services: Services, model
     hole = FIRST + 7
     await two_signals(services, models, rows=rows[rows != hole])
     ts = bars(BTC, FIRST, 16)
-    expected = await sequential(services, BTC, ts)
+    expected = await by_runs(services, BTC, [ts[:7], ts[7:8], ts[8:]])  # split at the hole
     assert expected[7] == "feature_value_missing"
     services.engine.bar_batcher = BarBatcher(services.engine)
     got = await concurrent(services, BTC, ts)
@@ -222,7 +238,7 @@ async def test_a_budget_that_runs_out_during_the_read(
             return exc.code
 
     got = await asyncio.gather(*(one(i) for i in range(len(ts))))
-    assert batcher.stats.runs >= 1
+    assert batcher.stats.groups >= 1
     for i, row in enumerate(got):
         if i not in late:
             assert isinstance(row, dict) and row["flags"] != DEADLINE_FLAG
