@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -85,8 +86,14 @@ class BatchStats:
 class BarBatcher:
     """Serves concurrent one-bar requests of an engine together (see the module's docstring)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, on_group: Callable[[int], None] | None = None,
+                 linger_s: float = 0.0005) -> None:
         self.engine = engine
+        self.on_group = on_group  # called with each group's size (a server's metrics)
+        # After a cycle of several requests, the next waits this long for more to join: the
+        # answers of one cycle come back as the next burst of requests a little later
+        self.linger_s = linger_s
+        self._last_cycle = 0
         self.stats = BatchStats()
         self._pending: list[BarRequest] = []
         self._runner: asyncio.Task[None] | None = None
@@ -120,7 +127,10 @@ class BarBatcher:
     # --- the cycle ------------------------------------------------------------------------
     async def _run(self) -> None:
         while self._pending:
+            if self._last_cycle > 1 and self.linger_s > 0:
+                await asyncio.sleep(self.linger_s)
             taken, self._pending = self._pending, []
+            self._last_cycle = len(taken)
             self.stats.cycles += 1
             try:
                 series: dict[tuple[str, int, str, str, str], list[BarRequest]] = {}
@@ -148,6 +158,8 @@ class BarBatcher:
                 await self._alone(request)  # a hold row or deadline_exceeded, no read
             else:
                 live.append(request)
+        if live and self.on_group is not None:
+            self.on_group(len(live))
         if len(live) == 1:
             await self._alone(live[0])
         elif live:

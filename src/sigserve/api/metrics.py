@@ -6,7 +6,9 @@
   row and the position before it, one statement on PostgreSQL; position_read: a separate position
   read, as a window's; predict, policy, write), fed by ``Engine.observer``;
 - ``sigserve_signals_total{action,endpoint}``: signals answered or written;
-- ``sigserve_errors_total{error_code}``: refusals by error code.
+- ``sigserve_errors_total{error_code}``: refusals by error code;
+- ``sigserve_bar_group_requests``: how many one-bar requests of a series were served together
+  (the bar batcher's groups; 1: alone), fed by ``BarBatcher.on_group``.
 
 Label children are cached, so an observation is a dict lookup and the histogram's own lock.
 """
@@ -38,6 +40,9 @@ class Metrics:
             ["action", "endpoint"], registry=self.registry)
         self.errors = Counter(
             "sigserve_errors", "Refusals, by error_code", ["error_code"], registry=self.registry)
+        self.bar_groups = Histogram(
+            "sigserve_bar_group_requests", "One-bar requests of a series served together",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
         self._request_children: dict[tuple[str, str, int], Any] = {}
         self._stage_children: dict[str, Any] = {s: self.stages.labels(s) for s in STAGES}
         self._signal_children: dict[tuple[str, str], Any] = {}

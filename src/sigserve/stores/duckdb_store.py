@@ -1028,29 +1028,38 @@ class DuckDBStore:
         key_params = {k: params[k] for k in ("sid", "ver", "sym", "itv")}
         key_params.update(lo=_ts_py(batch.ts.min()), hi=_ts_py(batch.ts.max()))
 
+        history = (batch.signal_id, int(batch.model_version), batch.symbol, batch.interval)
+        insert = ("INSERT INTO signal_history SELECT $sid, $ver, $sym, $itv, ts,"
+                  " $actions[action + 1], confidence, raw_output, entry_price, stop_loss,"
+                  f" take_profit, recommended_size, $name, $sha, {key_sql}, $src,"
+                  f" latency_ms, {flags_sql}, $shadow, $now FROM incoming_signals")
+        if n < _BULK_ROWS:
+            # Inline (a server's grouped bars): bars after everything stored are one INSERT, its
+            # own transaction, with no DELETE, BEGIN or COMMIT (~7 ms less for 16 rows measured)
+            with self._guard():
+                con = self._con
+                con.register("incoming_signals", table)
+                try:
+                    newest = None if history in self._chunks_writing else self._newest(con, history)
+                    if newest is not None and (newest[0] is None or batch.ts.min() > newest[0]):
+                        con.execute(insert, params)
+                    else:
+                        self._transaction(con, lambda: self._replace(con, insert, params, key_params, n))
+                finally:
+                    con.unregister("incoming_signals")
+                self._advance_newest(history, batch.ts.max())
+                self._remember_position(batch)
+                return n
+
         def work(con: Any) -> int:
             con.register("incoming_signals", table)
             try:
-                def txn() -> int:
-                    con.execute(
-                        "DELETE FROM signal_history WHERE signal_id=$sid AND model_version=$ver"
-                        " AND symbol=$sym AND interval=$itv AND ts BETWEEN $lo AND $hi"
-                        + ("" if n == 1 else " AND ts IN (SELECT ts FROM incoming_signals)"),
-                        key_params)
-                    con.execute(
-                        "INSERT INTO signal_history SELECT $sid, $ver, $sym, $itv, ts,"
-                        " $actions[action + 1], confidence, raw_output, entry_price, stop_loss,"
-                        f" take_profit, recommended_size, $name, $sha, {key_sql}, $src,"
-                        f" latency_ms, {flags_sql}, $shadow, $now FROM incoming_signals", params)
-                    return n
-
-                written = self._transaction(con, txn)
+                written = self._transaction(con, lambda: self._replace(con, insert, params, key_params, n))
                 self._remember_position(batch)
                 return written
             finally:
                 con.unregister("incoming_signals")
 
-        history = (batch.signal_id, int(batch.model_version), batch.symbol, batch.interval)
         self._chunks_writing[history] = self._chunks_writing.get(history, 0) + 1
         try:
             return await self._bulk(n, work)
@@ -1059,6 +1068,30 @@ class DuckDBStore:
             if left:
                 self._chunks_writing[history] = left
             self._newest_signal.pop(history, None)  # committed or not: the next one-row write reads it
+
+    @staticmethod
+    def _replace(con: Any, insert: str, params: dict[str, Any], key_params: dict[str, Any], n: int) -> int:
+        """The rows of ``incoming_signals`` replace those at their keys (inside a transaction)."""
+        con.execute(
+            "DELETE FROM signal_history WHERE signal_id=$sid AND model_version=$ver"
+            " AND symbol=$sym AND interval=$itv AND ts BETWEEN $lo AND $hi"
+            + ("" if n == 1 else " AND ts IN (SELECT ts FROM incoming_signals)"), key_params)
+        con.execute(insert, params)
+        return n
+
+    def _newest(self, con: Any, history: tuple[str, int, str, str]) -> tuple[np.datetime64 | None]:
+        """The newest stored ts of a history (cached: this process is the file's only writer)."""
+        if history not in self._newest_signal:
+            self._newest_signal[history] = _np_ts(_first(con.execute(
+                "SELECT max(ts) FROM signal_history WHERE signal_id=? AND model_version=? AND symbol=?"
+                " AND interval=?", list(history)).fetchall())[0])
+        return (self._newest_signal[history],)
+
+    def _advance_newest(self, history: tuple[str, int, str, str], at: np.datetime64) -> None:
+        if history in self._newest_signal:
+            newest = self._newest_signal[history]
+            if newest is None or at > newest:
+                self._newest_signal[history] = at
 
     _SIGNAL_INSERT = (
         "INSERT INTO signal_history (signal_id, model_version, symbol, interval, ts, action, confidence,"
@@ -1098,11 +1131,7 @@ class DuckDBStore:
         at = np.asarray(batch.ts[:1], dtype=TS_DTYPE)[0]
         append = False
         if history not in self._chunks_writing:
-            if history not in self._newest_signal:
-                self._newest_signal[history] = _np_ts(_first(con.execute(
-                    "SELECT max(ts) FROM signal_history WHERE signal_id=? AND model_version=? AND symbol=?"
-                    " AND interval=?", key[:4]).fetchall())[0])
-            newest = self._newest_signal[history]
+            newest = self._newest(con, history)[0]
             append = newest is None or at > newest
         if append:  # one statement: its own transaction (no BEGIN and COMMIT round trips)
             con.execute(self._SIGNAL_INSERT, row)
@@ -1122,10 +1151,7 @@ class DuckDBStore:
                     con.rollback()
                     raise
                 con.commit()
-        if history in self._newest_signal:
-            newest = self._newest_signal[history]
-            if newest is None or at > newest:
-                self._newest_signal[history] = at
+        self._advance_newest(history, at)
         self._remember_position(batch)
         return 1
 
