@@ -155,6 +155,9 @@ async def test_concurrent_runs_are_served_together_and_equal_the_backfill(home: 
             world, i, source="historical_replay")) for i in range(first + n - 1, first - 1, -1)))
         assert [r.status_code for r in answers] == [200] * n, [r.text for r in answers]
         assert batcher.stats.together == n and batcher.stats.groups >= 1
+        metrics = (await client.get("/metrics")).text
+        served_together = re.search(r"^sigserve_bar_group_requests_sum (\S+)$", metrics, re.M)
+        assert served_together is not None and float(served_together.group(1)) == n
         served = {r.json()["ts"]: r.json() for r in answers}
         stored = await history(app)
         assert len(stored) == n
