@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     group_bars: bool = Field(
         default=True, description="concurrent /inference/run requests are served together: one"
         " feature read, predict and upsert per run of consecutive bars (a group commit)")
+    group_linger_ms: float = Field(
+        default=0.5, ge=0, le=100, description="after a cycle of several grouped requests, the"
+        " next waits this long for more to join (0: no wait)")
     auth_token_label: str = Field(default="default", min_length=1, max_length=64,
                                   description="who the token is in audit rows (token:LABEL)")
     shadow_queue_size: int = Field(default=1024, gt=0, description="shadow jobs a server queues;"

@@ -173,6 +173,19 @@ async def test_concurrent_runs_are_served_together_and_equal_the_backfill(home: 
             assert {f: got[f] for f in fields} == {f: row[f] for f in fields}
 
 
+async def test_grouping_is_a_setting(home: Path, world: World) -> None:
+    async with serving(settings_for(home, group_bars=False)) as (app, client):
+        assert services_of(app).engine.bar_batcher is None
+        answers = await asyncio.gather(*(client.post("/inference/run", json=run_body(world, i))
+                                         for i in range(260, 264)))
+        assert [r.status_code for r in answers] == [200] * 4
+        assert "sigserve_bar_group_requests_count 0.0" in (await client.get("/metrics")).text
+    async with serving(settings_for(home, group_linger_ms=2.0)) as (app, _):
+        engine = services_of(app).engine
+        assert engine.bar_batcher is not None and engine.bar_batcher.linger_s == pytest.approx(0.002)
+    assert engine.bar_batcher is None  # stopped and detached on shutdown
+
+
 @pytest.mark.parametrize("body, field", [
     ({"symbol": BTC, "ts": "2024-01-05T00:00Z", "interval_name": INTERVAL}, "signal_id"),
     ({"signal_id": SIGNAL, "symbol": BTC, "ts": "yesterday", "interval_name": INTERVAL}, "ts"),

@@ -202,7 +202,8 @@ class SigserveApp:
                 from ..bar_batch import BarBatcher
 
                 batcher = services.engine.bar_batcher = BarBatcher(
-                    services.engine, on_group=self.metrics.bar_groups.observe)
+                    services.engine, on_group=self.metrics.bar_groups.observe,
+                    linger_s=settings.group_linger_ms / 1000.0)
             state.services = services
             warmed = await warm_up(state)
             services.engine.observer = self.metrics.observe_stage
