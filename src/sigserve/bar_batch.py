@@ -251,13 +251,16 @@ class BarBatcher:
 
         parts, served = compute(set())
         now = time.perf_counter()
-        # A bar is late when every request for it is. Its row becomes a hold, stored when one of
-        # them falls back to hold; a hold does not move the position, so the other bars of its
-        # run are recomputed without it.
-        late = sorted(i for i, waiting in by_row.items() if all(r.late(now) for r in waiting))
+        # A bar is late when every request for it is late or gone (the server's hard stop
+        # answered it 504: its row is not written, as a lone request's cancelled write is not).
+        # Its row becomes a hold, stored when a request still waiting falls back to hold; a hold
+        # does not move the position, so the other bars of its run are recomputed without it.
+        late = sorted(i for i, waiting in by_row.items()
+                      if all(r.late(now) or r.future.done() for r in waiting))
         if late:
             parts, served = compute(set(late))
-            fallback = [i for i in late if any(r.fallback_to_hold for r in by_row[i])]
+            fallback = [i for i in late
+                        if any(r.fallback_to_hold and not r.future.done() for r in by_row[i])]
             if fallback:
                 holds = engine.hold_batch(prepared, symbol, interval, features.ts[fallback], source,
                                           DEADLINE_FLAG, features.feature_keys[fallback])
