@@ -39,7 +39,6 @@ Usage::
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,10 +46,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .domain import SignalBatch, merge_batches
-from .engine import DEADLINE_FLAG, check_feature_keys
+from .domain import merge_batches
+from .engine import DEADLINE_FLAG
 from .errors import FeatureSpecMismatch
-from .timeutil import TS_DTYPE, interval_us
 
 if TYPE_CHECKING:
     from .engine import Engine, Prepared
@@ -78,11 +76,21 @@ class BatchStats:
 
     requests: int = 0
     cycles: int = 0
-    groups: int = 0  # a series' requests served together (two or more)
-    together: int = 0  # requests served in those groups
     alone: int = 0  # requests served by Engine.predict_one
-    widest: int = 0  # the most requests in one group
-    by_size: dict[int, int] = field(default_factory=dict)
+    by_size: dict[int, int] = field(default_factory=dict)  # groups of two or more, by size
+
+    @property
+    def groups(self) -> int:
+        return sum(self.by_size.values())
+
+    @property
+    def together(self) -> int:
+        """Requests served in groups."""
+        return sum(size * n for size, n in self.by_size.items())
+
+    @property
+    def widest(self) -> int:
+        return max(self.by_size, default=0)
 
 
 class BarBatcher:
@@ -193,75 +201,37 @@ class BarBatcher:
         """One read, one position read, a predict per run of consecutive bars, one write.
 
         Every run starts from the position the store holds before it, read before this cycle
-        writes anything. That is what sequential requests give when the runs come in
-        descending ts order (a run's rows never change the position before an earlier run), and
-        concurrent requests may be answered in any order; within a run the position is carried
-        in ts order, as one request after another would carry it through the store.
+        writes anything (``Engine.read_runs``). That is what sequential requests give when the
+        runs come in descending ts order (a run's rows never change the position before an
+        earlier run), and concurrent requests may be answered in any order; within a run the
+        position is carried in ts order, as one request after another carries it through the store.
         """
-        engine, store = self.engine, self.engine.store
+        engine = self.engine
         first = requests[0]
         prepared, symbol, interval, source = first.prepared, first.symbol, first.interval, first.source
-        definition, card = prepared.definition, prepared.card
-        stats = self.stats
-        stats.groups += 1
-        stats.together += len(requests)
-        stats.widest = max(stats.widest, len(requests))
-        stats.by_size[len(requests)] = stats.by_size.get(len(requests), 0) + 1
-        observer = engine.observer
-        began = time.perf_counter()
-        wanted = np.unique(np.array([r.ts for r in requests], dtype=TS_DTYPE))
-        read = await store.read_features(symbol, interval, prepared.read_names, ts=wanted,
-                                         feature_key=definition.feature_key or prepared.spec_key)
-        features = read.batch
-        if observer is not None:
-            observer("feature_read", time.perf_counter() - began)
-        if prepared.spec_key is not None and len(features):
-            check_feature_keys(prepared, features.feature_keys)
-        ts = features.ts.astype(np.int64)
-        bounds = [0, *(np.flatnonzero(np.diff(ts) != interval_us(interval)) + 1).tolist(), len(ts)]
-        runs = list(itertools.pairwise(bounds)) if len(ts) else []
-        sides = np.zeros(len(runs), dtype=np.int8)
-        if runs:
-            began = time.perf_counter()
-            sides = await store.position_sides(definition.signal_id, card.version, symbol, interval,
-                                               features.ts[bounds[:-1]])
-            if observer is not None:
-                observer("position_read", time.perf_counter() - began)
-        row_of = {int(t): i for i, t in enumerate(ts)}
+        self.stats.by_size[len(requests)] = self.stats.by_size.get(len(requests), 0) + 1
+        runs = await engine.read_runs(prepared, symbol, interval, np.array([r.ts for r in requests]))
         by_row: dict[int, list[BarRequest]] = {}
         missing: list[BarRequest] = []
         for request in requests:
-            i = row_of.get(int(np.asarray(request.ts, dtype=TS_DTYPE).astype(np.int64)))
+            i = runs.row_of(request.ts)
             if i is None:
                 missing.append(request)
             else:
                 by_row.setdefault(i, []).append(request)
-
-        def compute(skip: set[int]) -> tuple[list[SignalBatch], dict[int, tuple[SignalBatch, int]]]:
-            """Each run's rows but ``skip``, from the run's stored start position."""
-            parts: list[SignalBatch] = []
-            where: dict[int, tuple[SignalBatch, int]] = {}
-            for (a, b), side in zip(runs, sides.tolist(), strict=True):
-                rows = [i for i in range(a, b) if i not in skip]
-                if rows:
-                    out, _ = engine.compute(prepared, features.take(np.array(rows)), int(side), source)
-                    parts.append(out)
-                    where.update({i: (out, j) for j, i in enumerate(rows)})
-            return parts, where
-
-        parts, served = compute(set())
+        parts, served = engine.compute_runs(prepared, runs, source)
         now = time.perf_counter()
         # A bar is late when every request for it is late or gone (the server's hard stop
         # answered it 504: its row is not written, as a lone request's cancelled write is not).
         # Its row becomes a hold, stored when a request still waiting falls back to hold; a hold
         # does not move the position, so the other bars of its run are recomputed without it.
-        late = sorted(i for i, waiting in by_row.items()
-                      if all(r.late(now) or r.future.done() for r in waiting))
+        late = {i for i, waiting in by_row.items() if all(r.late(now) or r.future.done() for r in waiting)}
         if late:
-            parts, served = compute(set(late))
-            fallback = [i for i in late
-                        if any(r.fallback_to_hold and not r.future.done() for r in by_row[i])]
+            parts, served = engine.compute_runs(prepared, runs, source, skip=late)
+            fallback = sorted(i for i in late
+                              if any(r.fallback_to_hold and not r.future.done() for r in by_row[i]))
             if fallback:
+                features = runs.features
                 holds = engine.hold_batch(prepared, symbol, interval, features.ts[fallback], source,
                                           DEADLINE_FLAG, features.feature_keys[fallback])
                 parts.append(holds)
@@ -271,19 +241,19 @@ class BarBatcher:
             rows.latency_ms[j] = (stamp - min(r.started for r in by_row[i])) * 1000.0
         if parts:
             await engine._write(parts[0] if len(parts) == 1 else merge_batches(parts))
-        late_rows = set(late)
         for i, waiting in by_row.items():
             for request in waiting:
-                if i in late_rows and not (request.fallback_to_hold and i in served):
-                    _fail(request, _deadline_exceeded(engine, request))
+                if i in late and not (request.fallback_to_hold and i in served):
+                    deadline = request.deadline if request.deadline is not None else now
+                    _fail(request, engine.deadline_error(prepared, deadline, "the write"))
                 else:
                     rows, j = served[i]
                     _settle(request, rows.row(j))
         if prepared.shadows:
             for i, (rows, j) in served.items():
-                if i not in late_rows:
-                    await engine._shadow(prepared, features.take(np.array([i])), rows.take(np.array([j])),
-                                         source, True)
+                if i not in late:
+                    await engine._shadow(prepared, runs.features.take(np.array([i])),
+                                         rows.take(np.array([j])), source, True)
         for request in missing:
             if request.future.done():
                 continue
@@ -291,17 +261,6 @@ class BarBatcher:
                 await engine.refuse_missing(prepared, symbol, interval, request.ts)
             except Exception as exc:
                 _fail(request, exc)
-
-
-def _deadline_exceeded(engine: Engine, request: BarRequest) -> Exception:
-    try:
-        engine._late(request.prepared, request.symbol, request.interval,
-                     np.array([request.ts], dtype=TS_DTYPE), request.source,
-                     request.deadline if request.deadline is not None else time.perf_counter(),
-                     False, "the write")
-    except Exception as exc:
-        return exc
-    raise AssertionError("Engine._late refuses without fallback_to_hold")
 
 
 def _settle(request: BarRequest, row: dict[str, Any]) -> None:

@@ -24,11 +24,12 @@ flagged ``deadline_fallback_hold`` instead of the late signal.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import operator
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -58,7 +59,7 @@ from .runtimes.base import Runtime
 from .signals.policy import PolicyPlan, resolve_one, resolve_positions
 from .singleflight import SingleFlight
 from .stores.base import Store
-from .timeutil import TS_DTYPE, format_ts, validate_interval
+from .timeutil import TS_DTYPE, format_ts, interval_us, validate_interval
 
 if TYPE_CHECKING:
     from .features.spec import FeatureSpec
@@ -198,7 +199,21 @@ class RunResult:
     end_side: int
     extra: tuple[SignalBatch, ...] = ()  # a rollout's other routed version's rows (backfill)
     features: FeatureBatch | None = None
-    start_side: int = FLAT  # the position before the first row (what compute started from)
+
+
+@dataclass(frozen=True)
+class BarRuns:
+    """Feature rows of some bars of one series, split into runs of consecutive bars, and the
+    stored position before each run (see :meth:`Engine.read_runs`)."""
+
+    features: FeatureBatch
+    bounds: tuple[tuple[int, int], ...]  # each run's rows: features[a:b]
+    sides: tuple[int, ...]  # the stored position before each run
+
+    def row_of(self, ts: np.datetime64) -> int | None:
+        """The row of bar ``ts``, None when it has no feature row."""
+        i = int(np.searchsorted(self.features.ts, np.asarray(ts, dtype=TS_DTYPE)))
+        return i if i < len(self.features) and self.features.ts[i] == ts else None
 
 
 class Engine:
@@ -489,6 +504,49 @@ class Engine:
         skipped = int(wanted.size - len(read.batch))
         return await self._finish(prepared, read.batch, skipped, start_side, source, write)
 
+    async def read_runs(self, prepared: Prepared, symbol: str, interval: str, ts: np.ndarray) -> BarRuns:
+        """The feature rows at ``ts`` (one read), split into runs of consecutive bars, and the
+        stored position before each run (one read): what :meth:`compute_runs` predicts.
+
+        Unlike :meth:`run_bars`, which carries the position through every listed bar, each run
+        starts from the store, so bars far apart do not skip the signals stored between them.
+        """
+        observer = self.observer
+        began = time.perf_counter()
+        read = await self.store.read_features(
+            symbol, interval, prepared.read_names, ts=np.unique(np.asarray(ts, dtype=TS_DTYPE)),
+            feature_key=prepared.definition.feature_key or prepared.spec_key)
+        features = read.batch
+        if observer is not None:
+            observer("feature_read", time.perf_counter() - began)
+        if prepared.spec_key is not None and len(features):
+            check_feature_keys(prepared, features.feature_keys)
+        if not len(features):
+            return BarRuns(features, (), ())
+        breaks = np.flatnonzero(np.diff(features.ts.astype(np.int64)) != interval_us(interval)) + 1
+        starts = [0, *breaks.tolist()]
+        began = time.perf_counter()
+        sides = await self.store.position_sides(prepared.definition.signal_id, prepared.card.version,
+                                                symbol, interval, features.ts[starts])
+        if observer is not None:
+            observer("position_read", time.perf_counter() - began)
+        bounds = tuple(itertools.pairwise([*starts, len(features)]))
+        return BarRuns(features, bounds, tuple(int(side) for side in sides))
+
+    def compute_runs(self, prepared: Prepared, runs: BarRuns, source: str, skip: Collection[int] = (),
+                     ) -> tuple[list[SignalBatch], dict[int, tuple[SignalBatch, int]]]:
+        """Each run's rows but ``skip`` (rows of ``runs.features``), the position carried through
+        the run from its stored start: one batch per run, and where each row's signal is."""
+        parts: list[SignalBatch] = []
+        where: dict[int, tuple[SignalBatch, int]] = {}
+        for (a, b), side in zip(runs.bounds, runs.sides, strict=True):
+            rows = [i for i in range(a, b) if i not in skip]
+            if rows:
+                out, _ = self.compute(prepared, runs.features.take(np.array(rows)), side, source)
+                parts.append(out)
+                where.update({i: (out, j) for j, i in enumerate(rows)})
+        return parts, where
+
     async def _position_before(self, prepared: Prepared, symbol: str, interval: str,
                                ts: np.ndarray) -> int:
         """The position (side) before ``ts[0]``, from the stored signals."""
@@ -520,7 +578,7 @@ class Engine:
         else:
             batch, end_side = self.compute(prepared, features, start_side, src)
         written = await self._write(batch) if write else 0
-        return RunResult(batch, written, skipped, end_side, features=features, start_side=start_side)
+        return RunResult(batch, written, skipped, end_side, features=features)
 
     async def _write(self, batch: SignalBatch) -> int:
         observer = self.observer
@@ -692,10 +750,15 @@ class Engine:
     def _late(self, prepared: Prepared, symbol: str, interval: str, ts: np.ndarray, source: str,
               deadline: float, fallback_to_hold: bool, before: str,
               feature_keys: np.ndarray | None = None) -> SignalBatch:
-        late_ms = round((time.perf_counter() - deadline) * 1000.0, 3)
         if not fallback_to_hold:
-            raise DeadlineExceeded(
-                f"the request's latency budget ran out before {before} (late by {late_ms} ms)",
-                details={"late_by_ms": late_ms, "before": before,
-                         "signal_id": prepared.definition.signal_id})
+            raise self.deadline_error(prepared, deadline, before)
         return self.hold_batch(prepared, symbol, interval, ts, source, DEADLINE_FLAG, feature_keys)
+
+    @staticmethod
+    def deadline_error(prepared: Prepared, deadline: float, before: str) -> DeadlineExceeded:
+        """``deadline_exceeded``: the budget ended at ``deadline``, before ``before``."""
+        late_ms = round((time.perf_counter() - deadline) * 1000.0, 3)
+        return DeadlineExceeded(
+            f"the request's latency budget ran out before {before} (late by {late_ms} ms)",
+            details={"late_by_ms": late_ms, "before": before,
+                     "signal_id": prepared.definition.signal_id})

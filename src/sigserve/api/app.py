@@ -211,7 +211,7 @@ class SigserveApp:
             # full passes (measured: a full pass over it paused a request for ~60 ms).
             gc.freeze()
             others = asyncio.get_running_loop().create_task(
-                warm_other_signals(state, skip=warmed), name="warm other signals")
+                warm_in_background(state, skip=warmed), name="warm other signals")
             try:
                 yield self
             finally:
@@ -293,6 +293,12 @@ async def warm_up(state: ServerState) -> str | None:
     return signal_id
 
 
+async def warm_in_background(state: ServerState, *, skip: str | None) -> None:
+    """After startup: the other active signals, then Arrow for grouped bars."""
+    await warm_other_signals(state, skip=skip)
+    await import_arrow_for_groups(state)
+
+
 async def warm_other_signals(state: ServerState, *, skip: str | None) -> int:
     """After startup, in the background: resolve the other active signals and load their models
     (as many as the model cache keeps, in the store's order); how many were warmed.
@@ -326,11 +332,15 @@ async def warm_other_signals(state: ServerState, *, skip: str | None) -> int:
             log.exception("warming signal %r up failed", definition.signal_id)
             continue
         warmed += 1
+    return warmed
+
+
+async def import_arrow_for_groups(state: ServerState) -> None:
+    """A group of bars reads and writes DuckDB through Arrow: import it after startup, in a gap
+    between requests, not in the first group (measured: a 0.5 s answer) nor at startup (the cold
+    start's budget)."""
     from ..stores import DuckDBStore
 
-    if engine.bar_batcher is not None and isinstance(state.svc.store, DuckDBStore):
-        # A group of bars reads and writes DuckDB through Arrow: import it now, in a gap, not in
-        # the first group (measured: a 0.5 s answer); not at startup (the cold start's budget)
+    if state.engine.bar_batcher is not None and isinstance(state.svc.store, DuckDBStore):
         await state.requests.idle(1.0)
         await asyncio.to_thread(importlib.import_module, "pyarrow")
-    return warmed
