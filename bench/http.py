@@ -42,7 +42,9 @@ replaced); *new bars* sends every bar in time order, each load (warm-up, each pa
 its own made for the run and without history, as a trading engine asks for each new bar once.
 
 Output: a table and the ratios of each sigserve row against the faster peer at the same concurrency,
-and JSON in bench/results/http-<timestamp>.json.
+and JSON in bench/results/http-<timestamp>.json. Under each sigserve row, the mean milliseconds of
+each engine stage (feature_read, position_read, predict, policy, write) over its passes, from the
+server's ``sigserve_stage_duration_seconds`` before and after each pass: where a request's time went.
 """
 
 from __future__ import annotations
@@ -146,6 +148,8 @@ class Row:
     errors: int
     cold_start_s: float | None
     note: str = ""
+    # sigserve only: mean ms per engine stage over the measured passes (from /metrics), by stage
+    stages_ms: dict[str, float] | None = None
 
 
 @dataclass
@@ -615,6 +619,38 @@ def start_server(spec: ServerSpec, args: argparse.Namespace, work: Path, server_
 
 
 ERROR_CODE = re.compile(rb"-> ([a-z_]+):")
+STAGE_SAMPLE = re.compile(r'^sigserve_stage_duration_seconds_(sum|count)\{stage="([a-z_]+)"\} (\S+)$', re.M)
+
+
+def stage_totals(port: int) -> dict[str, list[float]] | None:
+    """sigserve's ``sigserve_stage_duration_seconds`` as {stage: [sum_s, count]}; None for a peer."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5.0)
+    try:
+        conn.request("GET", "/metrics", headers=json_headers(True))
+        response = conn.getresponse()
+        text = response.read().decode(errors="replace")
+    except OSError:
+        return None
+    finally:
+        conn.close()
+    if response.status != 200:
+        return None
+    totals: dict[str, list[float]] = {}
+    for kind, stage, value in STAGE_SAMPLE.findall(text):
+        totals.setdefault(stage, [0.0, 0.0])[0 if kind == "sum" else 1] = float(value)
+    return totals
+
+
+def stage_means(before: dict[str, list[float]] | None, after: dict[str, list[float]] | None,
+                acc: dict[str, list[float]]) -> None:
+    """Add one pass's per-stage (seconds, observations) to ``acc``."""
+    if before is None or after is None:
+        return
+    for stage, (total, count) in after.items():
+        was = before.get(stage, [0.0, 0.0])
+        slot = acc.setdefault(stage, [0.0, 0.0])
+        slot[0] += total - was[0]
+        slot[1] += count - was[1]
 
 
 def log_error_codes(log: Path, since: int) -> dict[str, int]:
@@ -645,14 +681,19 @@ def measure(lives: list[Live], args: argparse.Namespace, load: LoadFn, client_cp
             load(live.spec.port, target, max(args.concurrency), args.warmup, client_cpu, script)
     parts: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(cells))}
     codes: dict[int, Counter[str]] = {i: Counter() for i in range(len(cells))}
+    stages: dict[int, dict[str, list[float]]] = {i: {} for i in range(len(cells))}
+    sigserve = {live.spec.name for live in lives if live.spec.name.startswith("sigserve")}
     for round_no in range(args.rounds):
         if args.rounds > 1:
             print(f"  round {round_no + 1}/{args.rounds}", flush=True)
         for i, (live, target, script, c) in enumerate(cells):
             since = live.log.stat().st_size
             target, script = next_load(target, script)
+            before = stage_totals(live.spec.port) if live.spec.name in sigserve else None
             parts[i].append(load(live.spec.port, target, c, args.seconds / args.rounds, client_cpu, script))
             codes[i].update(log_error_codes(live.log, since))
+            if before is not None:
+                stage_means(before, stage_totals(live.spec.port), stages[i])
     rows = []
     for i, (live, target, _script, c) in enumerate(cells):
         results = parts[i]
@@ -667,9 +708,14 @@ def measure(lives: list[Live], args: argparse.Namespace, load: LoadFn, client_cp
         row = Row(live.spec.name, target.endpoint, c, median("p50_ms"), median("p90_ms"), median("p99_ms"),
                   max((r["max_ms"] for r in results if r["max_ms"] is not None), default=None),
                   requests / duration if duration else 0.0, requests, sum(r["errors"] for r in results),
-                  live.cold_start_s, note.strip("; "))
+                  live.cold_start_s, note.strip("; "),
+                  {stage: round(total / count * 1000.0, 3) for stage, (total, count) in stages[i].items()
+                   if count > 0} or None)
         rows.append(row)
         print(f"  {fmt_row(row)}", flush=True)
+        if row.stages_ms:
+            print("    mean ms per stage observation: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in row.stages_ms.items()), flush=True)
         if row.errors:
             print(f"    ({row.note})", flush=True)
     return rows

@@ -9,9 +9,13 @@ Design notes (measured on the 2-core dev machine, see bench/):
 - Bulk reads and writes go through Arrow (zero copy for numeric columns), and run in a worker
   thread on a cursor of their own so that an event loop stays free. pyarrow is imported there,
   on first use: it is not on a server's startup path.
-- The live path (one bar: ``_read_one``, ``_write_one``, the cached position) uses parameterised
-  statements and ``fetchall``, no Arrow (a first Arrow timestamp conversion imports pandas,
-  ~0.3 s of a cold start). A one-row write after the newest bar of its history is one INSERT,
+- The live path (one bar: the bar cache's block read, ``_write_one``, the cached position) uses
+  parameterised statements and ``fetchall``/``fetchnumpy``, no Arrow (a first Arrow timestamp
+  conversion imports pandas, ~0.3 s of a cold start). Reads of one bar or a few (up to 8 blocks)
+  go through :class:`.bar_cache.BarCache`: a bar not in memory is read with its block of 256
+  bars (two statements, about the cost of the two point reads of one bar), kept until a write
+  of that series' features or candles; the next bars of a replay are answered from memory. A
+  one-row write after the newest bar of its history is one INSERT,
   inside history one UPDATE of the row at its key (or one INSERT where there is none), each
   its own transaction.
 - DuckDB runs one thread between bulk statements and its default pool during them
@@ -68,6 +72,7 @@ from ..domain import (
 from ..errors import InternalError, SigserveError, StoreUnavailable, ValidationError
 from ..timeutil import TS_DTYPE, interval_us
 from ._common import check_signals as _check_signals
+from .bar_cache import BarCache, Block
 from .base import Candles, FeatureRead
 
 if TYPE_CHECKING:
@@ -266,6 +271,8 @@ class DuckDBStore:
         self._positions: dict[tuple[str, int, str, str],
                               tuple[np.datetime64, int, np.datetime64]] = {}
         self._coverage: dict[tuple[str, str], list[tuple[str, np.datetime64, np.datetime64]]] = {}
+        # feature rows and closes of recently read bars: this process is the file's only writer
+        self._bars = BarCache()
         # newest ts of any signal row (shadows too) per (signal_id, model_version, symbol,
         # interval), and the chunks of a history being written: see _write_one
         self._newest_signal: dict[tuple[str, int, str, str], np.datetime64 | None] = {}
@@ -658,13 +665,15 @@ class DuckDBStore:
             finally:
                 con.unregister("incoming_features")
 
+        written = set(np.asarray(symbols, dtype=object).tolist())
         try:
-            result = await self._bulk(n, work)
+            with self._bars.writing(written, interval):
+                result = await self._bulk(n, work)
         except ValidationError:
             self._feature_sets.pop(feature_key, None)
             raise
         finally:
-            for symbol in set(np.asarray(symbols, dtype=object).tolist()):
+            for symbol in written:
                 self._coverage.pop((symbol, interval), None)
         return result
 
@@ -674,9 +683,18 @@ class DuckDBStore:
                             feature_key: str | None = None) -> FeatureRead:
         if ts is not None:
             wanted = np.unique(np.asarray(ts, dtype=TS_DTYPE))
-            if wanted.size == 1:  # the live path: one bar, plain parameters, no Arrow
-                with self._guard():
-                    return self._read_one(self._con, symbol, interval, names, wanted[0], feature_key)
+            if wanted.size == 0:
+                k = len(names)
+                return FeatureRead(FeatureBatch(symbol, interval, wanted, np.empty((0, k)), names,
+                                                np.empty(0, dtype=object), np.empty(0)), 0, 0)
+            with self._guard():  # the live path and small sets of bars: blocks kept in memory
+                con = self._con
+                cached = self._bars.read(
+                    symbol, interval, names, wanted, feature_key,
+                    lambda first, end: self._load_block(con, symbol, interval, first, end),
+                    lambda key: self._names_of(con, key))
+            if cached is not None:
+                return cached
         import pyarrow as pa  # bulk reads go through Arrow
 
         params: dict[str, Any] = {"symbol": symbol, "interval": interval}
@@ -726,40 +744,25 @@ class DuckDBStore:
 
         return await self._bulk(rows_hint, work)
 
-    def _read_one(self, con: Any, symbol: str, interval: str, names: tuple[str, ...],
-                  ts: np.datetime64, feature_key: str | None) -> FeatureRead:
-        """One bar's feature row and candle close: :meth:`_assemble`'s answer for one ts, read
-        with two parameterised point queries and ``fetchall`` (no Arrow: a live server never
-        imports pyarrow or pandas for it). With no pinned key the newest ``created_at`` wins,
-        as the window read's QUALIFY does; a row without every name counts as incomplete."""
-        k = len(names)
-        at = _ts_py(ts)
-        if feature_key is not None:
-            row = _first(con.execute(
-                "SELECT feature_key, vals FROM feature_values WHERE symbol=? AND interval=? AND ts=?"
-                " AND feature_key=?", [symbol, interval, at, feature_key]).fetchall())
-        else:  # all rows at ts (one, unless several computations cover it): the newest wins
-            rows = con.execute(
-                "SELECT feature_key, vals, created_at FROM feature_values WHERE symbol=? AND interval=?"
-                " AND ts=?", [symbol, interval, at]).fetchall()
-            row = max(rows, key=lambda r: (r[2], r[0])) if rows else None
-        candle = con.execute("SELECT close FROM candles WHERE symbol=? AND interval=? AND ts=?",
-                             [symbol, interval, at]).fetchall()
-        empty = FeatureBatch(symbol, interval, np.empty(0, TS_DTYPE), np.empty((0, k)), names,
-                             np.empty(0, dtype=object), np.empty(0))
-        if row is None:
-            return FeatureRead(empty, 0, len(candle))
-        key, vals = row[0], row[1]
-        position = {name: i for i, name in enumerate(self._names_of(con, key) or ())}
-        if any(name not in position for name in names):
-            return FeatureRead(empty, 1, 0)
-        stored = np.asarray(vals, dtype=np.float64)
-        values = stored[[position[name] for name in names]].reshape(1, k)
-        close = candle[0][0] if candle else None
-        batch = FeatureBatch(symbol, interval, np.array([ts], dtype=TS_DTYPE), values, names,
-                             np.array([key], dtype=object),
-                             np.array([np.nan if close is None else close], dtype=np.float64))
-        return FeatureRead(batch, 0, 0)
+    @staticmethod
+    def _load_block(con: Any, symbol: str, interval: str, first: np.datetime64,
+                    end: np.datetime64) -> Block:
+        """The feature rows and closes of ``[first, end)``: two parameterised statements read
+        with ``fetchnumpy`` (no Arrow: a live server never imports pyarrow or pandas for it).
+        Each row comes out as its width, then its values, so rows of any width share one
+        column."""
+        params = [symbol, interval, _ts_py(first), _ts_py(end)]
+        rows = con.execute(
+            "SELECT ts, feature_key, created_at, unnest(list_prepend(len(vals)::DOUBLE, vals)) AS v"
+            " FROM (SELECT ts, feature_key, created_at, vals FROM feature_values WHERE symbol=?"
+            " AND interval=? AND ts>=? AND ts<? ORDER BY ts, feature_key)", params).fetchnumpy()
+        candles = con.execute(
+            "SELECT ts, close FROM candles WHERE symbol=? AND interval=? AND ts>=? AND ts<? ORDER BY ts",
+            params).fetchnumpy()
+        return Block.from_unnested(
+            rows["ts"], rows["feature_key"], rows["created_at"],
+            np.ma.filled(np.ma.asarray(rows["v"], dtype=np.float64), np.nan),
+            candles["ts"], np.ma.filled(np.ma.asarray(candles["close"], dtype=np.float64), np.nan))
 
     def _keys_overlap(self, con: Any, symbol: str, interval: str, start: np.datetime64 | None,
                       end: np.datetime64 | None, ts: np.ndarray | None) -> int:
@@ -902,7 +905,8 @@ class DuckDBStore:
             finally:
                 con.unregister("incoming_candles")
 
-        return await self._bulk(n, work)
+        with self._bars.writing((symbol,), interval):
+            return await self._bulk(n, work)
 
     async def read_candles(self, symbol: str, interval: str, start: np.datetime64 | None = None,
                            end: np.datetime64 | None = None) -> Candles:
