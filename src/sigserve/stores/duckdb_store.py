@@ -26,10 +26,13 @@ Design notes (measured on the 2-core dev machine, see bench/):
   its commit (WAL record plus an fdatasync of ~0.2 ms), ~3.3 ms for the UPDATE of one row, against
   ~4 ms for BEGIN + DELETE + INSERT + COMMIT and ~7.5 ms for INSERT ... ON CONFLICT on an ART
   primary key. SQL PREPARE/EXECUTE, appenders, MERGE INTO, disabled optimizers and a smaller
-  checkpoint_threshold measured no cheaper (the last: more frequent ~25 ms checkpoints). One bar
-  (two point reads, a position read inside history, the upsert) is ~5 ms live and ~7-8 ms
-  inside history in process: the 5 ms p99 target of issue 3 is not within DuckDB's reach on this
-  machine class. Serve low-latency from PostgreSQL.
+  checkpoint_threshold measured no cheaper (the last: more frequent ~25 ms checkpoints). One live
+  bar is now mostly its INSERT: the feature row comes from the bar cache, the position from
+  ``_positions``. That INSERT with its commit measured p50 3.2 / p99 6.9 ms on VM-G (a bare
+  one-row INSERT into a 9-column table: 2.9 / 7.4 ms on the file, 1.0 / 1.7 ms in memory; the
+  commit's fdatasync alone 0.5 / 1.6 ms): the 5 ms p99 target of issue 3 is not within DuckDB's
+  reach on this machine class while each answer waits for its row to be durable. Serve
+  low-latency from PostgreSQL.
 - The first statement after a commit costs about twice what it does otherwise (a point SELECT
   0.6 ms alone, 1.25-1.55 ms right after a one-row INSERT; even an empty BEGIN/COMMIT makes it
   1.07 ms; measured on VM-D with DuckDB 2.0.1), and the cost is per scan, not per statement: the
