@@ -228,6 +228,14 @@ def _np_ts(value: Any) -> np.datetime64 | None:
     return np.datetime64(value, "us")
 
 
+def _nan_for_null(column: Any) -> np.ndarray:
+    """A ``fetchnumpy`` float column with NULL as NaN. DuckDB answers a masked array only when
+    the column holds NULLs; ``numpy.ma`` is not imported otherwise (11 ms of a cold start)."""
+    if hasattr(column, "mask"):
+        return np.asarray(column.astype(np.float64).filled(np.nan))
+    return np.asarray(column, dtype=np.float64)
+
+
 def _ts_column(table: pa.Table, name: str) -> np.ndarray:
     import pyarrow as pa
 
@@ -762,10 +770,8 @@ class DuckDBStore:
         candles = con.execute(
             "SELECT ts, close FROM candles WHERE symbol=? AND interval=? AND ts>=? AND ts<? ORDER BY ts",
             params).fetchnumpy()
-        return Block.from_unnested(
-            rows["ts"], rows["feature_key"], rows["created_at"],
-            np.ma.filled(np.ma.asarray(rows["v"], dtype=np.float64), np.nan),
-            candles["ts"], np.ma.filled(np.ma.asarray(candles["close"], dtype=np.float64), np.nan))
+        return Block.from_unnested(rows["ts"], rows["feature_key"], rows["created_at"],
+                                   _nan_for_null(rows["v"]), candles["ts"], _nan_for_null(candles["close"]))
 
     def _keys_overlap(self, con: Any, symbol: str, interval: str, start: np.datetime64 | None,
                       end: np.datetime64 | None, ts: np.ndarray | None) -> int:
