@@ -29,7 +29,7 @@ import numpy as np
 from .domain import Source
 from .engine import Engine
 from .errors import BackfillWindowTooLarge, ValidationError
-from .timeutil import TS_DTYPE, check_window, format_ts, interval_us
+from .timeutil import check_window, format_ts, interval_us, unique_ts
 
 MODES = ("window", "last", "ts-list")
 
@@ -96,7 +96,7 @@ async def run_backfill(engine: Engine, request: BackfillRequest, *, max_rows: in
     if request.mode == "ts-list":
         if not request.ts:
             raise ValidationError("ts-list mode needs at least one --ts")
-        wanted = np.unique(np.asarray(request.ts, dtype=TS_DTYPE))
+        wanted = unique_ts(request.ts)
         if wanted.size > max_rows:
             raise _too_large(wanted.size, max_rows)
         report.start, report.end = wanted[0], wanted[-1]

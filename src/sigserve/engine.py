@@ -59,7 +59,7 @@ from .runtimes.base import Runtime
 from .signals.policy import PolicyPlan, resolve_one, resolve_positions
 from .singleflight import SingleFlight
 from .stores.base import Store
-from .timeutil import TS_DTYPE, format_ts, interval_us, validate_interval
+from .timeutil import TS_DTYPE, format_ts, interval_us, unique_ts, validate_interval
 
 if TYPE_CHECKING:
     from .features.spec import FeatureSpec
@@ -485,7 +485,7 @@ class Engine:
         """Signals for a list of bars. Positions carry through the listed bars in ts order."""
         prepared = prepared or await self.prepare(signal_id)
         self.check_target(prepared, symbol, interval)
-        wanted = np.unique(np.asarray(ts, dtype=TS_DTYPE))
+        wanted = unique_ts(ts)
         observer = self.observer
         began = time.perf_counter() if observer is not None else 0.0
         feature_key = prepared.definition.feature_key or prepared.spec_key
@@ -514,7 +514,7 @@ class Engine:
         observer = self.observer
         began = time.perf_counter()
         read = await self.store.read_features(
-            symbol, interval, prepared.read_names, ts=np.unique(np.asarray(ts, dtype=TS_DTYPE)),
+            symbol, interval, prepared.read_names, ts=unique_ts(ts),
             feature_key=prepared.definition.feature_key or prepared.spec_key)
         features = read.batch
         if observer is not None:

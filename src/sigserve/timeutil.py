@@ -5,7 +5,7 @@ zone (DuckDB ``TIMESTAMP``), meaning UTC. Input strings with an offset are conve
 string is read as UTC.
 
 >>> parse_ts("2024-01-02T03:00:00+01:00")
-numpy.datetime64('2024-01-02T02:00:00.000000')
+np.datetime64('2024-01-02T02:00:00.000000')
 >>> interval_us("1h")
 3600000000
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +25,19 @@ _UNIT_US = {"s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000
 _INTERVAL_RE = re.compile(r"^([1-9][0-9]{0,3})([smhdw])$")
 
 TS_DTYPE = np.dtype("datetime64[us]")
+
+
+def unique_ts(ts: Any) -> np.ndarray:
+    """``ts`` as sorted unique ``datetime64[us]``: ``np.unique`` without its first-call import
+    of ``numpy.ma`` (11 ms of a server's cold start, on the one-bar path).
+
+    >>> unique_ts(np.array(["2024-01-02", "2024-01-01", "2024-01-02"], dtype="datetime64[us]")).tolist()
+    [datetime.datetime(2024, 1, 1, 0, 0), datetime.datetime(2024, 1, 2, 0, 0)]
+    """
+    values = np.sort(np.asarray(ts, dtype=TS_DTYPE))
+    if values.size < 2:
+        return values
+    return values[np.concatenate(([True], values[1:] != values[:-1]))]
 
 
 def interval_us(interval: str) -> int:

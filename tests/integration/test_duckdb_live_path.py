@@ -1,6 +1,7 @@
 """The DuckDB store's live path (one bar read, one signal upserted, one position read) runs on
 plain parameters: a serving process never imports pyarrow or pandas for it (their import was
-~0.3 s of a server's cold start), nor numpy.ma where no value is NULL. Bulk paths keep Arrow, imported when first used."""
+~0.3 s of a server's cold start), nor numpy.ma where no value is NULL. Bulk paths keep Arrow,
+imported when first used."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import numpy as np
 
-from sigserve.timeutil import TS_DTYPE, format_ts
+from sigserve.timeutil import TS_DTYPE, format_ts, unique_ts
 
 
 def test_format_ts_is_numpys_iso_form_to_the_second() -> None:
@@ -27,3 +27,11 @@ def test_format_ts_other_units_datetimes_and_nat() -> None:
     assert format_ts(datetime(2024, 3, 1, 10, 0, tzinfo=UTC)) == "2024-03-01T10:00:00Z"
     assert format_ts(np.datetime64("NaT", "us").astype(TS_DTYPE)) == "NaTZ"
     assert format_ts(np.datetime64("12000-01-01T00:00:00", "s")) == "12000-01-01T00:00:00Z"
+
+
+def test_unique_ts_equals_numpy_unique() -> None:
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 2, 5, 50):
+        ts = (np.datetime64("2024-01-01", "us") + rng.integers(0, 8, size=n) * np.timedelta64(60, "s"))
+        assert unique_ts(ts).tolist() == np.unique(ts).tolist()
+        assert unique_ts(list(ts)).dtype == np.dtype("datetime64[us]")

@@ -73,7 +73,7 @@ from ..domain import (
     TrainingRun,
 )
 from ..errors import InternalError, SigserveError, StoreUnavailable, ValidationError
-from ..timeutil import TS_DTYPE, interval_us
+from ..timeutil import TS_DTYPE, interval_us, unique_ts
 from ._common import check_signals as _check_signals
 from .bar_cache import BarCache, Block
 from .base import Candles, FeatureRead
@@ -693,7 +693,7 @@ class DuckDBStore:
                             ts: np.ndarray | None = None,
                             feature_key: str | None = None) -> FeatureRead:
         if ts is not None:
-            wanted = np.unique(np.asarray(ts, dtype=TS_DTYPE))
+            wanted = unique_ts(ts)
             if wanted.size == 0:
                 k = len(names)
                 return FeatureRead(FeatureBatch(symbol, interval, wanted, np.empty((0, k)), names,

@@ -71,7 +71,7 @@ from ..errors import (
     ValidationError,
     missing_extra,
 )
-from ..timeutil import TS_DTYPE
+from ..timeutil import TS_DTYPE, unique_ts
 from ._common import check_signals
 from .base import Candles, FeatureRead
 
@@ -905,7 +905,7 @@ class PostgresStore:
         names = tuple(names)
         wanted: np.ndarray | None = None
         if ts is not None:
-            wanted = np.unique(np.asarray(ts, dtype=TS_DTYPE))
+            wanted = unique_ts(ts)
             if wanted.size == 0:
                 return FeatureRead(_empty_batch(symbol, interval, names), 0, 0)
             if wanted.size <= _ROWS_READ_MAX_TS:
