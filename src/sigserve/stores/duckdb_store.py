@@ -322,6 +322,8 @@ class DuckDBStore:
         if self._con is not None:
             self._con.close()
             self._con = None
+        # another process may write the file before this store opens it again
+        self._bars.clear()
 
     async def warm_up(self) -> None:
         """Pay the bulk write path's one-time cost before a latency-sensitive driver needs it:
