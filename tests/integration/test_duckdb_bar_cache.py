@@ -5,12 +5,13 @@ never with a row or close that a later write replaced."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sigserve.stores import Candles, DuckDBStore
+from sigserve.stores import Candles, DuckDBStore, FeatureRead
 from sigserve.stores.bar_cache import BLOCK_BARS, MAX_BLOCKS_PER_READ, BarCache
 
 T0 = np.datetime64("2024-01-01T00:00:00", "us")
@@ -48,20 +49,29 @@ async def fill(store: DuckDBStore, n: int = 2 * BLOCK_BARS + 40) -> np.ndarray:
     return ts
 
 
-def same(cached, window) -> None:  # type: ignore[no-untyped-def]
-    assert cached.incomplete == window.incomplete
-    assert cached.missing == window.missing
-    assert cached.batch.ts.tolist() == window.batch.ts.tolist()
-    assert cached.batch.feature_keys.tolist() == window.batch.feature_keys.tolist()
-    np.testing.assert_array_equal(cached.batch.values, window.batch.values)
-    np.testing.assert_array_equal(cached.batch.close, window.batch.close)
+def with_filled_store(tmp_path: Path, body: Callable[[DuckDBStore, np.ndarray], Awaitable[None]]) -> None:
+    async def main() -> None:
+        store = await open_store(tmp_path)
+        try:
+            await body(store, await fill(store))
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def same_rows(cached: FeatureRead, window: FeatureRead, keep: np.ndarray | None = None) -> None:
+    """``cached`` holds the rows of ``window`` that ``keep`` selects (all by default)."""
+    rows = window.batch if keep is None else window.batch.take(keep)
+    assert cached.batch.ts.tolist() == rows.ts.tolist()
+    assert cached.batch.feature_keys.tolist() == rows.feature_keys.tolist()
+    np.testing.assert_array_equal(cached.batch.values, rows.values)
+    np.testing.assert_array_equal(cached.batch.close, rows.close)
     assert cached.batch.values.shape == (len(cached.batch.ts), len(cached.batch.names))
 
 
 def test_cached_reads_answer_as_the_window_read(tmp_path: Path) -> None:
-    async def main() -> None:
-        store = await open_store(tmp_path)
-        ts = await fill(store)
+    async def body(store: DuckDBStore, ts: np.ndarray) -> None:
         rng = np.random.default_rng(1)
         for names, key in ((NAMES, None), (("b", "a"), None), (("b",), "narrow"), (NAMES, "wide"),
                            ((), None)):
@@ -71,24 +81,18 @@ def test_cached_reads_answer_as_the_window_read(tmp_path: Path) -> None:
                 # the window read of the same span, cut down to the picked bars
                 window = await store.read_features("BTC", "1m", names, start=picked[0], end=picked[-1],
                                                    feature_key=key)
-                keep = np.isin(window.batch.ts, picked)
-                assert cached.batch.ts.tolist() == window.batch.ts[keep].tolist()
-                np.testing.assert_array_equal(cached.batch.values, window.batch.values[keep])
-                np.testing.assert_array_equal(cached.batch.close, window.batch.close[keep])
-                assert cached.batch.feature_keys.tolist() == window.batch.feature_keys[keep].tolist()
-        await store.close()
+                same_rows(cached, window, np.isin(window.batch.ts, picked))
 
-    asyncio.run(main())
+    with_filled_store(tmp_path, body)
 
 
-def test_one_bar_reads_match_a_fresh_store_and_count_holes(tmp_path: Path) -> None:
-    async def main() -> None:
-        store = await open_store(tmp_path)
-        ts = await fill(store)
+def test_one_bar_reads_match_the_window_read_and_count_holes(tmp_path: Path) -> None:
+    async def body(store: DuckDBStore, ts: np.ndarray) -> None:
         for i in (0, 3, 7, 10, 25, 255, 256, 300, len(ts) - 1):
             cached = await store.read_features("BTC", "1m", NAMES, ts=ts[i:i + 1])
             window = await store.read_features("BTC", "1m", NAMES, start=ts[i], end=ts[i])
-            same(cached, window)
+            same_rows(cached, window)
+            assert (cached.incomplete, cached.missing) == (window.incomplete, window.missing)
         assert store._bars.hits > 0  # later bars of a block came from memory
         one = await store.read_features("BTC", "1m", NAMES, ts=ts[3:4])
         assert (len(one.batch), one.incomplete, one.missing) == (0, 0, 1)  # a candle, no row
@@ -100,15 +104,12 @@ def test_one_bar_reads_match_a_fresh_store_and_count_holes(tmp_path: Path) -> No
         assert np.isnan(nan_value.batch.values[0, 1])
         outside = await store.read_features("BTC", "1m", NAMES, ts=np.array([T0 - 5 * MINUTE]))
         assert (len(outside.batch), outside.incomplete, outside.missing) == (0, 0, 0)
-        await store.close()
 
-    asyncio.run(main())
+    with_filled_store(tmp_path, body)
 
 
 def test_writes_replace_what_the_cache_holds(tmp_path: Path) -> None:
-    async def main() -> None:
-        store = await open_store(tmp_path)
-        ts = await fill(store)
+    async def body(store: DuckDBStore, ts: np.ndarray) -> None:
         bar = ts[100:101]
         before = await store.read_features("BTC", "1m", NAMES, ts=bar)
         assert len(store._bars) == 1
@@ -138,15 +139,12 @@ def test_writes_replace_what_the_cache_holds(tmp_path: Path) -> None:
         kept = len(store._bars)
         await store.write_candles("ETH", "1m", candles(bar, np.array([1.0])))
         assert len(store._bars) == kept > 0
-        await store.close()
 
-    asyncio.run(main())
+    with_filled_store(tmp_path, body)
 
 
 def test_a_failed_write_leaves_no_stale_block(tmp_path: Path) -> None:
-    async def main() -> None:
-        store = await open_store(tmp_path)
-        ts = await fill(store)
+    async def body(store: DuckDBStore, ts: np.ndarray) -> None:
         await store.read_features("BTC", "1m", NAMES, ts=ts[150:151])
         with pytest.raises(Exception, match="duplicate"):
             await store.write_features("1m", "wide", NAMES, np.array(["BTC", "BTC"], dtype=object),
@@ -154,9 +152,8 @@ def test_a_failed_write_leaves_no_stale_block(tmp_path: Path) -> None:
         assert len(store._bars) == 0
         again = await store.read_features("BTC", "1m", NAMES, ts=ts[150:151])
         assert len(again.batch) == 1
-        await store.close()
 
-    asyncio.run(main())
+    with_filled_store(tmp_path, body)
 
 
 def test_sets_over_many_blocks_take_the_window_read(tmp_path: Path) -> None:
