@@ -25,7 +25,8 @@ from sigserve.api.app import SigserveApp
 from sigserve.engine import DEADLINE_FLAG, Engine
 from sigserve.errors import ERROR_CODES
 from sigserve.features.compute import FEATURE_NAMES, WARMUP_BARS
-from sigserve.timeutil import format_ts
+from sigserve.stores.bar_cache import BLOCK_BARS
+from sigserve.timeutil import format_ts, interval_us
 from tests.e2e.http_world import (
     AUTH,
     BARS,
@@ -171,6 +172,31 @@ async def test_concurrent_runs_are_served_together_and_equal_the_backfill(home: 
         for row in await history(app):
             got = served[format_ts(row["ts"])]
             assert {f: got[f] for f in fields} == {f: row[f] for f in fields}
+
+
+def metric(text: str, sample: str) -> float:
+    found = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
+    assert found is not None, sample
+    return float(found.group(1))
+
+
+async def test_the_bar_cache_is_on_metrics(home: Path, world: World) -> None:
+    span = BLOCK_BARS * interval_us(INTERVAL)
+    block = np.asarray(world.ts, dtype="datetime64[us]").astype(np.int64) // span
+    # two bars of one block that startup's warm-up bar did not read
+    i = next(j for j in range(WARMUP_BARS, BARS - 1)
+             if block[j] == block[j + 1] and block[j] != block[BARS - 1])
+    async with serving(settings_for(home)) as (_, client):
+        before = (await client.get("/metrics")).text
+        hits = metric(before, 'sigserve_bar_cache_blocks_total{result="hit"}')
+        misses = metric(before, 'sigserve_bar_cache_blocks_total{result="miss"}')
+        for j in (i, i + 1):
+            r = await client.post("/inference/run", json=run_body(world, j, source="historical_replay"))
+            assert r.status_code == 200, r.text
+        after = (await client.get("/metrics")).text
+        assert metric(after, 'sigserve_bar_cache_blocks_total{result="miss"}') == misses + 1
+        assert metric(after, 'sigserve_bar_cache_blocks_total{result="hit"}') == hits + 1
+        assert metric(after, "sigserve_bar_cache_held_blocks") >= 1
 
 
 async def test_grouping_is_a_setting(home: Path, world: World) -> None:

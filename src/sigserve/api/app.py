@@ -205,6 +205,7 @@ class SigserveApp:
                     services.engine, on_group=self.metrics.bar_groups.observe,
                     linger_s=settings.group_linger_ms / 1000.0)
             state.services = services
+            self.metrics.watch_bar_cache(getattr(services.store, "bar_cache", None))
             warmed = await warm_up(state)
             services.engine.observer = self.metrics.observe_stage
             # What startup allocated lives as long as the process: keep it out of the collector's
@@ -222,6 +223,7 @@ class SigserveApp:
                     await batcher.stop()
                     services.engine.bar_batcher = None
                 gc.unfreeze()
+                self.metrics.watch_bar_cache(None)
                 state.services = None
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

@@ -8,13 +8,16 @@
 - ``sigserve_signals_total{action,endpoint}``: signals answered or written;
 - ``sigserve_errors_total{error_code}``: refusals by error code;
 - ``sigserve_bar_group_requests``: how many one-bar requests of a series were served together
-  (the bar batcher's groups; 1: alone), fed by ``BarBatcher.on_group``.
+  (the bar batcher's groups; 1: alone), fed by ``BarBatcher.on_group``;
+- ``sigserve_bar_cache_blocks_total{result}`` (hit, miss) and ``sigserve_bar_cache_held_blocks``:
+  the DuckDB store's bar cache (``sigserve.stores.bar_cache``), read when scraped.
 
 Label children are cached, so an observation is a dict lookup and the histogram's own lock.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -47,6 +50,7 @@ class Metrics:
         self._stage_children: dict[str, Any] = {s: self.stages.labels(s) for s in STAGES}
         self._signal_children: dict[tuple[str, str], Any] = {}
         self._error_children: dict[str, Any] = {}
+        self._bar_cache: _BarCacheCollector | None = None
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method, status)
@@ -74,5 +78,33 @@ class Metrics:
             child = self._error_children[code] = self.errors.labels(code)
         child.inc()
 
+    def watch_bar_cache(self, cache: Any) -> None:
+        """Export a store's bar cache (None: stop exporting one)."""
+        if self._bar_cache is not None:
+            self.registry.unregister(self._bar_cache)
+            self._bar_cache = None
+        if cache is not None:
+            self._bar_cache = _BarCacheCollector(cache)
+            self.registry.register(self._bar_cache)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _BarCacheCollector:
+    """The bar cache's counters, read at scrape time: nothing is added to a read."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        lookups = CounterMetricFamily("sigserve_bar_cache_blocks",
+                                      "Block lookups of the DuckDB store's bar cache, by result",
+                                      labels=["result"])
+        lookups.add_metric(["hit"], self.cache.hits)
+        lookups.add_metric(["miss"], self.cache.misses)
+        yield lookups
+        yield GaugeMetricFamily("sigserve_bar_cache_held_blocks",
+                                "Blocks of bars the DuckDB store's bar cache holds", value=len(self.cache))

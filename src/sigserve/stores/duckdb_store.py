@@ -293,6 +293,12 @@ class DuckDBStore:
         self._parallel_ops = 0
         self._threads_lock = threading.Lock()
 
+    @property
+    def bar_cache(self) -> BarCache:
+        """The feature rows and closes kept in memory (see :mod:`.bar_cache`): its ``hits``,
+        ``misses`` and size are exported on a server's ``/metrics``."""
+        return self._bars
+
     # --- lifecycle ------------------------------------------------------------------------
     async def open(self) -> None:
         try:
