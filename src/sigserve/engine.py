@@ -681,7 +681,7 @@ class Engine:
         """The newest bar of ``symbol`` that has a feature row; ``feature_value_missing`` if none."""
         observer = self.observer
         began = time.perf_counter() if observer is not None else 0.0
-        _, _, newest = await self.store.feature_window_stats(symbol, interval, None, None)
+        newest = await self.store.newest_feature_ts(symbol, interval)
         if observer is not None:
             observer("feature_read", time.perf_counter() - began)
         if newest is None:

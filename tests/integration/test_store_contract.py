@@ -568,6 +568,23 @@ async def test_feature_window_stats(store: Store) -> None:
     assert await store.feature_window_stats("BTC", "4h", None, None) == (0, None, None)
 
 
+async def test_newest_feature_ts(store: Store) -> None:
+    assert await store.newest_feature_ts("BTC", "1h") is None
+    await write_rows(store, "k1", ("a",), [1, 2, 3], [[1.0], [2.0], [3.0]])
+    assert await store.newest_feature_ts("BTC", "1h") == t(3)
+    await write_rows(store, "k2", ("a",), [2, 5], [[1.0], [2.0]])  # another key, newer
+    newest = await store.newest_feature_ts("BTC", "1h")
+    assert newest == t(5) and isinstance(newest, np.datetime64)
+    assert newest.dtype == np.dtype("datetime64[us]")
+    await write_rows(store, "k1", ("a",), [0, 9], [[1.0], [2.0]], symbol="ETH")
+    await write_rows(store, "k1", ("a",), [1, 3], [[5.0], [6.0]])  # an upsert of older bars
+    assert await store.newest_feature_ts("BTC", "1h") == t(5)
+    assert await store.newest_feature_ts("ETH", "1h") == t(9)
+    assert await store.newest_feature_ts("BTC", "4h") is None
+    # it agrees with the window stats' last bar
+    assert (await store.feature_window_stats("BTC", "1h", None, None))[2] == t(5)
+
+
 async def test_bulk_feature_round_trip(store: Store) -> None:
     """Large batches may take another code path (worker thread, COPY): same results."""
     n = 6_000

@@ -136,6 +136,11 @@ class Store(Protocol):
                                                                         np.datetime64 | None]:
         """(distinct bars with features, first ts, last ts) in the window."""
 
+    async def newest_feature_ts(self, symbol: str, interval: str) -> np.datetime64 | None:
+        """The newest bar of (symbol, interval) with a feature row of any feature_key; None if
+        there is none. Cheap whatever the series' length (an index seek, or kept in memory):
+        ``/api/v1/predict`` without a timestamp asks it on every request."""
+
     # --- candles --------------------------------------------------------------------------
     async def write_candles(self, symbol: str, interval: str, candles: Candles) -> int: ...
 

@@ -790,6 +790,12 @@ class DuckDBStore:
             if wanted.size == 0:
                 return 0
             start, end = wanted.min(), wanted.max()
+        return sum(1 for _, first, last in self._spans(con, symbol, interval)
+                   if (start is None or last >= start) and (end is None or first <= end))
+
+    def _spans(self, con: Any, symbol: str, interval: str) -> list[tuple[str, np.datetime64, np.datetime64]]:
+        """(feature_key, first ts, last ts) of each key's rows of the series, kept in memory
+        (this process is DuckDB's only writer, so it sees every change; see write_features)."""
         spans = self._coverage.get((symbol, interval))
         if spans is None:
             rows = con.execute(
@@ -797,8 +803,12 @@ class DuckDBStore:
                 " AND interval=$i", {"s": symbol, "i": interval}).fetchall()
             spans = [(r[0], np.datetime64(r[1], "us"), np.datetime64(r[2], "us")) for r in rows]
             self._coverage[(symbol, interval)] = spans
-        return sum(1 for _, first, last in spans
-                   if (start is None or last >= start) and (end is None or first <= end))
+        return spans
+
+    async def newest_feature_ts(self, symbol: str, interval: str) -> np.datetime64 | None:
+        # feature rows are only ever upserted, so the newest bar is the coverage's newest last_ts
+        with self._guard():
+            return max((last for _, _, last in self._spans(self._con, symbol, interval)), default=None)
 
     def _assemble(self, con: Any, table: pa.Table, candles: pa.Table, symbol: str, interval: str,
                   names: tuple[str, ...]) -> FeatureRead:

@@ -1085,6 +1085,13 @@ class PostgresStore:
                 *params)
         return int(row[0]), _np_ts(row[1]), _np_ts(row[2])
 
+    async def newest_feature_ts(self, symbol: str, interval: str) -> np.datetime64 | None:
+        # one backward seek on the primary key (symbol, interval, ts, feature_key)
+        async with self._connection() as con:
+            newest = await con.fetchval(
+                "SELECT max(ts) FROM feature_values WHERE symbol = $1 AND interval = $2", symbol, interval)
+        return _np_ts(newest)
+
     # --- candles --------------------------------------------------------------------------
     async def write_candles(self, symbol: str, interval: str, candles: Candles) -> int:
         ts = np.asarray(candles.ts, dtype=TS_DTYPE)
