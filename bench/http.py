@@ -641,7 +641,7 @@ def stage_totals(port: int) -> dict[str, list[float]] | None:
     return totals
 
 
-def stage_means(before: dict[str, list[float]] | None, after: dict[str, list[float]] | None,
+def add_stage_totals(before: dict[str, list[float]] | None, after: dict[str, list[float]] | None,
                 acc: dict[str, list[float]]) -> None:
     """Add one pass's per-stage (seconds, observations) to ``acc``."""
     if before is None or after is None:
@@ -693,7 +693,7 @@ def measure(lives: list[Live], args: argparse.Namespace, load: LoadFn, client_cp
             parts[i].append(load(live.spec.port, target, c, args.seconds / args.rounds, client_cpu, script))
             codes[i].update(log_error_codes(live.log, since))
             if before is not None:
-                stage_means(before, stage_totals(live.spec.port), stages[i])
+                add_stage_totals(before, stage_totals(live.spec.port), stages[i])
     rows = []
     for i, (live, target, _script, c) in enumerate(cells):
         results = parts[i]

@@ -514,9 +514,9 @@ class Engine:
         observer = self.observer
         began = time.perf_counter()
         read = await self.store.read_features(
-            symbol, interval, prepared.read_names, ts=unique_ts(ts),
+            symbol, interval, prepared.read_names, ts=ts,
             feature_key=prepared.definition.feature_key or prepared.spec_key)
-        features = read.batch
+        features = read.batch  # unique bars in ts order (the Store contract)
         if observer is not None:
             observer("feature_read", time.perf_counter() - began)
         if prepared.spec_key is not None and len(features):

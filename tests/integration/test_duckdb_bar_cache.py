@@ -93,7 +93,7 @@ def test_one_bar_reads_match_the_window_read_and_count_holes(tmp_path: Path) -> 
             window = await store.read_features("BTC", "1m", NAMES, start=ts[i], end=ts[i])
             same_rows(cached, window)
             assert (cached.incomplete, cached.missing) == (window.incomplete, window.missing)
-        assert store._bars.hits > 0  # later bars of a block came from memory
+        assert store.bar_cache.hits > 0  # later bars of a block came from memory
         one = await store.read_features("BTC", "1m", NAMES, ts=ts[3:4])
         assert (len(one.batch), one.incomplete, one.missing) == (0, 0, 1)  # a candle, no row
         narrow = await store.read_features("BTC", "1m", NAMES, ts=ts[25:26])
@@ -112,7 +112,7 @@ def test_writes_replace_what_the_cache_holds(tmp_path: Path) -> None:
     async def body(store: DuckDBStore, ts: np.ndarray) -> None:
         bar = ts[100:101]
         before = await store.read_features("BTC", "1m", NAMES, ts=bar)
-        assert len(store._bars) == 1
+        assert len(store.bar_cache) == 1
         # the same key rewritten: new values
         await store.write_features("1m", "wide", NAMES, np.array(["BTC"], dtype=object), bar,
                                    np.array([[9.0, 8.0, 7.0]]))
@@ -136,9 +136,9 @@ def test_writes_replace_what_the_cache_holds(tmp_path: Path) -> None:
                                    np.array([[4.0, 5.0, 6.0]]))
         assert (await store.read_features("BTC", "1m", NAMES, ts=hole)).batch.values.tolist() == [[4.0, 5.0, 6.0]]
         # another symbol's write leaves BTC's blocks alone
-        kept = len(store._bars)
+        kept = len(store.bar_cache)
         await store.write_candles("ETH", "1m", candles(bar, np.array([1.0])))
-        assert len(store._bars) == kept > 0
+        assert len(store.bar_cache) == kept > 0
 
     with_filled_store(tmp_path, body)
 
@@ -149,7 +149,7 @@ def test_a_failed_write_leaves_no_stale_block(tmp_path: Path) -> None:
         with pytest.raises(Exception, match="duplicate"):
             await store.write_features("1m", "wide", NAMES, np.array(["BTC", "BTC"], dtype=object),
                                        np.array([ts[150], ts[150]]), np.zeros((2, 3)))
-        assert len(store._bars) == 0
+        assert len(store.bar_cache) == 0
         again = await store.read_features("BTC", "1m", NAMES, ts=ts[150:151])
         assert len(again.batch) == 1
 
@@ -166,11 +166,11 @@ def test_sets_over_many_blocks_take_the_window_read(tmp_path: Path) -> None:
                                    np.arange(3 * n, dtype=np.float64).reshape(n, 3))
         spread = ts[::BLOCK_BARS]  # one bar in each block
         read = await store.read_features("BTC", "1m", NAMES, ts=spread)
-        assert len(store._bars) == 0  # not cached: the Arrow window read answered
+        assert len(store.bar_cache) == 0  # not cached: the Arrow window read answered
         assert read.batch.ts.tolist() == spread.tolist()
         np.testing.assert_array_equal(read.batch.values[:, 0], np.arange(0, 3 * n, 3 * BLOCK_BARS))
         few = await store.read_features("BTC", "1m", NAMES, ts=spread[:3])
-        assert len(store._bars) == 3 and few.batch.ts.tolist() == spread[:3].tolist()
+        assert len(store.bar_cache) == 3 and few.batch.ts.tolist() == spread[:3].tolist()
         await store.close()
 
     asyncio.run(main())

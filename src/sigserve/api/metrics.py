@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -98,8 +99,6 @@ class _BarCacheCollector:
         self.cache = cache
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
         lookups = CounterMetricFamily("sigserve_bar_cache_blocks",
                                       "Block lookups of the DuckDB store's bar cache, by result",
                                       labels=["result"])

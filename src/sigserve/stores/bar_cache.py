@@ -110,16 +110,6 @@ class Block:
         return self.close[i] if i < len(self.candle_ts) and self.candle_ts[i] == t else float("nan")
 
 
-_IDENTITIES: dict[int, list[int]] = {}
-
-
-def _identity(k: int) -> list[int]:
-    layout = _IDENTITIES.get(k)
-    if layout is None:
-        layout = _IDENTITIES[k] = list(range(k))
-    return layout
-
-
 LoadBlock = Callable[[np.datetime64, np.datetime64], Block]
 NamesOf = Callable[[str], "tuple[str, ...] | None"]
 
@@ -161,8 +151,9 @@ class BarCache:
         incomplete = missing = 0
         block: Block | None = None
         block_first = None
-        # per feature_key: where each requested name sits in its rows (None: a name is absent)
-        layouts: dict[str, list[int] | None] = {}
+        # per feature_key: where each requested name sits in its rows (None: a name is absent),
+        # and whether that is every column in order (the row is taken as it is)
+        layouts: dict[str, tuple[list[int], bool] | None] = {}
         for t, first in zip(wanted_us.tolist(), firsts.tolist(), strict=True):
             if block is None or first != block_first:
                 block, block_first = self._block(symbol, interval, first, span, load), first
@@ -172,17 +163,19 @@ class BarCache:
                 continue
             key = block.keys[i]
             if key not in layouts:
-                where = {name: j for j, name in enumerate(names_of(key) or ())}
-                layouts[key] = None if any(n not in where for n in names) else [where[n] for n in names]
+                stored = names_of(key) or ()
+                where = {name: j for j, name in enumerate(stored)}
+                layouts[key] = (None if any(n not in where for n in names)
+                                else ([where[n] for n in names], tuple(stored) == names))
             layout = layouts[key]
             width = block.width[i]
-            if layout is None or (k and max(layout) >= width):
+            if layout is None or (k and max(layout[0]) >= width):
                 incomplete += 1
                 continue
             row = block.values[block.start[i]:block.start[i] + width]
             kept_ts.append(t)
             kept_keys.append(key)
-            kept_values.append(row if width == k and layout == _identity(k) else row[layout])
+            kept_values.append(row if layout[1] and width == k else row[layout[0]])
             kept_close.append(block.close_at(t))
         n = len(kept_ts)
         values = np.vstack(kept_values) if n else np.empty((0, k))

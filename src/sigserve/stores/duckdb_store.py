@@ -702,10 +702,6 @@ class DuckDBStore:
                             feature_key: str | None = None) -> FeatureRead:
         if ts is not None:
             wanted = unique_ts(ts)
-            if wanted.size == 0:
-                k = len(names)
-                return FeatureRead(FeatureBatch(symbol, interval, wanted, np.empty((0, k)), names,
-                                                np.empty(0, dtype=object), np.empty(0)), 0, 0)
             with self._guard():  # the live path and small sets of bars: blocks kept in memory
                 con = self._con
                 cached = self._bars.read(
@@ -719,13 +715,9 @@ class DuckDBStore:
         params: dict[str, Any] = {"symbol": symbol, "interval": interval}
         where = ["symbol = $symbol", "interval = $interval"]
         query_ts: pa.Table | None = None
-        if ts is not None:
-            if wanted.size == 1:
-                where.append("ts = $ts")
-                params["ts"] = _ts_py(wanted[0])
-            else:
-                query_ts = pa.table({"ts": pa.array(wanted)})
-                where.append("ts IN (SELECT ts FROM query_ts)")
+        if ts is not None:  # more bars than the bar cache reads at once
+            query_ts = pa.table({"ts": pa.array(wanted)})
+            where.append("ts IN (SELECT ts FROM query_ts)")
             rows_hint = int(wanted.size)
         else:
             if start is not None:
