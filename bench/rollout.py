@@ -65,6 +65,7 @@ from common import (  # noqa: E402
 
 TOKEN = "bench-rollout-token-0123456789"
 SIGNAL, ENSEMBLE = "bench-rollout", "bench-gated"
+PHASES = ("shadow", "ensemble", "explain", "rollback", "swaps")
 
 
 def _train(values: np.ndarray, names: tuple[str, ...], label: np.ndarray, path: Path, seed: int) -> Path:
@@ -247,9 +248,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--no-pin", action="store_true")
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help=f"comma-separated, of {','.join(PHASES)} (default: all)")
     parser.add_argument("--runtime", choices=("lleaves", "lightgbm"), default="lleaves",
                         help="how the three LightGBM models are served (lleaves: compiled once per bench home)")
     args = parser.parse_args()
+    phases = set(args.phases.split(","))
+    if phases - set(PHASES):
+        parser.error(f"unknown phases: {sorted(phases - set(PHASES))}")
     base = Path(os.environ.get("SIGSERVE_BENCH_HOME", ROOT / ".home")).resolve()
     home = base / ("rollout" if args.runtime == "lightgbm" else "rollout-lleaves")
     home.mkdir(parents=True, exist_ok=True)
@@ -284,105 +290,121 @@ def main() -> None:
         closed_loop(client, plain, 2.0)  # warm-up
         latency = Latency(port, client, home, not args.no_pin)
         result["latency_client"] = latency.tool
-        # 1. shadow overhead
-        rows: dict[str, list[dict[str, float]]] = {"no_shadow": [], "one_shadow": []}
-        for _ in range(args.rounds):
-            for mode in ("no_shadow", "one_shadow"):
-                if mode == "one_shadow":
-                    status, body = admin.post(f"/admin/rollouts/{SIGNAL}/start", b'{"version": 2}')
-                    assert status == 200, body
-                closed_loop(client, plain, 0.5)
-                rows[mode].append(latency.measure(plain, args.seconds))
-                if mode == "one_shadow":
-                    status, body = admin.post(f"/admin/rollouts/{SIGNAL}/rollback", b"{}")
-                    assert status == 200, body
-        med = {m: {k: statistics.median(r[k] for r in rs) for k in ("p50", "p99", "n")} for m, rs in rows.items()}
-        result["shadow"] = {"runs": rows, "median": med,
-                            "p99_ratio": med["one_shadow"]["p99"] / med["no_shadow"]["p99"],
-                            "p50_ratio": med["one_shadow"]["p50"] / med["no_shadow"]["p50"]}
-        # 2. ensemble
-        closed_loop(client, gated, 1.0)
-        ens = [latency.measure(gated, args.seconds) for _ in range(args.rounds)]
-        result["ensemble"] = {"runs": ens, "median": {k: statistics.median(r[k] for r in ens) for k in ("p50", "p99")}}
-        # 2b. explanations: the same requests with explain: true (their own latency reported)
-        explained = [b[:-1] + b', "explain": true}' for b in plain]
-        closed_loop(client, explained, 1.0)
-        ex_runs, ex_own = [], []
-        for _ in range(args.rounds):
-            lat, own, i = [], [], 0
-            end = time.perf_counter() + args.seconds
-            while time.perf_counter() < end:
-                began = time.perf_counter()
-                status, body = client.post("/api/v1/predict", explained[i % len(explained)])
-                lat.append((time.perf_counter() - began) * 1000.0)
-                own.append(body["metadata"]["explanation"]["latency_ms"])
-                i += 1
-            ex_runs.append(percentiles(lat))
-            ex_own.append(percentiles(own))
-        result["explain"] = {"runs": ex_runs, "explain_stage": ex_own,
-                             "median": {k: statistics.median(r[k] for r in ex_runs) for k in ("p50", "p99")},
-                             "explain_stage_median": {k: statistics.median(r[k] for r in ex_own)
-                                                      for k in ("p50", "p99")}}
-        # 3. rollback under load
-        trials = []
-        for _ in range(args.trials):
-            admin.post(f"/admin/rollouts/{SIGNAL}/start", b'{"version": 2, "share": 1.0}')
+        if "shadow" in phases:
+            # 1. shadow overhead
+            rows: dict[str, list[dict[str, float]]] = {"no_shadow": [], "one_shadow": []}
+            for _ in range(args.rounds):
+                for mode in ("no_shadow", "one_shadow"):
+                    if mode == "one_shadow":
+                        status, body = admin.post(f"/admin/rollouts/{SIGNAL}/start", b'{"version": 2}')
+                        assert status == 200, body
+                    closed_loop(client, plain, 0.5)
+                    rows[mode].append(latency.measure(plain, args.seconds))
+                    if mode == "one_shadow":
+                        status, body = admin.post(f"/admin/rollouts/{SIGNAL}/rollback", b"{}")
+                        assert status == 200, body
+            med = {m: {k: statistics.median(r[k] for r in rs) for k in ("p50", "p99", "n")} for m, rs in rows.items()}
+            result["shadow"] = {"runs": rows, "median": med,
+                                "p99_ratio": med["one_shadow"]["p99"] / med["no_shadow"]["p99"],
+                                "p50_ratio": med["one_shadow"]["p50"] / med["no_shadow"]["p50"]}
+        if "ensemble" in phases:
+            # 2. ensemble
+            closed_loop(client, gated, 1.0)
+            ens = [latency.measure(gated, args.seconds) for _ in range(args.rounds)]
+            result["ensemble"] = {"runs": ens,
+                                  "median": {k: statistics.median(r[k] for r in ens) for k in ("p50", "p99")}}
+        if "explain" in phases:
+            # 2b. explanations: the same requests with explain: true (their own latency reported)
+            explained = [b[:-1] + b', "explain": true}' for b in plain]
+            closed_loop(client, explained, 1.0)
+            ex_runs, ex_own = [], []
+            for _ in range(args.rounds):
+                lat, own, i = [], [], 0
+                end = time.perf_counter() + args.seconds
+                while time.perf_counter() < end:
+                    began = time.perf_counter()
+                    status, body = client.post("/api/v1/predict", explained[i % len(explained)])
+                    lat.append((time.perf_counter() - began) * 1000.0)
+                    own.append(body["metadata"]["explanation"]["latency_ms"])
+                    i += 1
+                ex_runs.append(percentiles(lat))
+                ex_own.append(percentiles(own))
+            result["explain"] = {"runs": ex_runs, "explain_stage": ex_own,
+                                 "median": {k: statistics.median(r[k] for r in ex_runs) for k in ("p50", "p99")},
+                                 "explain_stage_median": {k: statistics.median(r[k] for r in ex_own)
+                                                          for k in ("p50", "p99")}}
+        if "rollback" in phases:
+            # 3. rollback under load
+            trials = []
+            for _ in range(args.trials):
+                admin.post(f"/admin/rollouts/{SIGNAL}/start", b'{"version": 2, "share": 1.0}')
+                load = Load(port, plain)
+                load.start()
+                time.sleep(0.5)
+                t0 = time.perf_counter()
+                status, _ = admin.post(f"/admin/rollouts/{SIGNAL}/rollback", b"{}")
+                answered = time.perf_counter()
+                time.sleep(0.3)
+                load.stop.set()
+                load.join()
+                first = min((recv for sent, recv, st, v, _ in load.seen if recv > t0 and v == 1 and sent > t0),
+                            default=None)
+                stale = sum(1 for sent, _, _, v, _ in load.seen if sent > answered and v != 1)
+                trials.append({"command_ms": (answered - t0) * 1000.0,
+                               "to_first_champion_answer_ms": None if first is None else (first - t0) * 1000.0,
+                               "requests_after_answer_not_champion": stale,
+                               "failed": sum(1 for row in load.seen if row[2] != 200)})
+            result["rollback"] = {"trials": trials,
+                                  "median_command_ms": statistics.median(t["command_ms"] for t in trials),
+                                  "median_to_effect_ms": statistics.median(t["to_first_champion_answer_ms"] or 1e9
+                                                                           for t in trials)}
+        if "swaps" in phases:
+            # 4. 20 swaps under load
             load = Load(port, plain)
             load.start()
-            time.sleep(0.5)
-            t0 = time.perf_counter()
-            status, _ = admin.post(f"/admin/rollouts/{SIGNAL}/rollback", b"{}")
-            answered = time.perf_counter()
-            time.sleep(0.3)
+            steps = ["start", "advance", "advance", "advance", "rollback"] * 4
+            swap_ms = []
+            for step in steps:
+                began = time.perf_counter()
+                status, body = admin.post(f"/admin/rollouts/{SIGNAL}/{step}",
+                                          b'{"version": 2}' if step == "start" else b"{}")
+                swap_ms.append((time.perf_counter() - began) * 1000.0)
+                assert status == 200, body
+                time.sleep(0.1)
             load.stop.set()
             load.join()
-            first = min((recv for sent, recv, st, v, _ in load.seen if recv > t0 and v == 1 and sent > t0),
-                        default=None)
-            stale = sum(1 for sent, _, _, v, _ in load.seen if sent > answered and v != 1)
-            trials.append({"command_ms": (answered - t0) * 1000.0,
-                           "to_first_champion_answer_ms": None if first is None else (first - t0) * 1000.0,
-                           "requests_after_answer_not_champion": stale,
-                           "failed": sum(1 for row in load.seen if row[2] != 200)})
-        result["rollback"] = {"trials": trials, "median_command_ms": statistics.median(t["command_ms"] for t in trials),
-                              "median_to_effect_ms": statistics.median(t["to_first_champion_answer_ms"] or 1e9
-                                                                       for t in trials)}
-        # 4. 20 swaps under load
-        load = Load(port, plain)
-        load.start()
-        steps = ["start", "advance", "advance", "advance", "rollback"] * 4
-        swap_ms = []
-        for step in steps:
-            began = time.perf_counter()
-            status, body = admin.post(f"/admin/rollouts/{SIGNAL}/{step}",
-                                      b'{"version": 2}' if step == "start" else b"{}")
-            swap_ms.append((time.perf_counter() - began) * 1000.0)
-            assert status == 200, body
-            time.sleep(0.1)
-        load.stop.set()
-        load.join()
-        shas = {v: s for _, _, st, v, s in load.seen if st == 200}
-        result["swaps"] = {"swaps": len(steps), "requests": len(load.seen),
-                           "failed": sum(1 for _, _, st, _, _ in load.seen if st != 200),
-                           "versions_seen": sorted(v for v in shas if v is not None),
-                           "sha_per_version": {str(k): v for k, v in shas.items()},
-                           "swap_command_ms": percentiles(swap_ms)}
+            shas = {v: s for _, _, st, v, s in load.seen if st == 200}
+            result["swaps"] = {"swaps": len(steps), "requests": len(load.seen),
+                               "failed": sum(1 for _, _, st, _, _ in load.seen if st != 200),
+                               "versions_seen": sorted(v for v in shas if v is not None),
+                               "sha_per_version": {str(k): v for k, v in shas.items()},
+                               "swap_command_ms": percentiles(swap_ms)}
     finally:
         server.terminate()
         server.wait(10)
     path = write_result("rollout", result)
-    s, e, r, w = result["shadow"], result["ensemble"], result["rollback"], result["swaps"]
-    print(f"shadow: p50 {s['median']['no_shadow']['p50']:.3f} -> {s['median']['one_shadow']['p50']:.3f} ms,"
-          f" p99 {s['median']['no_shadow']['p99']:.3f} -> {s['median']['one_shadow']['p99']:.3f} ms"
-          f" (ratio {s['p99_ratio']:.3f})")
+    if "shadow" in result:
+        s = result["shadow"]
+        print(f"shadow: p50 {s['median']['no_shadow']['p50']:.3f} -> {s['median']['one_shadow']['p50']:.3f} ms,"
+              f" p99 {s['median']['no_shadow']['p99']:.3f} -> {s['median']['one_shadow']['p99']:.3f} ms"
+              f" (ratio {s['p99_ratio']:.3f})")
     print(f"latency client: {result['latency_client']}")
-    print(f"ensemble (3 models) over HTTP: p50 {e['median']['p50']:.3f} ms, p99 {e['median']['p99']:.3f} ms")
+    if "ensemble" in result:
+        e = result["ensemble"]
+        print(f"ensemble (3 models) over HTTP: p50 {e['median']['p50']:.3f} ms, p99 {e['median']['p99']:.3f} ms")
     for signal, st in result["in_process"].items():
         print(f"in process, predict_inline {signal}: p50 {st['p50']:.3f} ms, p99 {st['p99']:.3f} ms")
-    x = result["explain"]
-    print(f"explain: request p50 {x['median']['p50']:.3f} ms, p99 {x['median']['p99']:.3f} ms; the explanation"
-          f" itself p50 {x['explain_stage_median']['p50']:.3f} ms, p99 {x['explain_stage_median']['p99']:.3f} ms")
-    print(f"rollback under load: command {r['median_command_ms']:.2f} ms, to effect {r['median_to_effect_ms']:.2f} ms")
-    print(f"20 swaps under load: {w['requests']} requests, {w['failed']} failed, versions {w['versions_seen']}")
+    if "explain" in result:
+        x = result["explain"]
+        print(f"explain: request p50 {x['median']['p50']:.3f} ms, p99 {x['median']['p99']:.3f} ms; the explanation"
+              f" itself p50 {x['explain_stage_median']['p50']:.3f} ms, p99 {x['explain_stage_median']['p99']:.3f} ms")
+    if "rollback" in result:
+        r = result["rollback"]
+        print(f"rollback under load: command {r['median_command_ms']:.2f} ms,"
+              f" to effect {r['median_to_effect_ms']:.2f} ms")
+    if "swaps" in result:
+        w = result["swaps"]
+        print(f"20 swaps under load: {w['requests']} requests, {w['failed']} failed, versions {w['versions_seen']}")
     print(f"-> {path}")
 
 

@@ -332,10 +332,12 @@ def merge_batches(batches: list[SignalBatch]) -> SignalBatch:
     appears twice the later row wins (within a batch too)."""
     if len(batches) == 1 and bool(np.all(np.diff(batches[0].ts) > np.timedelta64(0, "us"))):
         return batches[0]  # already one row per bar, in order
-    columns = {name: np.concatenate([getattr(b, name) for b in batches]) for name in SIGNAL_ROW_COLUMNS}
+    columns: dict[str, Any] = {name: np.concatenate([getattr(b, name) for b in batches])
+                               for name in SIGNAL_ROW_COLUMNS}
     ts = columns["ts"]
-    # the last occurrence of each ts: unique over the reversed order
-    _, first_in_reversed = np.unique(ts[::-1], return_index=True)
-    keep = np.sort(ts.shape[0] - 1 - first_in_reversed)
-    keep = keep[np.argsort(ts[keep], kind="stable")]
+    # the last occurrence of each ts, in ts order (a stable sort keeps a bar's rows in order;
+    # no np.unique: its first call imports numpy.ma, kept off the serving path)
+    order = np.argsort(ts, kind="stable")
+    ordered = ts[order]
+    keep = order[np.concatenate((ordered[1:] != ordered[:-1], [True]))]
     return replace(batches[-1], **{name: column[keep] for name, column in columns.items()})

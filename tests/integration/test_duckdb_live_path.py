@@ -1,7 +1,8 @@
 """The DuckDB store's live path (one bar read, one signal upserted, one position read) runs on
 plain parameters: a serving process never imports pyarrow or pandas for it (their import was
 ~0.3 s of a server's cold start), nor numpy.ma where no value is NULL. Bulk paths keep Arrow,
-imported when first used."""
+imported when first used. With the signal journal (the default on a file) the write is an append
+to the journal; the journal's applier writes grouped rows through Arrow, off the request path."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from sigserve.domain import ACTION_CODE, SignalBatch
 from sigserve.stores import Candles, DuckDBStore
@@ -49,8 +51,12 @@ LIVE = textwrap.dedent("""
     from sigserve.stores import DuckDBStore
     from tests.integration.test_duckdb_live_path import T0, HOUR, one_signal
 
+    journal = sys.argv[2] == "journal"
+    heavy = lambda: sorted(m for m in ("pyarrow", "pandas", "numpy.ma") if m in sys.modules)
+
     async def main():
-        store = DuckDBStore(sys.argv[1])
+        # the journal's applier waits an hour: what the requests import is checked before it runs
+        store = DuckDBStore(sys.argv[1], journal=journal, journal_linger_s=3600.0)
         await store.open()
         read = await store.read_features("BTC", "1h", ("b", "a"), ts=np.array([T0 + 2 * HOUR]))
         assert read.batch.values.tolist() == [[5.0, 4.0]] and read.batch.close.tolist() == [3.0]
@@ -58,22 +64,32 @@ LIVE = textwrap.dedent("""
         assert sides.tolist() == [1], sides
         assert await store.write_signals(one_signal(2, "sell")) == 1
         assert await store.write_signals(one_signal(0, "hold")) == 1  # an upsert inside history
+        if journal:
+            assert store.journal.pending_rows == 2
+            print("imported by the requests:", heavy())
+            if heavy():
+                sys.exit(1)
+            rows = await store.read_signals("sig", "BTC", "1h")  # applies the journal first
+            assert [(r["ts"].hour, r["action"]) for r in rows] == [(0, "hold"), (2, "sell")]
+            assert store.journal.pending_rows == 0
+            return
         stats = await store.feature_window_stats("BTC", "1h", None, None)
         assert stats[0] == 4
         await store.close()
 
     asyncio.run(main())
-    heavy = sorted(m for m in ("pyarrow", "pandas", "numpy.ma") if m in sys.modules)
-    print("imported:", heavy)
-    sys.exit(1 if heavy else 0)
+    if not journal:
+        print("imported:", heavy())
+        sys.exit(1 if heavy() else 0)
 """)
 
 
-def test_live_path_imports_neither_pyarrow_nor_pandas(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["direct", "journal"])
+def test_live_path_imports_neither_pyarrow_nor_pandas(tmp_path: Path, mode: str) -> None:
     path = tmp_path / "live.duckdb"
     asyncio.run(fill(path))
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", LIVE, str(path)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", LIVE, str(path), mode], capture_output=True, text=True,
                           cwd=root, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
 

@@ -1,0 +1,186 @@
+"""The DuckDB store's signal journal: a write is durable once appended, applied behind, seen by
+every reader, and replayed after a crash (a process that exits without closing the store)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+
+from sigserve.domain import ACTION_CODE, SignalBatch
+from sigserve.errors import StoreUnavailable
+from sigserve.stores import DuckDBStore, open_store
+from sigserve.stores.signal_journal import read_segment
+
+T0 = np.datetime64("2024-01-01T00:00:00", "us")
+HOUR = np.timedelta64(3_600_000_000, "us")
+
+
+def signals(hours: list[int], actions: list[str], *, source: str = "stream", shadow: bool = False,
+            version: int = 1) -> SignalBatch:
+    n = len(hours)
+    return SignalBatch(
+        signal_id="sig", symbol="BTC", interval="1h", model_name="m", model_version=version,
+        model_sha256="ab" * 32, source=source, ts=T0 + np.array(hours) * HOUR,
+        action=np.array([ACTION_CODE[a] for a in actions], dtype=np.int8),
+        confidence=np.linspace(0.5, 0.9, n), raw_output=np.tile([0.3, 0.7], (n, 1)),
+        entry_price=np.full(n, 100.0), stop_loss=np.full(n, np.nan), take_profit=np.full(n, 110.0),
+        recommended_size=np.full(n, 0.5), feature_keys=np.array(["k"] * n, dtype=object),
+        latency_ms=np.full(n, 1.5), flags=np.array(["levels_invalid"] + [""] * (n - 1), dtype=object),
+        shadow=shadow)
+
+
+def rows_of(path: Path) -> list[tuple[object, ...]]:
+    """signal_history as DuckDB holds it, read by a connection of its own (the store closed)."""
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return con.execute("SELECT hour(ts), action, source, stop_loss, flags, shadow FROM signal_history"
+                           " ORDER BY ts, shadow").fetchall()
+    finally:
+        con.close()
+
+
+async def opened(path: Path, **kwargs: float) -> DuckDBStore:
+    store = DuckDBStore(path, **kwargs)  # type: ignore[arg-type]
+    await store.open()
+    return store
+
+
+def test_rows_are_applied_in_the_background_and_segments_deleted(tmp_path: Path) -> None:
+    path = tmp_path / "s.duckdb"
+
+    async def main() -> None:
+        store = await opened(path, journal_linger_s=0.01)
+        journal = store.journal
+        assert journal is not None
+        for hour in range(5):
+            await store.write_signals(signals([hour], ["buy" if hour % 2 else "hold"]))
+        deadline = time.monotonic() + 10
+        while journal.applied < 5 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert journal.unapplied_rows == 0 and journal.applied == journal.appended == 5
+        # only the segment being appended to is left
+        assert len(list(journal.directory.glob("*.log"))) == 1
+        await store.close()
+
+    asyncio.run(main())
+    assert [r[:2] for r in rows_of(path)] == [(0, "hold"), (1, "buy"), (2, "hold"), (3, "buy"), (4, "hold")]
+    assert not list((tmp_path / "s.duckdb.journal").glob("*.log"))  # close applies and removes all
+
+
+def test_readers_see_pending_rows_and_later_writes_win(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await opened(tmp_path / "s.duckdb", journal_linger_s=3600.0)
+        journal = store.journal
+        assert journal is not None
+        await store.write_signals(signals([1], ["buy"]))
+        await store.write_signals(signals([1, 2], ["sell", "buy"]))  # bar 1 again: the later row
+        await store.write_signals(signals([1], ["hold"], shadow=True, version=2))
+        assert journal.pending_rows == 4
+        got = await store.read_signals("sig", "BTC", "1h")  # applies first
+        assert journal.pending_rows == 0
+        assert [(r["ts"].hour, r["model_version"], r["action"]) for r in got] == [(1, 1, "sell"), (1, 2, "hold"),
+                                                                                  (2, 1, "buy")]
+        # the position before bar 3 comes from memory, and agrees with the table
+        assert (await store.position_sides("sig", 1, "BTC", "1h", np.array([T0 + 3 * HOUR]))).tolist() == [1]
+        # a bulk write of the same history goes straight to the table, after the pending rows
+        await store.write_signals(signals([2], ["sell"]))
+        bulk_hours = list(range(2, 5002))
+        await store.write_signals(signals(bulk_hours, ["hold"] * len(bulk_hours), source="historical_replay"))
+        await store.write_signals(signals([3], ["buy"]))
+        counts = await store.signal_action_counts("sig")
+        assert counts == {"sell": 1, "hold": 4999, "buy": 1}
+        await store.close()
+
+    asyncio.run(main())
+
+
+CRASH = textwrap.dedent("""
+    import asyncio, os, sys
+    from sigserve.stores import DuckDBStore
+    from tests.integration.test_duckdb_signal_journal import signals
+
+    async def main():
+        store = DuckDBStore(sys.argv[1], journal_linger_s=3600.0)   # never applied by itself
+        await store.open()
+        for hour in range(3):
+            await store.write_signals(signals([hour], ["buy", "sell", "hold"][hour:hour + 1]))
+        await store.write_signals(signals([0], ["close_long"]))
+        print("acknowledged", store.journal.pending_rows, flush=True)
+        os._exit(0)   # a crash: no close, nothing applied
+
+    asyncio.run(main())
+""")
+
+
+def test_a_crash_loses_no_acknowledged_row(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "s.duckdb"
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", CRASH, str(path)], capture_output=True, text=True,
+                          cwd=root, timeout=120)
+    assert done.stdout.strip() == "acknowledged 4", done.stdout + done.stderr
+    segments = sorted((tmp_path / "s.duckdb.journal").glob("*.log"))
+    assert sum(len(read_segment(p)) for p in segments) == 4
+    # a torn last record (the append a crash cut short) is dropped, the whole ones kept
+    with segments[-1].open("ab") as f:
+        f.write(b"SGJ1\x40\x00\x00\x00\x00\x00\x00\x00{\"signal")
+
+    async def reopen() -> list[dict[str, object]]:
+        with caplog.at_level(logging.WARNING):
+            store = await opened(path)
+        rows = await store.read_signals("sig")
+        await store.close()
+        return rows
+
+    rows = asyncio.run(reopen())
+    assert [(r["ts"].hour, r["action"], r["stop_loss"], r["flags"]) for r in rows] == [  # type: ignore[union-attr]
+        (0, "close_long", None, "levels_invalid"), (1, "sell", None, "levels_invalid"),
+        (2, "hold", None, "levels_invalid")]
+    assert "not a whole record" in caplog.text and "applied 4 signal rows" in caplog.text
+    assert not list((tmp_path / "s.duckdb.journal").glob("*.log"))
+
+
+def test_a_failed_apply_keeps_the_rows_and_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        store = await opened(tmp_path / "s.duckdb", journal_linger_s=3600.0)
+        await store.write_signals(signals([1], ["buy"]))
+        real = store._apply_entries
+        calls = []
+
+        def failing(con: object, entries: list[object]) -> None:
+            calls.append(len(entries))
+            if len(calls) == 1:
+                raise duckdb.IOException("disk gone")
+            real(con, entries)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(store, "_apply_entries", failing)
+        with pytest.raises(StoreUnavailable):
+            await store.read_signals("sig")
+        await store.write_signals(signals([2], ["sell"]))
+        rows = await store.read_signals("sig")
+        assert calls == [1, 2]  # the failed entry again, first, with the new one
+        assert [(r["ts"].hour, r["action"]) for r in rows] == [(1, "buy"), (2, "sell")]
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_journal_off_writes_straight_into_the_file(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = open_store(f"duckdb:///{tmp_path}/s.duckdb?journal=off")
+        await store.open()
+        assert isinstance(store, DuckDBStore) and store.journal is None
+        await store.write_signals(signals([1], ["buy"]))
+        await store.close()
+
+    asyncio.run(main())
+    assert rows_of(tmp_path / "s.duckdb")[0][:2] == (1, "buy")
+    assert not (tmp_path / "s.duckdb.journal").exists()
