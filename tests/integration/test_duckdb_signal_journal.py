@@ -82,22 +82,39 @@ def test_readers_see_pending_rows_and_later_writes_win(tmp_path: Path) -> None:
         journal = store.journal
         assert journal is not None
         await store.write_signals(signals([1], ["buy"]))
-        await store.write_signals(signals([1, 2], ["sell", "buy"]))  # bar 1 again: the later row
+        await store.write_signals(signals([2, 3], ["sell", "buy"]))
         await store.write_signals(signals([1], ["hold"], shadow=True, version=2))
-        assert journal.pending_rows == 4
+        assert journal.pending_rows == 4  # bars after the newest of their history: journaled
         got = await store.read_signals("sig", "BTC", "1h")  # applies first
         assert journal.pending_rows == 0
-        assert [(r["ts"].hour, r["model_version"], r["action"]) for r in got] == [(1, 1, "sell"), (1, 2, "hold"),
-                                                                                  (2, 1, "buy")]
-        # the position before bar 3 comes from memory, and agrees with the table
-        assert (await store.position_sides("sig", 1, "BTC", "1h", np.array([T0 + 3 * HOUR]))).tolist() == [1]
-        # a bulk write of the same history goes straight to the table, after the pending rows
-        await store.write_signals(signals([2], ["sell"]))
-        bulk_hours = list(range(2, 5002))
+        assert [(r["ts"].hour, r["model_version"], r["action"]) for r in got] == [
+            (1, 1, "buy"), (1, 2, "hold"), (2, 1, "sell"), (3, 1, "buy")]
+        # a bar again, after its journaled row: the later row wins (written straight through,
+        # after the pending rows)
+        await store.write_signals(signals([4], ["buy"]))
+        assert journal.pending_rows == 1
+        await store.write_signals(signals([4], ["sell"]))
+        assert journal.pending_rows == 0
+        await store.write_signals(signals([5], ["close_short"]))
+        assert (await store.position_sides("sig", 1, "BTC", "1h", np.array([T0 + 6 * HOUR]))).tolist() == [0]
+        # the position after a journaled bar comes from memory (nothing applied for it), and
+        # agrees with the table
+        await store.write_signals(signals([6], ["buy"]))
+        assert journal.pending_rows == 1
+        assert (await store.position_sides("sig", 1, "BTC", "1h", np.array([T0 + 7 * HOUR]))).tolist() == [1]
+        assert journal.pending_rows == 1
+        assert [(r["ts"].hour, r["action"]) for r in await store.read_signals("sig", "BTC", "1h")][-3:] == [
+            (4, "sell"), (5, "close_short"), (6, "buy")]
+        # a bulk write of the same history goes straight to the table, after the pending rows;
+        # the bars after it are journaled again
+        await store.write_signals(signals([7], ["sell"]))
+        bulk_hours = list(range(7, 5007))
         await store.write_signals(signals(bulk_hours, ["hold"] * len(bulk_hours), source="historical_replay"))
-        await store.write_signals(signals([3], ["buy"]))
+        assert journal.pending_rows == 0
+        await store.write_signals(signals([5007], ["buy"]))
+        assert journal.pending_rows == 1
         counts = await store.signal_action_counts("sig")
-        assert counts == {"sell": 1, "hold": 4999, "buy": 1}
+        assert counts == {"buy": 4, "sell": 2, "hold": 5000, "close_short": 1}
         await store.close()
 
     asyncio.run(main())
@@ -113,7 +130,7 @@ CRASH = textwrap.dedent("""
         await store.open()
         for hour in range(3):
             await store.write_signals(signals([hour], ["buy", "sell", "hold"][hour:hour + 1]))
-        await store.write_signals(signals([0], ["close_long"]))
+        await store.write_signals(signals([3], ["close_long"]))
         print("acknowledged", store.journal.pending_rows, flush=True)
         os._exit(0)   # a crash: no close, nothing applied
 
@@ -142,8 +159,8 @@ def test_a_crash_loses_no_acknowledged_row(tmp_path: Path, caplog: pytest.LogCap
 
     rows = asyncio.run(reopen())
     assert [(r["ts"].hour, r["action"], r["stop_loss"], r["flags"]) for r in rows] == [  # type: ignore[union-attr]
-        (0, "close_long", None, "levels_invalid"), (1, "sell", None, "levels_invalid"),
-        (2, "hold", None, "levels_invalid")]
+        (0, "buy", None, "levels_invalid"), (1, "sell", None, "levels_invalid"),
+        (2, "hold", None, "levels_invalid"), (3, "close_long", None, "levels_invalid")]
     assert "not a whole record" in caplog.text and "applied 4 signal rows" in caplog.text
     assert not list((tmp_path / "s.duckdb.journal").glob("*.log"))
 

@@ -34,6 +34,7 @@ Usage::
 from __future__ import annotations
 
 import base64
+import fcntl
 import logging
 import os
 import struct
@@ -124,6 +125,7 @@ class SignalJournal:
         self.directory = directory
         self._lock = threading.Lock()
         self._fd = -1
+        self._lock_fd = -1
         self._active: Path | None = None
         self._sequence = 0
         self._pending: list[Entry] = []
@@ -148,6 +150,15 @@ class SignalJournal:
         (apply them, then ``done(self.left_over)``)."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
+                raise StoreUnavailable(f"the signal journal at {self.directory} is in use by another"
+                                       " store of this file (one store per file and process)",
+                                       details={"journal": str(self.directory)}) from None
             old = sorted(self.directory.glob("*.log"))
             self._sequence = max((int(p.stem) for p in old if p.stem.isdigit()), default=0)
             left = [batch for path in old for batch in read_segment(path)]
@@ -211,6 +222,10 @@ class SignalJournal:
             self._closed = [p for p in self._closed if p not in segments]
         for path in segments:
             path.unlink(missing_ok=True)
+        if segments:
+            # durable before a later write straight to the table: a segment back from the dead
+            # would replay older rows over it
+            _sync_directory(self.directory)
 
     def close(self) -> None:
         with self._lock:
@@ -220,6 +235,9 @@ class SignalJournal:
             if self._active is not None and not self._pending and self._active.stat().st_size == 0:
                 self._active.unlink(missing_ok=True)
             self._active = None
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = -1
 
     # --- segments ---------------------------------------------------------------------------
     def _new_segment(self) -> tuple[Path, int]:
@@ -227,14 +245,18 @@ class SignalJournal:
         path = self.directory / f"{self._sequence:016d}.log"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         os.fsync(fd)
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the new name itself is durable before a record goes into it
-        finally:
-            os.close(dir_fd)
+        _sync_directory(self.directory)  # the new name itself is durable before a record goes in
         return path, fd
 
     def _activate(self, segment: tuple[Path, int]) -> None:
         if self._fd >= 0:
             os.close(self._fd)
         self._active, self._fd = segment
+
+
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
