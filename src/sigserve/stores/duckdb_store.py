@@ -97,9 +97,11 @@ _BULK_ROWS = 5_000
 # The journal's applier waits this long after the first pending record, so that one write
 # carries the rows of many requests (a DuckDB write costs about the same for 1 row or 50)
 JOURNAL_LINGER_S = 0.05
-# Past this many rows not yet taken by the applier (a process busy enough to starve it), a
-# write applies them itself: memory and replay time stay bounded
-JOURNAL_MAX_PENDING_ROWS = 5_000
+# Past this many rows not yet taken, the applier (idle priority) runs at normal priority until it
+# has caught up: a process busy enough to starve it shares its cores with it
+JOURNAL_BOOST_ROWS = 2_000
+# Past this many, a writer applies them itself: memory and replay time stay bounded
+JOURNAL_MAX_PENDING_ROWS = 50_000
 log = logging.getLogger("sigserve.stores.duckdb")
 
 MIGRATIONS: list[tuple[int, str]] = [
@@ -254,6 +256,14 @@ def _runs(entries: list[Entry]) -> Iterator[list[Entry]]:
         run.append(entry)
     if run:
         yield run
+
+
+def _set_idle_priority(idle: bool) -> bool:
+    """The calling thread under SCHED_IDLE (``idle``) or back under SCHED_OTHER (Linux; a no-op
+    elsewhere); returns ``idle``."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE if idle else os.SCHED_OTHER, os.sched_param(0))
+    return idle
 
 
 def _batch_fields(batch: SignalBatch) -> tuple[Any, ...]:
@@ -1259,10 +1269,11 @@ class DuckDBStore:
         It runs under SCHED_IDLE (Linux): it takes a CPU only when nothing else of normal
         priority wants it, so a request never waits behind an apply for a core (DuckDB drops the
         GIL while a statement runs). A server pinned to one core measured p90 3.6-4.4 ms for new
-        bars without it; starved, the writers apply past JOURNAL_MAX_PENDING_ROWS themselves.
+        bars without it, 2.5-2.9 with it. Starved (past JOURNAL_BOOST_ROWS queued), it takes
+        normal priority until it has caught up; past JOURNAL_MAX_PENDING_ROWS the writers apply
+        the rows themselves.
         """
-        with contextlib.suppress(AttributeError, OSError):
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        idle = _set_idle_priority(True)
         while True:
             with self._applier_wake:
                 while not self._applier_stop and not (self._journal is not None and self._journal.queued):
@@ -1272,6 +1283,9 @@ class DuckDBStore:
             with self._applier_wake:  # woken early only by close()
                 self._applier_wake.wait_for(lambda: self._applier_stop,
                                             self._journal_linger_s * (1 + min(self._apply_failures, 40)))
+            behind = self._journal is not None and self._journal.pending_rows >= JOURNAL_BOOST_ROWS
+            if behind == idle:
+                idle = _set_idle_priority(not behind)
             try:
                 self._flush_journal()
                 self._apply_failures = 0
