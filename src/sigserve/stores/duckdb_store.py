@@ -1405,11 +1405,13 @@ class DuckDBStore:
                 " AND interval=$itv AND action <> 'hold' AND NOT shadow")
         params: dict[str, Any] = {"sid": signal_id, "ver": model_version, "sym": symbol,
                                   "itv": interval}
+        cached = self._positions.get((signal_id, model_version, symbol, interval))
+        if cached is not None and before.min() > cached[0]:
+            # the live case (a server's grouped bars too), from memory: no SQL, so no wait for
+            # the signal journal's apply
+            sides[:] = cached[1]
+            return sides
         if before.size == 1:
-            cached = self._positions.get((signal_id, model_version, symbol, interval))
-            if cached is not None and before[0] > cached[0]:
-                sides[0] = cached[1]  # the live case, from memory: nothing pending to apply
-                return sides
             with self._guard():
                 latest = self._latest_position(self._con, (signal_id, model_version, symbol, interval))
                 if latest is None or before[0] > latest[0]:
