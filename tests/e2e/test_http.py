@@ -199,6 +199,28 @@ async def test_the_bar_cache_is_on_metrics(home: Path, world: World) -> None:
         assert metric(after, "sigserve_bar_cache_held_blocks") >= 1
 
 
+async def test_the_signal_journal_is_on_metrics(home: Path, world: World) -> None:
+    async with serving(settings_for(home)) as (app, client):
+        stored = [np.datetime64(r["ts"].replace(tzinfo=None), "us") for r in await history(app)]
+        ts = np.asarray(world.ts, dtype="datetime64[us]")
+        i = int(np.searchsorted(ts, max(stored), side="right")) if stored else WARMUP_BARS
+        assert i < BARS - 1, "the world has no bar after its stored signals"
+        before = (await client.get("/metrics")).text
+        appended = metric(before, 'sigserve_signal_journal_rows_total{state="appended"}')
+        r = await client.post("/inference/run", json=run_body(world, i))  # a new bar: journaled
+        assert r.status_code == 200, r.text
+        after = (await client.get("/metrics")).text
+        assert metric(after, 'sigserve_signal_journal_rows_total{state="appended"}') == appended + 1
+        bar = np.datetime64(r.json()["ts"].rstrip("Z"), "us")
+        # a reader sees it: the pending rows are applied first
+        assert [row["action"] for row in await history(app)
+                if np.datetime64(row["ts"].replace(tzinfo=None), "us") == bar] == [r.json()["action"]]
+        applied = (await client.get("/metrics")).text
+        assert metric(applied, "sigserve_signal_journal_unapplied_rows") == 0
+        assert metric(applied, 'sigserve_signal_journal_rows_total{state="applied"}') >= appended + 1
+        assert metric(applied, "sigserve_signal_journal_apply_failures") == 0
+
+
 async def test_grouping_is_a_setting(home: Path, world: World) -> None:
     async with serving(settings_for(home, group_bars=False)) as (app, client):
         assert services_of(app).engine.bar_batcher is None

@@ -206,6 +206,7 @@ class SigserveApp:
                     linger_s=settings.group_linger_ms / 1000.0)
             state.services = services
             self.metrics.watch_bar_cache(getattr(services.store, "bar_cache", None))
+            self.metrics.watch_signal_journal(services.store)
             warmed = await warm_up(state)
             services.engine.observer = self.metrics.observe_stage
             # What startup allocated lives as long as the process: keep it out of the collector's
@@ -224,6 +225,7 @@ class SigserveApp:
                     services.engine.bar_batcher = None
                 gc.unfreeze()
                 self.metrics.watch_bar_cache(None)
+                self.metrics.watch_signal_journal(None)
                 state.services = None
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

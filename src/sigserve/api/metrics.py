@@ -10,7 +10,12 @@
 - ``sigserve_bar_group_requests``: how many one-bar requests of a series were served together
   (the bar batcher's groups; 1: alone), fed by ``BarBatcher.on_group``;
 - ``sigserve_bar_cache_blocks_total{result}`` (hit, miss) and ``sigserve_bar_cache_held_blocks``:
-  the DuckDB store's bar cache (``sigserve.stores.bar_cache``), read when scraped.
+  the DuckDB store's bar cache (``sigserve.stores.bar_cache``), read when scraped;
+- ``sigserve_signal_journal_rows_total{state}`` (appended, applied),
+  ``sigserve_signal_journal_unapplied_rows`` and ``sigserve_signal_journal_apply_failures`` (in
+  a row, now): a DuckDB file store's signal journal (``sigserve.stores.signal_journal``), read
+  when scraped. Unapplied rows that keep growing, or failures above 0, mean the applier is behind
+  or failing (the rows stay durable in the journal; readers of signal_history get the error).
 
 Label children are cached, so an observation is a dict lookup and the histogram's own lock.
 """
@@ -52,6 +57,7 @@ class Metrics:
         self._signal_children: dict[tuple[str, str], Any] = {}
         self._error_children: dict[str, Any] = {}
         self._bar_cache: _BarCacheCollector | None = None
+        self._journal: _JournalCollector | None = None
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method, status)
@@ -88,6 +94,15 @@ class Metrics:
             self._bar_cache = _BarCacheCollector(cache)
             self.registry.register(self._bar_cache)
 
+    def watch_signal_journal(self, store: Any) -> None:
+        """Export a DuckDB store's signal journal (None, or a store without one: stop)."""
+        if self._journal is not None:
+            self.registry.unregister(self._journal)
+            self._journal = None
+        if store is not None and getattr(store, "journal", None) is not None:
+            self._journal = _JournalCollector(store)
+            self.registry.register(self._journal)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -107,3 +122,28 @@ class _BarCacheCollector:
         yield lookups
         yield GaugeMetricFamily("sigserve_bar_cache_held_blocks",
                                 "Blocks of bars the DuckDB store's bar cache holds", value=len(self.cache))
+
+
+class _JournalCollector:
+    """The signal journal's counts, read at scrape time from the store (its journal may be
+    reopened)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Any]:
+        journal = self.store.journal
+        if journal is None:
+            return
+        rows = CounterMetricFamily("sigserve_signal_journal_rows",
+                                   "Signal rows through the DuckDB store's journal, by state",
+                                   labels=["state"])
+        rows.add_metric(["appended"], journal.appended)
+        rows.add_metric(["applied"], journal.applied)
+        yield rows
+        yield GaugeMetricFamily("sigserve_signal_journal_unapplied_rows",
+                                "Signal rows durable in the journal, not yet in signal_history",
+                                value=journal.unapplied_rows)
+        yield GaugeMetricFamily("sigserve_signal_journal_apply_failures",
+                                "Failed applies of the signal journal in a row (0: the last succeeded)",
+                                value=self.store.journal_apply_failures)

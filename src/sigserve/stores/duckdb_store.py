@@ -393,6 +393,11 @@ class DuckDBStore:
         its ``pending_rows``, ``appended`` and ``applied`` counts."""
         return self._journal
 
+    @property
+    def journal_apply_failures(self) -> int:
+        """Failed applies of the journal in a row (0 when the last one succeeded)."""
+        return self._apply_failures
+
     def _open_journal(self) -> None:
         journal = SignalJournal(Path(self.path + ".journal"))
         left = journal.open()
