@@ -401,12 +401,17 @@ class DuckDBStore:
     def _open_journal(self) -> None:
         journal = SignalJournal(Path(self.path + ".journal"))
         left = journal.open()
-        self._journal_con = self._con.cursor()
-        self._journal_con.execute("SET TimeZone = 'UTC'")
-        if left:  # a crash left rows that were acknowledged but not applied: apply them first
-            self._apply_entries(self._journal_con, left)
-            log.warning("applied %d signal rows from the journal a previous process left", sum(len(b) for b, _ in left))
-        journal.done(journal.left_over)
+        try:
+            self._journal_con = self._con.cursor()
+            self._journal_con.execute("SET TimeZone = 'UTC'")
+            if left:  # a crash left rows that were acknowledged but not applied: apply them first
+                self._apply_entries(self._journal_con, left)
+                log.warning("applied %d signal rows from the journal a previous process left",
+                            sum(len(b) for b, _ in left))
+            journal.done(journal.left_over)
+        except BaseException:
+            journal.close()  # its segments stay for the next open; its lock is released
+            raise
         self._journal = journal
         self._applier_stop = False
         self._applier = threading.Thread(target=self._apply_in_background, name="sigserve-journal",
