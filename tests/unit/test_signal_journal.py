@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from sigserve.domain import SignalBatch
-from sigserve.stores.signal_journal import HEADER, MAGIC, decode, encode, read_segment, record
+from sigserve.errors import StoreUnavailable
+from sigserve.stores import signal_journal
+from sigserve.stores.signal_journal import HEADER, MAGIC, SignalJournal, decode, encode, read_segment, record
 
 
 def batch() -> SignalBatch:
@@ -52,3 +56,25 @@ def test_reading_stops_at_a_damaged_record(tmp_path: Path) -> None:
     assert len(read_segment(path)) == 2
     path.write_bytes(good + good[:-3])  # cut short
     assert len(read_segment(path)) == 1
+
+
+def test_a_failed_append_leaves_no_record_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = SignalJournal(tmp_path / "journal")
+    assert journal.open() == []
+    when = datetime(2026, 12, 3)
+    journal.append(batch(), when)
+    real_sync = os.fdatasync
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(signal_journal.os, "fdatasync", failing)
+    with pytest.raises(StoreUnavailable):
+        journal.append(batch(), when)
+    monkeypatch.setattr(signal_journal.os, "fdatasync", real_sync)
+    journal.append(batch(), when)
+    # the refused record is gone from the file: what a crash now would replay is what was
+    # acknowledged
+    (segment,) = sorted(journal.directory.glob("*.log"))
+    assert len(read_segment(segment)) == 2 and journal.pending_rows == 4 and journal.appended == 4
+    journal.close()

@@ -125,6 +125,8 @@ class SignalJournal:
         self.directory = directory
         self._lock = threading.Lock()
         self._fd = -1
+        self._size = 0  # bytes of whole records in the active segment
+        self._closed_for_good = False
         self._lock_fd = -1
         self._active: Path | None = None
         self._sequence = 0
@@ -174,19 +176,24 @@ class SignalJournal:
         return list(self._closed)
 
     def append(self, batch: SignalBatch, created_at: datetime) -> None:
-        """Write and sync one batch's record; durable when this returns."""
+        """Write and sync one batch's record; durable when this returns. When it raises
+        (``store_unavailable``), the record is cut off again, so that it is not applied later."""
         data = record(batch, created_at)
         with self._lock:
-            if self._fd < 0:
+            if self._closed_for_good:
                 raise StoreUnavailable("the signal journal is closed", details={"journal": str(self.directory)})
             try:
+                if self._fd < 0:  # the last append failed and could not cut its record off
+                    self._activate(self._new_segment())
                 written = os.write(self._fd, data)
                 if written != len(data):  # a short write on a regular file: the disk is full
                     raise OSError(f"short write ({written} of {len(data)} bytes)")
                 os.fdatasync(self._fd)
             except OSError as exc:
+                self._cut_off()
                 raise StoreUnavailable(f"cannot write the signal journal: {exc}",
                                        details={"journal": str(self.directory)}) from exc
+            self._size += len(data)
             self._pending.append((batch, created_at))
             self.pending_rows += len(batch)
             self.unapplied_rows += len(batch)
@@ -229,6 +236,7 @@ class SignalJournal:
 
     def close(self) -> None:
         with self._lock:
+            self._closed_for_good = True
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
@@ -252,6 +260,22 @@ class SignalJournal:
         if self._fd >= 0:
             os.close(self._fd)
         self._active, self._fd = segment
+        self._size = 0
+
+    def _cut_off(self) -> None:
+        """After a failed append: the segment back to its last whole record; where that fails,
+        the segment is retired (kept, with the records before, until they are applied) and the
+        next append opens a new one, so no record ever follows a torn one."""
+        if self._fd < 0:
+            return
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError:
+            os.close(self._fd)
+            self._fd = -1
+            if self._active is not None:
+                self._closed.append(self._active)
+            self._active = None
 
 
 def _sync_directory(directory: Path) -> None:
