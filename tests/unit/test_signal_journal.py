@@ -60,7 +60,7 @@ def test_reading_stops_at_a_damaged_record(tmp_path: Path) -> None:
 
 def test_a_failed_append_leaves_no_record_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     journal = SignalJournal(tmp_path / "journal")
-    assert journal.open() == []
+    assert journal.open() == ([], [])
     when = datetime(2026, 12, 3)
     journal.append(batch(), when)
     real_sync = os.fdatasync

@@ -205,8 +205,7 @@ class SigserveApp:
                     services.engine, on_group=self.metrics.bar_groups.observe,
                     linger_s=settings.group_linger_ms / 1000.0)
             state.services = services
-            self.metrics.watch_bar_cache(getattr(services.store, "bar_cache", None))
-            self.metrics.watch_signal_journal(services.store)
+            self.metrics.watch_store(services.store)
             warmed = await warm_up(state)
             services.engine.observer = self.metrics.observe_stage
             # What startup allocated lives as long as the process: keep it out of the collector's
@@ -224,8 +223,7 @@ class SigserveApp:
                     await batcher.stop()
                     services.engine.bar_batcher = None
                 gc.unfreeze()
-                self.metrics.watch_bar_cache(None)
-                self.metrics.watch_signal_journal(None)
+                self.metrics.watch_store(None)
                 state.services = None
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

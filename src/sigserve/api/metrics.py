@@ -56,8 +56,7 @@ class Metrics:
         self._stage_children: dict[str, Any] = {s: self.stages.labels(s) for s in STAGES}
         self._signal_children: dict[tuple[str, str], Any] = {}
         self._error_children: dict[str, Any] = {}
-        self._bar_cache: _BarCacheCollector | None = None
-        self._journal: _JournalCollector | None = None
+        self._store: _StoreCollector | None = None
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method, status)
@@ -85,65 +84,50 @@ class Metrics:
             child = self._error_children[code] = self.errors.labels(code)
         child.inc()
 
-    def watch_bar_cache(self, cache: Any) -> None:
-        """Export a store's bar cache (None: stop exporting one)."""
-        if self._bar_cache is not None:
-            self.registry.unregister(self._bar_cache)
-            self._bar_cache = None
-        if cache is not None:
-            self._bar_cache = _BarCacheCollector(cache)
-            self.registry.register(self._bar_cache)
-
-    def watch_signal_journal(self, store: Any) -> None:
-        """Export a DuckDB store's signal journal (None, or a store without one: stop)."""
-        if self._journal is not None:
-            self.registry.unregister(self._journal)
-            self._journal = None
-        if store is not None and getattr(store, "journal", None) is not None:
-            self._journal = _JournalCollector(store)
-            self.registry.register(self._journal)
+    def watch_store(self, store: Any) -> None:
+        """Export what a store keeps in memory (the DuckDB store's bar cache and signal journal),
+        read at scrape time; None: stop."""
+        if self._store is not None:
+            self.registry.unregister(self._store)
+            self._store = None
+        if store is not None and (getattr(store, "bar_cache", None) is not None
+                                  or getattr(store, "journal", None) is not None):
+            self._store = _StoreCollector(store)
+            self.registry.register(self._store)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-class _BarCacheCollector:
-    """The bar cache's counters, read at scrape time: nothing is added to a read."""
-
-    def __init__(self, cache: Any) -> None:
-        self.cache = cache
-
-    def collect(self) -> Iterator[Any]:
-        lookups = CounterMetricFamily("sigserve_bar_cache_blocks",
-                                      "Block lookups of the DuckDB store's bar cache, by result",
-                                      labels=["result"])
-        lookups.add_metric(["hit"], self.cache.hits)
-        lookups.add_metric(["miss"], self.cache.misses)
-        yield lookups
-        yield GaugeMetricFamily("sigserve_bar_cache_held_blocks",
-                                "Blocks of bars the DuckDB store's bar cache holds", value=len(self.cache))
-
-
-class _JournalCollector:
-    """The signal journal's counts, read at scrape time from the store (its journal may be
-    reopened)."""
+class _StoreCollector:
+    """The bar cache's and the signal journal's counts, read from the store at scrape time:
+    nothing is added to a read or a write (and a reopened journal is followed)."""
 
     def __init__(self, store: Any) -> None:
         self.store = store
 
     def collect(self) -> Iterator[Any]:
-        journal = self.store.journal
-        if journal is None:
-            return
-        rows = CounterMetricFamily("sigserve_signal_journal_rows",
-                                   "Signal rows through the DuckDB store's journal, by state",
-                                   labels=["state"])
-        rows.add_metric(["appended"], journal.appended)
-        rows.add_metric(["applied"], journal.applied)
-        yield rows
-        yield GaugeMetricFamily("sigserve_signal_journal_unapplied_rows",
-                                "Signal rows durable in the journal, not yet in signal_history",
-                                value=journal.unapplied_rows)
-        yield GaugeMetricFamily("sigserve_signal_journal_apply_failures",
-                                "Failed applies of the signal journal in a row (0: the last succeeded)",
-                                value=self.store.journal_apply_failures)
+        cache = getattr(self.store, "bar_cache", None)
+        if cache is not None:
+            lookups = CounterMetricFamily("sigserve_bar_cache_blocks",
+                                          "Block lookups of the DuckDB store's bar cache, by result",
+                                          labels=["result"])
+            lookups.add_metric(["hit"], cache.hits)
+            lookups.add_metric(["miss"], cache.misses)
+            yield lookups
+            yield GaugeMetricFamily("sigserve_bar_cache_held_blocks",
+                                    "Blocks of bars the DuckDB store's bar cache holds", value=len(cache))
+        journal = getattr(self.store, "journal", None)
+        if journal is not None:
+            rows = CounterMetricFamily("sigserve_signal_journal_rows",
+                                       "Signal rows through the DuckDB store's journal, by state",
+                                       labels=["state"])
+            rows.add_metric(["appended"], journal.appended)
+            rows.add_metric(["applied"], journal.applied)
+            yield rows
+            yield GaugeMetricFamily("sigserve_signal_journal_unapplied_rows",
+                                    "Signal rows durable in the journal, not yet in signal_history",
+                                    value=journal.unapplied_rows)
+            yield GaugeMetricFamily("sigserve_signal_journal_apply_failures",
+                                    "Failed applies of the signal journal in a row (0: the last succeeded)",
+                                    value=self.store.journal_apply_failures)

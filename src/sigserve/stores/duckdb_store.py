@@ -390,7 +390,7 @@ class DuckDBStore:
     @property
     def journal(self) -> SignalJournal | None:
         """The signal journal of a file store (None on ``:memory:`` or with ``journal=False``):
-        its ``pending_rows``, ``appended`` and ``applied`` counts."""
+        its ``pending_rows``, ``unapplied_rows``, ``appended`` and ``applied`` counts."""
         return self._journal
 
     @property
@@ -400,7 +400,7 @@ class DuckDBStore:
 
     def _open_journal(self) -> None:
         journal = SignalJournal(Path(self.path + ".journal"))
-        left = journal.open()
+        left, segments = journal.open()
         try:
             self._journal_con = self._con.cursor()
             self._journal_con.execute("SET TimeZone = 'UTC'")
@@ -408,7 +408,7 @@ class DuckDBStore:
                 self._apply_entries(self._journal_con, left)
                 log.warning("applied %d signal rows from the journal a previous process left",
                             sum(len(b) for b, _ in left))
-            journal.done(journal.left_over)
+            journal.done(segments)
         except BaseException:
             journal.close()  # its segments stay for the next open; its lock is released
             raise
@@ -505,7 +505,7 @@ class DuckDBStore:
         if self._con is None:
             raise StoreUnavailable("the store is not open", details={"store": self.url})
         try:
-            if flush and self._journal is not None and self._journal.pending:
+            if flush and self._journal is not None and self._journal.unapplied_rows:
                 self._flush_journal()
             yield
         except SigserveError:
@@ -1148,9 +1148,7 @@ class DuckDBStore:
             # would apply a journaled row at once anyway.
             with self._guard():
                 written = self._write_small(self._con, batch)
-            newest = self._newest_written.get(history)
-            if history in self._newest_written and (newest is None or batch.ts.max() > newest):
-                self._newest_written[history] = batch.ts.max()
+            self._advance(self._newest_written, history, batch.ts.max())
             return written
         self._newest_written.pop(history, None)
         self._chunks_writing[history] = self._chunks_writing.get(history, 0) + 1
@@ -1186,7 +1184,7 @@ class DuckDBStore:
         # less for 16 rows measured)
         written = self._write_rows(con, batch, append=newest is None or batch.ts.min() > newest,
                                    remember=remember, now=now)
-        self._advance_newest(history, batch.ts.max())
+        self._advance(self._newest_signal, history, batch.ts.max())
         return written
 
     def _write_rows(self, con: Any, batch: SignalBatch, *, append: bool, remember: bool = True,
@@ -1273,6 +1271,10 @@ class DuckDBStore:
             batch = run[0][0] if len(run) == 1 else merge_batches([b for b, _ in run])
             self._write_small(con, batch, remember=False, now=run[-1][1])
 
+    def _queued_rows(self) -> int:
+        journal = self._journal
+        return 0 if journal is None else journal.pending_rows
+
     def _apply_in_background(self) -> None:
         """The applier thread: a linger after the first pending record, then one apply of all.
 
@@ -1286,14 +1288,13 @@ class DuckDBStore:
         idle = _set_idle_priority(True)
         while True:
             with self._applier_wake:
-                while not self._applier_stop and not (self._journal is not None and self._journal.queued):
-                    self._applier_wake.wait()
-                if self._applier_stop:
-                    return
-            with self._applier_wake:  # woken early only by close()
+                self._applier_wake.wait_for(lambda: self._applier_stop or bool(self._queued_rows()))
+                # the linger (longer after failures): appends notify, only close() ends it early
                 self._applier_wake.wait_for(lambda: self._applier_stop,
                                             self._journal_linger_s * (1 + min(self._apply_failures, 40)))
-            behind = self._journal is not None and self._journal.pending_rows >= JOURNAL_BOOST_ROWS
+                if self._applier_stop:
+                    return
+            behind = self._queued_rows() >= JOURNAL_BOOST_ROWS
             if behind == idle:
                 idle = _set_idle_priority(not behind)
             try:
@@ -1324,11 +1325,15 @@ class DuckDBStore:
                 " AND interval=?", list(history)).fetchall())[0])
         return self._newest_signal[history]
 
-    def _advance_newest(self, history: tuple[str, int, str, str], at: np.datetime64) -> None:
-        if history in self._newest_signal:
-            newest = self._newest_signal[history]
+    @staticmethod
+    def _advance(newest_of: dict[tuple[str, int, str, str], np.datetime64 | None],
+                 history: tuple[str, int, str, str], at: np.datetime64) -> None:
+        """Move a cached newest ts of a history (``_newest_signal``, ``_newest_written``) to ``at``
+        if that is later; a history not cached stays so."""
+        if history in newest_of:
+            newest = newest_of[history]
             if newest is None or at > newest:
-                self._newest_signal[history] = at
+                newest_of[history] = at
 
     _SIGNAL_INSERT = (
         "INSERT INTO signal_history (signal_id, model_version, symbol, interval, ts, action, confidence,"
@@ -1389,7 +1394,7 @@ class DuckDBStore:
                     con.rollback()
                     raise
                 con.commit()
-        self._advance_newest(history, at)
+        self._advance(self._newest_signal, history, at)
         if remember:
             self._remember_position(batch)
         return 1

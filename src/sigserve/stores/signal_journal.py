@@ -24,7 +24,7 @@ Rules that keep it correct (see ``DuckDBStore``):
 Usage::
 
     journal = SignalJournal(Path("/data/sigserve.duckdb.journal"))
-    left_over = journal.open()          # records a crash left behind: apply them, then done()
+    left, segments = journal.open()      # records a crash left behind: apply them, then done()
     journal.append(batch, created_at)    # durable when it returns
     entries, segments = journal.take()   # the pending (batch, created_at), in order
     ...                                  # apply them
@@ -137,19 +137,9 @@ class SignalJournal:
         self.appended = 0
         self.applied = 0
 
-    @property
-    def pending(self) -> bool:
-        """Rows appended and not yet in DuckDB (some may be being applied right now)."""
-        return self.unapplied_rows > 0
-
-    @property
-    def queued(self) -> bool:
-        """Rows appended and not yet taken by an apply."""
-        return bool(self._pending)
-
-    def open(self) -> list[Entry]:
-        """Open a new segment; return the records of the segments left from before, in order
-        (apply them, then ``done(self.left_over)``)."""
+    def open(self) -> tuple[list[Entry], list[Path]]:
+        """Open a new segment; return the records of the segments left from before, in order,
+        and those segments (apply the records, then ``done(segments)``), as ``take`` does."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -169,11 +159,7 @@ class SignalJournal:
         except OSError as exc:
             raise StoreUnavailable(f"cannot open the signal journal at {self.directory}: {exc}",
                                    details={"journal": str(self.directory)}) from exc
-        return left
-
-    @property
-    def left_over(self) -> list[Path]:
-        return list(self._closed)
+        return left, list(old)
 
     def append(self, batch: SignalBatch, created_at: datetime) -> None:
         """Write and sync one batch's record; durable when this returns. When it raises
@@ -240,7 +226,7 @@ class SignalJournal:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
-            if self._active is not None and not self._pending and self._active.stat().st_size == 0:
+            if self._active is not None and self._size == 0:
                 self._active.unlink(missing_ok=True)
             self._active = None
             if self._lock_fd >= 0:
