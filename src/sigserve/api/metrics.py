@@ -99,6 +99,13 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def _counter(name: str, documentation: str, label: str, values: dict[str, float]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in values.items():
+        family.add_metric([value], count)
+    return family
+
+
 class _StoreCollector:
     """The bar cache's and the signal journal's counts, read from the store at scrape time:
     nothing is added to a read or a write (and a reopened journal is followed)."""
@@ -109,22 +116,14 @@ class _StoreCollector:
     def collect(self) -> Iterator[Any]:
         cache = getattr(self.store, "bar_cache", None)
         if cache is not None:
-            lookups = CounterMetricFamily("sigserve_bar_cache_blocks",
-                                          "Block lookups of the DuckDB store's bar cache, by result",
-                                          labels=["result"])
-            lookups.add_metric(["hit"], cache.hits)
-            lookups.add_metric(["miss"], cache.misses)
-            yield lookups
+            yield _counter("sigserve_bar_cache_blocks", "Block lookups of the DuckDB store's bar cache, by result",
+                           "result", {"hit": cache.hits, "miss": cache.misses})
             yield GaugeMetricFamily("sigserve_bar_cache_held_blocks",
                                     "Blocks of bars the DuckDB store's bar cache holds", value=len(cache))
         journal = getattr(self.store, "journal", None)
         if journal is not None:
-            rows = CounterMetricFamily("sigserve_signal_journal_rows",
-                                       "Signal rows through the DuckDB store's journal, by state",
-                                       labels=["state"])
-            rows.add_metric(["appended"], journal.appended)
-            rows.add_metric(["applied"], journal.applied)
-            yield rows
+            yield _counter("sigserve_signal_journal_rows", "Signal rows through the DuckDB store's journal, by state",
+                           "state", {"appended": journal.appended, "applied": journal.applied})
             yield GaugeMetricFamily("sigserve_signal_journal_unapplied_rows",
                                     "Signal rows durable in the journal, not yet in signal_history",
                                     value=journal.unapplied_rows)
