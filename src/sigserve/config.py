@@ -10,6 +10,7 @@ Usage::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -50,6 +51,13 @@ class Settings(BaseSettings):
     shadow_linger_ms: float = Field(
         default=100.0, ge=0, le=10_000, description="shadow jobs are gathered this long and predicted"
         " together (one vectorised predict per version); 0: as soon as the loop is free")
+    shadow_worker: Literal["process", "loop"] = Field(
+        default="process", description="where shadows are predicted: a worker process under"
+        " SCHED_IDLE (the request thread only sends each row down a pipe), or the server's event"
+        " loop between requests")
+    shadow_cpus: str | None = Field(
+        default=None, pattern=r"^\d+(,\d+)*$", description="CPUs of the shadow worker process,"
+        " comma-separated (default: the server's)")
     # --- risk checks of /api/v1/predict (risk_check: true); None: that limit is not enforced ---
     risk_max_position_units: float | None = Field(default=None, gt=0)
     risk_max_position_notional: float | None = Field(default=None, gt=0)
@@ -61,6 +69,10 @@ class Settings(BaseSettings):
                                   " /api/v1/predict decision is also a trading_decision event there")
     audit_subject: str = Field(default="audit.trading_decision", description="the events' subject"
                                " prefix (then .SYMBOL)")
+    gil_switch_us: float | None = Field(
+        default=None, gt=0, le=100_000, description="how long a thread may hold the GIL while the"
+        " request thread waits for it (sys.setswitchinterval, in microseconds); None: Python's"
+        " 5,000")
     access_log: bool = Field(default=False, description="uvicorn access log (costs latency)")
     otel: bool = Field(default=False, description="FastAPI's native OpenTelemetry through the global"
                        " providers (costs latency on every request)")

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -83,10 +84,12 @@ async def test_shadows_are_gathered_for_the_linger_and_predicted_together(
 
 
 async def test_shadow_steps_wait_for_a_gap_between_requests(home: Path, world: World, tmp_path: Path) -> None:
-    """While a request is in flight a shadow step waits (the edge counts requests), up to one
-    linger from the batch's start; a gap lets the steps run at once."""
+    """In the event loop (``shadow_worker="loop"``), while a request is in flight a shadow step
+    waits (the edge counts requests), up to one linger from the batch's start; a gap lets the
+    steps run at once."""
     assert await _register_candidate(home, world, tmp_path) == CANDIDATE
-    async with serving(settings_for(home, server_prepared_ttl_s=60.0, shadow_linger_ms=2_000.0)) as (app, client):
+    async with serving(settings_for(home, server_prepared_ttl_s=60.0, shadow_linger_ms=2_000.0,
+                                    shadow_worker="loop")) as (app, client):
         r = await client.post(f"/admin/rollouts/{SIGNAL}/start", json={"version": CANDIDATE})
         assert r.status_code == 200, r.text
         for i in range(60, 66):
@@ -112,6 +115,55 @@ async def test_shadow_steps_wait_for_a_gap_between_requests(home: Path, world: W
             assert runner.stats["predicted"] == 10 and time.monotonic() - began >= 0.15
         finally:
             requests.leave()
+
+
+async def test_shadows_are_predicted_in_a_worker_process_that_comes_back_when_it_dies(
+        home: Path, world: World, tmp_path: Path) -> None:
+    """The default runner predicts in a worker process of its own; the server writes the rows. A
+    worker that dies fails its jobs (counted); the next job, a second later, starts another."""
+    from sigserve.routing.shadow_process import RESTART_AFTER_S, ShadowProcessRunner
+
+    assert await _register_candidate(home, world, tmp_path) == CANDIDATE
+    async with serving(settings_for(home, server_prepared_ttl_s=60.0, shadow_linger_ms=5_000.0)) as (app, client):
+        assert (await client.post(f"/admin/rollouts/{SIGNAL}/start", json={"version": CANDIDATE})).status_code == 200
+        r = await client.post("/inference/run", json={"signal_id": SIGNAL, "symbol": BTC,
+                                                      "ts": world.t(300), "interval_name": "1h"})
+        assert r.status_code == 200, r.text
+        services = services_of(app)
+        runner = services.engine.shadow_runner
+        assert isinstance(runner, ShadowProcessRunner)
+        worker = runner.process
+        assert worker is not None and worker.pid != os.getpid() and worker.poll() is None
+        await runner.idle()
+        assert (runner.stats["predicted"], runner.stats["failed"]) == (1, 0)
+        rows = await services.store.read_signals(SIGNAL, BTC)
+        assert sorted((r["model_version"], bool(r["shadow"])) for r in rows) == [(1, False), (CANDIDATE, True)]
+        # the worker's row is the candidate model's own answer on that bar
+        import lightgbm as lgb
+
+        booster = lgb.Booster(model_file=str(tmp_path / "cand.txt"))
+        features = world.feature_dict(BTC, 300)
+        p_up = float(booster.predict(np.array([[features[n] for n in booster.feature_name()]]))[0])
+        shadow_row = next(r for r in rows if r["shadow"])
+        assert shadow_row["raw_output"] == pytest.approx([1.0 - p_up, p_up])
+
+        await _predict(client, world, BTC, 301)  # in flight when the worker dies
+        worker.kill()
+        worker.wait()
+        for _ in range(100):  # the server sees the end of the pipe
+            if runner.process is None:
+                break
+            await asyncio.sleep(0.02)
+        assert runner.process is None and runner.stats["failed"] == 1
+        status = (await client.get(f"/admin/rollouts/{SIGNAL}")).json()["shadow_queue"]
+        assert status["failed"] == 1
+        # served all along; within the restart delay jobs are dropped (counted), then a new worker
+        await asyncio.sleep(RESTART_AFTER_S)
+        answer = await _predict(client, world, BTC, 302)
+        assert answer["metadata"]["model_version"] == 1
+        assert runner.process is not None and runner.process.pid != worker.pid
+        await runner.idle()
+        assert runner.stats["predicted"] == 2
 
 
 async def test_rollout_stages_routing_shadows_and_audit(home: Path, world: World, tmp_path: Path) -> None:

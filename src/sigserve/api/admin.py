@@ -56,11 +56,20 @@ def ensure_shadow_runner(state: ServerState) -> None:
     """Start this server's background shadow runner once (bounded queue, drops counted)."""
     engine = state.engine
     if engine.shadow_runner is None:
-        from ..routing.shadow import ShadowRunner
-
         settings = state.settings
-        runner = ShadowRunner(engine, maxsize=settings.shadow_queue_size, metrics=state.metrics,
-                              linger_s=settings.shadow_linger_ms / 1000.0, gate=state.requests)
+        linger_s = settings.shadow_linger_ms / 1000.0
+        runner: Any
+        if settings.shadow_worker == "process":
+            from ..routing.shadow_process import ShadowProcessRunner
+
+            cpus = {int(c) for c in settings.shadow_cpus.split(",")} if settings.shadow_cpus else None
+            runner = ShadowProcessRunner(engine, settings, maxsize=settings.shadow_queue_size,
+                                         metrics=state.metrics, linger_s=linger_s, cpus=cpus)
+        else:
+            from ..routing.shadow import ShadowRunner
+
+            runner = ShadowRunner(engine, maxsize=settings.shadow_queue_size, metrics=state.metrics,
+                                  linger_s=linger_s, gate=state.requests)
         runner.start()
         engine.shadow_runner = runner
         state.svc.on_close.append(runner.stop)  # drain (2 s at most) before the store closes

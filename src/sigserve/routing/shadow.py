@@ -30,11 +30,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -57,12 +56,54 @@ class ShadowJob:
     write: bool
 
 
-class ShadowRunner:
+class ShadowRecorder:
+    """What both shadow runners keep: counters (``stats``), the live comparison per (signal,
+    served version, shadow version) and the Prometheus series."""
+
+    def __init__(self, metrics: Any = None) -> None:
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._metrics = _ShadowMetrics(metrics) if metrics is not None else None
+        # per (signal_id, version): [bars, agreeing bars, total latency ms] (live, in memory)
+        self.compare: dict[tuple[str, int, int], list[float]] = {}
+
+    def rows_of(self, routed: Prepared, features: FeatureBatch, served: SignalBatch, source: str,
+                write: bool) -> list[ShadowRows]:
+        """One served prediction's rows for each of its shadows, in the shadow's columns (a
+        shadow reading features the served row does not carry is skipped and counted)."""
+        from .rollout import align
+
+        out = []
+        for shadow in routed.shadows:
+            rows = align(features, shadow)
+            if rows is None:
+                self.stats["skipped_missing_features"] += 1
+                continue
+            out.append(ShadowRows(shadow, routed.card.version, rows, served.action, source, write))
+        return out
+
+    def dropped(self) -> None:
+        self.stats["dropped"] += 1
+        if self._metrics is not None:
+            self._metrics.dropped.inc()
+
+    def record(self, comparisons: list[Comparison]) -> None:
+        for c in comparisons:
+            self.stats["predicted"] += c.bars
+            entry = self.compare.setdefault((c.signal_id, c.served_version, c.shadow_version), [0.0, 0.0, 0.0])
+            entry[0] += c.bars
+            entry[1] += c.agreeing
+            entry[2] += c.per_row_ms * c.bars
+            if self._metrics is not None:
+                self._metrics.observe(c.signal_id, c.shadow_version, c.bars, c.agreeing, c.per_row_ms)
+
+
+class ShadowRunner(ShadowRecorder):
     def __init__(self, engine: Engine, *, maxsize: int = 1024, metrics: Any = None,
                  max_batch: int = 1024, inline_rows: int = 512, linger_s: float = 0.1,
                  gate: IdleGate | None = None) -> None:
         from ..engine import Engine
 
+        super().__init__(metrics)
         self.engine = engine
         self.compute_engine = Engine(engine.store, engine.registry)  # no stage observer
         self.maxsize = maxsize
@@ -75,10 +116,6 @@ class ShadowRunner:
         self.queue: asyncio.Queue[ShadowJob] | None = None
         self._flush = asyncio.Event()  # set: stop lingering (stop, idle)
         self.task: asyncio.Task[None] | None = None
-        self.stats: collections.Counter[str] = collections.Counter()
-        self._metrics = _ShadowMetrics(metrics) if metrics is not None else None
-        # per (signal_id, version): [bars, agreeing bars, total latency ms] (live, in memory)
-        self.compare: dict[tuple[str, int, int], list[float]] = {}
 
     def start(self) -> None:
         self.queue = asyncio.Queue(maxsize=self.maxsize)
@@ -107,9 +144,7 @@ class ShadowRunner:
         try:
             queue.put_nowait(ShadowJob(routed, features, served, source, write))
         except asyncio.QueueFull:
-            self.stats["dropped"] += 1
-            if self._metrics is not None:
-                self._metrics.dropped.inc()
+            self.dropped()
             return False
         return True
 
@@ -158,7 +193,7 @@ class ShadowRunner:
                         await asyncio.sleep(0)
                 else:
                     results = await asyncio.to_thread(self._compute, jobs)
-                for batch in _one_per_key(results):
+                for batch in one_per_key(results):
                     await self.engine.store.write_signals(batch)
             except Exception:  # a shadow never takes the server down
                 self.stats["failed"] += len(jobs)
@@ -170,66 +205,68 @@ class ShadowRunner:
     def _compute(self, jobs: list[ShadowJob]) -> list[SignalBatch]:
         """Every job's shadows, one vectorised predict per (shadow version, symbol, source); the
         rows to write."""
-        out: list[SignalBatch] = []
-        for group in self._groups(jobs):
-            started = time.perf_counter()
-            batch, _ = self.compute_engine.compute(group.shadow, group.features, FLAT, group.members[0].source)
-            out += self._finish(group, batch, started)
-        return out
-
-    def _groups(self, jobs: list[ShadowJob]) -> list[_Group]:
-        """The jobs' rows per (shadow version, served version, symbol, source, write), each
-        group's rows in the shadow's columns."""
-        from .rollout import align
-
-        groups: dict[tuple[int, int, str, str, bool], _Group] = {}
+        items: list[ShadowRows] = []
         for job in jobs:
-            for shadow in job.routed.shadows:
-                rows = align(job.features, shadow)
-                if rows is None:  # the shadow reads features the served row does not carry
-                    self.stats["skipped_missing_features"] += 1
-                    continue
-                key = (id(shadow), job.routed.card.version, job.features.symbol, job.source, job.write)
-                group = groups.get(key)
-                if group is None:
-                    groups[key] = _Group(shadow, [job], [rows])
-                else:
-                    group.members.append(job)
-                    group.parts.append(rows)
-        return list(groups.values())
-
-    def _finish(self, group: _Group, batch: SignalBatch, started: float) -> list[SignalBatch]:
-        """Agreement and latency counted; the rows to write."""
-        shadow, members = group.shadow, group.members
-        per_row_ms = (time.perf_counter() - started) * 1000.0 / len(members)
-        batch.shadow = True
-        self.stats["predicted"] += len(members)
-        served = [API_SIDE[ACTIONS[int(j.served.action[0])]] for j in members]
-        mine = [API_SIDE[ACTIONS[int(a)]] for a in batch.action]
-        agree = sum(1 for a, b in zip(served, mine, strict=True) if a == b)
-        signal_id = shadow.definition.signal_id
-        entry = self.compare.setdefault((signal_id, members[0].routed.card.version,
-                                         shadow.card.version), [0.0, 0.0, 0.0])
-        entry[0] += len(members)
-        entry[1] += agree
-        entry[2] += per_row_ms * len(members)
-        if self._metrics is not None:
-            self._metrics.observe(signal_id, shadow.card.version, len(members), agree, per_row_ms)
-        return [batch] if members[0].write else []
+            items += self.rows_of(job.routed, job.features, job.served, job.source, job.write)
+        rows, comparisons = predict_shadows(self.compute_engine, items)
+        self.record(comparisons)
+        return rows
 
 
-@dataclass
-class _Group:
+@dataclass(frozen=True)
+class ShadowRows:
+    """One shadow version's rows of one served prediction: its features in the shadow's columns
+    and the served actions to compare with."""
+
     shadow: Prepared
-    members: list[ShadowJob]
-    parts: list[FeatureBatch]
+    served_version: int
+    features: FeatureBatch
+    served_actions: np.ndarray  # int8 codes into ACTIONS, one per row
+    source: str
+    write: bool
 
-    @functools.cached_property
-    def features(self) -> FeatureBatch:
-        return self.parts[0] if len(self.parts) == 1 else _concat(self.parts)
+
+class Comparison(NamedTuple):
+    signal_id: str
+    served_version: int
+    shadow_version: int
+    bars: int
+    agreeing: int  # bars whose side (BUY/SELL/HOLD) is the served one's
+    per_row_ms: float
 
 
-def _one_per_key(batches: list[SignalBatch]) -> list[SignalBatch]:
+def predict_shadows(engine: Engine, items: list[ShadowRows]) -> tuple[list[SignalBatch], list[Comparison]]:
+    """The shadow rows to write (``shadow = true``; none for items with ``write`` false) and the
+    comparisons, one vectorised predict per (shadow version, served version, symbol, source,
+    write). ``Engine.compute`` only: no I/O."""
+    groups: dict[tuple[int, int, str, str, bool], list[ShadowRows]] = {}
+    for item in items:
+        key = (id(item.shadow), item.served_version, item.features.symbol, item.source, item.write)
+        groups.setdefault(key, []).append(item)
+    rows: list[SignalBatch] = []
+    comparisons: list[Comparison] = []
+    for members in groups.values():
+        first = members[0]
+        if len(members) == 1:
+            features, served = first.features, first.served_actions
+        else:
+            features = _concat([m.features for m in members])
+            served = np.concatenate([m.served_actions for m in members])
+        started = time.perf_counter()
+        batch, _ = engine.compute(first.shadow, features, FLAT, first.source)
+        n = len(batch)
+        per_row_ms = (time.perf_counter() - started) * 1000.0 / max(n, 1)
+        batch.shadow = True
+        agreeing = sum(1 for a, b in zip(served.tolist(), batch.action.tolist(), strict=True)
+                       if API_SIDE[ACTIONS[a]] == API_SIDE[ACTIONS[b]])
+        comparisons.append(Comparison(first.shadow.definition.signal_id, first.served_version,
+                                      first.shadow.card.version, n, agreeing, per_row_ms))
+        if first.write:
+            rows.append(batch)
+    return rows, comparisons
+
+
+def one_per_key(batches: list[SignalBatch]) -> list[SignalBatch]:
     """The batches to write, merged per upsert key prefix: one write per shadow version, symbol
     and source, one row per bar (the later job's), in ts order."""
     by_key: dict[tuple[str, int, str, str, str], list[SignalBatch]] = {}
