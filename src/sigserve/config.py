@@ -69,10 +69,6 @@ class Settings(BaseSettings):
                                   " /api/v1/predict decision is also a trading_decision event there")
     audit_subject: str = Field(default="audit.trading_decision", description="the events' subject"
                                " prefix (then .SYMBOL)")
-    gil_switch_us: float | None = Field(
-        default=None, gt=0, le=100_000, description="how long a thread may hold the GIL while the"
-        " request thread waits for it (sys.setswitchinterval, in microseconds); None: Python's"
-        " 5,000")
     access_log: bool = Field(default=False, description="uvicorn access log (costs latency)")
     otel: bool = Field(default=False, description="FastAPI's native OpenTelemetry through the global"
                        " providers (costs latency on every request)")

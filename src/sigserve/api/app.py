@@ -33,7 +33,6 @@ import gc
 import importlib
 import logging
 import re
-import sys
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -212,9 +211,6 @@ class SigserveApp:
             # What startup allocated lives as long as the process: keep it out of the collector's
             # full passes (measured: a full pass over it paused a request for ~60 ms).
             gc.freeze()
-            switch = sys.getswitchinterval()
-            if settings.gil_switch_us is not None:
-                sys.setswitchinterval(settings.gil_switch_us / 1e6)
             others = asyncio.get_running_loop().create_task(
                 warm_in_background(state, skip=warmed), name="warm other signals")
             try:
@@ -227,7 +223,6 @@ class SigserveApp:
                     await batcher.stop()
                     services.engine.bar_batcher = None
                 gc.unfreeze()
-                sys.setswitchinterval(switch)
                 self.metrics.watch_store(None)
                 state.services = None
 
