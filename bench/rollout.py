@@ -14,8 +14,10 @@ http.client loop (with its garbage collector paused while it measures).
 
 1. **Shadow overhead**: p50/p99 without a rollout, then with version 2 as a shadow (``POST
    /admin/rollouts/{id}/start``), alternated ``--rounds`` times; the medians and the p99 ratio
-   (target <= 1.10). Shadow predictions run after the response, gathered for
-   ``SIGSERVE_SHADOW_LINGER_MS`` (100 ms) and predicted together.
+   (target <= 1.10). Shadow predictions run in the server's shadow worker process
+   (``--shadow-worker loop``: in its event loop after the response), gathered for
+   ``SIGSERVE_SHADOW_LINGER_MS`` (100 ms) and predicted together. The worker runs under
+   SCHED_IDLE on CPU 1 (``--shadow-cpus``; ``server``: on the server's CPU 0).
 2. **Ensemble**: p50/p99 of the ensemble signal (target p99 <= 3 ms).
 3. **Rollback under load**: version 2 takes 100%; while the load runs, ``POST .../rollback``; the
    time from sending it to its answer, and to the first load answer from version 1 (``--trials``).
@@ -250,6 +252,11 @@ def main() -> None:
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--phases", default=",".join(PHASES),
                         help=f"comma-separated, of {','.join(PHASES)} (default: all)")
+    parser.add_argument("--shadow-worker", choices=("process", "loop"), default="process",
+                        help="SIGSERVE_SHADOW_WORKER of the server")
+    parser.add_argument("--shadow-cpus", default="1",
+                        help="SIGSERVE_SHADOW_CPUS of the server: the CPUs of its shadow worker process"
+                        " (default 1, the core the server is not pinned to; 'server': the server's own)")
     parser.add_argument("--runtime", choices=("lleaves", "lightgbm"), default="lleaves",
                         help="how the three LightGBM models are served (lleaves: compiled once per bench home)")
     args = parser.parse_args()
@@ -268,7 +275,10 @@ def main() -> None:
     result["in_process"] = asyncio.run(in_process(home, values, names, close))
     port = free_port()
     env = {**os.environ, "SIGSERVE_HOME": str(home), "SIGSERVE_AUTH_TOKEN": TOKEN,
-           "SIGSERVE_DEFAULT_SIGNAL": SIGNAL, "SIGSERVE_DEADLINE_MS": "1000"}
+           "SIGSERVE_DEFAULT_SIGNAL": SIGNAL, "SIGSERVE_DEADLINE_MS": "1000",
+           "SIGSERVE_SHADOW_WORKER": args.shadow_worker}
+    if args.shadow_cpus != "server" and not args.no_pin:
+        env["SIGSERVE_SHADOW_CPUS"] = args.shadow_cpus
     cmd = [sys.executable, "-m", "sigserve", "serve", "--port", str(port)]
     if not args.no_pin:
         cmd = ["taskset", "-c", "0", *cmd]

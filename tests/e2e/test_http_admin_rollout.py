@@ -166,6 +166,35 @@ async def test_shadows_are_predicted_in_a_worker_process_that_comes_back_when_it
         assert runner.stats["predicted"] == 2
 
 
+async def test_a_shadow_version_the_worker_cannot_verify_fails_its_jobs_and_nothing_else(
+        home: Path, world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The worker verifies the sha of what it loads, as the server does: an artifact changed on
+    disk after the server loaded it is refused there (logged with its code), its shadow jobs fail
+    (counted), and the champion is served throughout."""
+    from sigserve.routing.shadow_process import RESTART_AFTER_S
+
+    assert await _register_candidate(home, world, tmp_path) == CANDIDATE
+    async with serving(settings_for(home, server_prepared_ttl_s=60.0)) as (app, client):
+        assert (await client.post(f"/admin/rollouts/{SIGNAL}/start", json={"version": CANDIDATE})).status_code == 200
+        await _predict(client, world, BTC, 60)  # the server holds the candidate, verified
+        services = services_of(app)
+        runner = services.engine.shadow_runner
+        await runner.idle()
+        assert (runner.stats["predicted"], runner.stats["failed"]) == (1, 0)
+        card = await services.registry.get(MODEL, CANDIDATE)
+        runner.process.kill()  # the next worker loads the version again, from the disk
+        while runner.process is not None:
+            await asyncio.sleep(0.02)
+        (home / card.artifact_path).write_bytes(b"tampered")
+        await asyncio.sleep(RESTART_AFTER_S)
+        with caplog.at_level("ERROR", logger="sigserve.shadow"):
+            answers = [await _predict(client, world, BTC, i) for i in range(61, 64)]
+            await runner.idle()
+        assert all(a["metadata"]["model_version"] == 1 for a in answers)
+        assert runner.stats["predicted"] == 1 and runner.stats["failed"] == 3
+        assert any("artifact_corrupt" in r.getMessage() for r in caplog.records), caplog.records
+
+
 async def test_rollout_stages_routing_shadows_and_audit(home: Path, world: World, tmp_path: Path) -> None:
     assert await _register_candidate(home, world, tmp_path) == CANDIDATE
     async with serving(settings_for(home, server_prepared_ttl_s=60.0)) as (app, client):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import pickle
@@ -60,6 +61,7 @@ LOAD, JOB, FLUSH, RESULTS, FLUSHED, LOAD_FAILED = b"L", b"J", b"F", b"R", b"D", 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 KEEP_VERSIONS = 64  # shadow versions the worker keeps loaded (the oldest is unloaded)
 RESTART_AFTER_S = 1.0
+PIPE_BYTES = 1 << 20  # Linux's default /proc/sys/fs/pipe-max-size
 
 
 def frame(kind: bytes, payload: bytes) -> bytes:
@@ -256,6 +258,9 @@ class ShadowProcessRunner(ShadowRecorder):
             log.error("the shadow worker could not start: %s", exc)
             return False
         assert process.stdin is not None and process.stdout is not None
+        # a linger's jobs wait in the pipe while the worker sleeps (~300 bytes a job)
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(process.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         os.set_blocking(process.stdin.fileno(), False)
         os.set_blocking(process.stdout.fileno(), False)
         self.process = process

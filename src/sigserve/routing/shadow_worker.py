@@ -130,22 +130,30 @@ class Worker:
         self.out.flush()
 
     def run(self) -> None:
+        # After a batch's first job the worker sleeps out the linger instead of waking for each
+        # job: a write to a pipe with a sleeping reader wakes no one, so the server's send stays
+        # a copy (measured: waking the worker per job cost the server's requests ~40 us at p50).
         fd = sys.stdin.buffer.fileno()
+        os.set_blocking(fd, False)
         inbox = bytearray()
         selector = selectors.DefaultSelector()
         selector.register(fd, selectors.EVENT_READ)
         while True:
             wait = self.due()
-            if wait == 0.0 or (wait is not None and not selector.select(wait)):
-                self.predict()
-                continue
             if wait is None:
                 selector.select()
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                self.predict()
-                return
-            inbox += chunk
+            elif wait > 0:
+                time.sleep(wait)
+            ended = False
+            while True:
+                try:
+                    chunk = os.read(fd, 1 << 20)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    ended = True
+                    break
+                inbox += chunk
             for kind, payload in read_frames(inbox):
                 if kind == JOB:
                     self.job(payload)
@@ -154,6 +162,11 @@ class Worker:
                 elif kind == FLUSH:
                     self.predict()
                     self.send(FLUSHED, payload)
+            if ended:
+                self.predict()
+                return
+            if self.due() == 0.0:
+                self.predict()
 
 
 def main(argv: list[str] | None = None) -> None:
