@@ -134,8 +134,10 @@ class ShadowProcessRunner(ShadowRecorder):
         self._keys: dict[int, tuple[int, Prepared]] = {}  # id(shadow Prepared) -> (key, it)
         self._next_key = 0
         self._in_flight = 0  # jobs sent (or buffered) and not reported back
+        self._unsent: list[tuple[Prepared, FeatureBatch, SignalBatch, str, bool]] = []
         self._out: deque[bytes] = deque()  # frames the pipe did not take yet
         self._inbox = bytearray()
+        self._control: int | None = None  # the write end of the worker's wake-up pipe
         self._flush_seq = 0
         self._flushed: dict[int, asyncio.Future[None]] = {}
         self._writes: asyncio.Queue[list[SignalBatch]] | None = None
@@ -169,9 +171,11 @@ class ShadowProcessRunner(ShadowRecorder):
             return
         async with asyncio.timeout(timeout_s):
             if self.process is not None:
+                self._send_unsent()  # the jobs queued in this turn of the loop go first
                 self._flush_seq += 1
                 waiter = self._flushed[self._flush_seq] = loop.create_future()
                 self._send(frame(FLUSH, self._flush_seq.to_bytes(8, "little")))
+                self._wake()
                 await waiter
             assert self._writes is not None
             await self._writes.join()
@@ -179,27 +183,44 @@ class ShadowProcessRunner(ShadowRecorder):
     # --- the hot path ---------------------------------------------------------------------
     def submit(self, routed: Prepared, features: FeatureBatch, served: SignalBatch, source: str,
                write: bool) -> bool:
-        """Send the shadows of one served prediction; False (and counted) when ``maxsize`` jobs
-        are in flight or no worker can run now."""
+        """Queue the shadows of one served prediction; False (and counted) when ``maxsize`` jobs
+        are in flight or no worker can run now. The rows are encoded and sent after the request
+        step that submitted them (a turn of the loop later, in one write), not inside it:
+        measured, encoding in the request cost it 18 us at p50."""
         if self._in_flight >= self.maxsize or (self.process is None and not self._spawn()):
             self.dropped()
             return False
-        for item in self.rows_of(routed, features, served, source, write):
-            known = self._keys.get(id(item.shadow))
-            key = known[0] if known is not None and known[1] is item.shadow else self._load(item.shadow)
-            self._in_flight += 1
-            self._send(encode_job(key, item.served_version, item.features, item.served_actions,
-                                  item.source, item.write))
+        self._in_flight += len(routed.shadows)
+        if not self._unsent:
+            assert self._loop is not None
+            self._loop.call_soon(self._send_unsent)
+        self._unsent.append((routed, features, served, source, write))
         return True
 
-    def _load(self, shadow: Prepared) -> int:
+    def _send_unsent(self) -> None:
+        unsent, self._unsent = self._unsent, []
+        if not unsent:
+            return
+        frames = []
+        for routed, features, served, source, write in unsent:
+            items = self.rows_of(routed, features, served, source, write)
+            self._in_flight -= len(routed.shadows) - len(items)  # skipped: not sent
+            for item in items:
+                known = self._keys.get(id(item.shadow))
+                if known is None or known[1] is not item.shadow:
+                    frames.append(self._load(item.shadow))
+                    known = self._keys[id(item.shadow)]
+                frames.append(encode_job(known[0], item.served_version, item.features, item.served_actions,
+                                         item.source, item.write))
+        self._send(b"".join(frames))
+
+    def _load(self, shadow: Prepared) -> bytes:
+        """A key for a shadow version the worker has not loaded yet; its load frame."""
         self._next_key += 1
-        key = self._next_key
-        self._keys[id(shadow)] = (key, shadow)
+        self._keys[id(shadow)] = (self._next_key, shadow)
         while len(self._keys) > KEEP_VERSIONS:  # the worker drops the same oldest one
             del self._keys[next(iter(self._keys))]
-        self._send(load_message(key, shadow))
-        return key
+        return load_message(self._next_key, shadow)
 
     def _send(self, data: bytes) -> None:
         process = self.process
@@ -239,6 +260,14 @@ class ShadowProcessRunner(ShadowRecorder):
             self._out.popleft()
         assert self._loop is not None
         self._loop.remove_writer(fd)
+        if self._flushed:
+            self._wake()  # the flush frame is in the pipe now
+
+    def _wake(self) -> None:
+        """Cut the worker's linger short: it reads its jobs (and a flush) now."""
+        if self._control is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._control, b"!")
 
     # --- the worker process ---------------------------------------------------------------
     def _spawn(self) -> bool:
@@ -252,11 +281,20 @@ class ShadowProcessRunner(ShadowRecorder):
                "--linger-ms", str(self.linger_s * 1000.0), "--max-batch", str(self.max_batch)]
         if self.cpus:
             cmd += ["--cpus", ",".join(str(c) for c in sorted(self.cpus))]
+        # the worker sleeps out a linger on this pipe alone, so that jobs do not wake it
+        control_read, control = os.pipe()
+        cmd += ["--control-fd", str(control_read)]
         try:
-            process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       pass_fds=(control_read,))
         except OSError as exc:
             log.error("the shadow worker could not start: %s", exc)
+            os.close(control)
             return False
+        finally:
+            os.close(control_read)
+        os.set_blocking(control, False)
+        self._control = control
         assert process.stdin is not None and process.stdout is not None
         # a linger's jobs wait in the pipe while the worker sleeps (~300 bytes a job)
         with contextlib.suppress(OSError, AttributeError):
@@ -280,6 +318,10 @@ class ShadowProcessRunner(ShadowRecorder):
             loop.remove_reader(process.stdout.fileno())
             loop.remove_writer(process.stdin.fileno())
         self._out.clear()
+        self._unsent.clear()  # counted in _in_flight: failed below
+        if self._control is not None:
+            os.close(self._control)
+            self._control = None
         with contextlib.suppress(OSError):
             process.stdin.close()  # the worker exits at the end of its input
         try:

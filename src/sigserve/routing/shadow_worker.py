@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import pickle
 import selectors
@@ -129,21 +130,28 @@ class Worker:
         self.out.write(frame(kind, payload))
         self.out.flush()
 
-    def run(self) -> None:
-        # After a batch's first job the worker sleeps out the linger instead of waking for each
-        # job: a write to a pipe with a sleeping reader wakes no one, so the server's send stays
-        # a copy (measured: waking the worker per job cost the server's requests ~40 us at p50).
+    def run(self, control: int) -> None:
+        # After a batch's first job the worker sleeps out the linger on ``control`` (the server
+        # writes there to cut it short: a flush) instead of waking for each job: a write to a
+        # pipe with no reader waiting wakes no one, so the server's send stays a copy (measured:
+        # waking the worker per job cost the server's requests ~40 us at p50).
         fd = sys.stdin.buffer.fileno()
         os.set_blocking(fd, False)
+        os.set_blocking(control, False)
         inbox = bytearray()
-        selector = selectors.DefaultSelector()
-        selector.register(fd, selectors.EVENT_READ)
+        waiting = selectors.DefaultSelector()
+        waiting.register(fd, selectors.EVENT_READ)
+        waiting.register(control, selectors.EVENT_READ)
+        lingering = selectors.DefaultSelector()
+        lingering.register(control, selectors.EVENT_READ)
         while True:
             wait = self.due()
             if wait is None:
-                selector.select()
+                waiting.select()
             elif wait > 0:
-                time.sleep(wait)
+                lingering.select(wait)
+            with contextlib.suppress(BlockingIOError):
+                os.read(control, 4096)
             ended = False
             while True:
                 try:
@@ -175,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--linger-ms", type=float, default=100.0)
     parser.add_argument("--max-batch", type=int, default=1024)
+    parser.add_argument("--control-fd", type=int, required=True,
+                        help="a pipe whose bytes cut a linger short (the server's flush)")
     parser.add_argument("--cpus", default="", help="comma-separated CPUs to run on (default: the server's)")
     args = parser.parse_args(argv)
     # Shadows take a CPU only when nothing else wants it: never the champion's time.
@@ -185,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     # Frames go to the pipe the server reads, and anything a library prints goes to stderr.
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
-    Worker(args.home, args.threads, args.linger_ms / 1000.0, args.max_batch, out).run()
+    Worker(args.home, args.threads, args.linger_ms / 1000.0, args.max_batch, out).run(args.control_fd)
 
 
 if __name__ == "__main__":
