@@ -165,6 +165,78 @@ def test_a_crash_loses_no_acknowledged_row(tmp_path: Path, caplog: pytest.LogCap
     assert not list((tmp_path / "s.duckdb.journal").glob("*.log"))
 
 
+CRASH_AFTER_A_STRAIGHT_WRITE = textwrap.dedent("""
+    import asyncio, os, sys, time
+    from sigserve.stores import DuckDBStore
+    from tests.integration.test_duckdb_signal_journal import signals
+
+    async def main():
+        store = DuckDBStore(sys.argv[1], journal_linger_s=0.01)
+        await store.open()
+        journal = store.journal
+        for hour in range(3):
+            await store.write_signals(signals([hour], ["buy"]))
+        while journal.applied < 3:   # applied in the background; the records stay on disk
+            time.sleep(0.01)
+        kept = sum(p.stat().st_size for p in journal.directory.glob("*.log"))
+        # bar 1 again, inside history: straight to the table, over the journaled row
+        await store.write_signals(signals([1], ["sell"], source="historical_replay"))
+        await store.write_signals(signals([3], ["hold"]))   # journaled again
+        print("kept", kept > 0, "applied", journal.applied, flush=True)
+        os._exit(0)
+
+    asyncio.run(main())
+""")
+
+
+def test_a_crash_never_replays_a_journaled_row_over_a_later_straight_write(tmp_path: Path) -> None:
+    """The applier keeps applied records in the active segment; a write straight to the table
+    closes and deletes every segment with records first, so the replay after a crash cannot put
+    the older journaled row back over it."""
+    path = tmp_path / "s.duckdb"
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", CRASH_AFTER_A_STRAIGHT_WRITE, str(path)],
+                          capture_output=True, text=True, cwd=root, timeout=120)
+    assert done.stdout.strip() == "kept True applied 3", done.stdout + done.stderr
+    segments = sorted((tmp_path / "s.duckdb.journal").glob("*.log"))
+    replayed = [entry for p in segments for entry in read_segment(p)]
+    assert [int((batch.ts[0] - T0) // HOUR) for batch, _ in replayed] == [3]  # only the later bar
+
+    async def reopen() -> list[dict[str, object]]:
+        store = await opened(path)
+        rows = await store.read_signals("sig")
+        await store.close()
+        return rows
+
+    rows = asyncio.run(reopen())
+    assert [(r["ts"].hour, r["action"], r["source"]) for r in rows] == [  # type: ignore[union-attr]
+        (0, "buy", "stream"), (1, "sell", "historical_replay"), (2, "buy", "stream"), (3, "hold", "stream")]
+
+
+def test_the_active_segment_keeps_applied_records_until_it_is_rotated(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await opened(tmp_path / "s.duckdb", journal_linger_s=0.01)
+        journal = store.journal
+        assert journal is not None
+        first = sorted(journal.directory.glob("*.log"))
+        for hour in range(20):
+            await store.write_signals(signals([hour], ["buy"]))
+            await asyncio.sleep(0.005)
+        deadline = time.monotonic() + 10
+        while journal.applied < 20 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        # applies happened, and no segment was opened for them: every record is in the first
+        assert journal.applied == 20 and sorted(journal.directory.glob("*.log")) == first
+        assert len(read_segment(first[0])) == 20
+        # a reader (or writer) of the table retires it: a fresh, empty segment from there on
+        assert len(await store.read_signals("sig")) == 20
+        now = sorted(journal.directory.glob("*.log"))
+        assert now != first and [len(read_segment(p)) for p in now] == [0]
+        await store.close()
+
+    asyncio.run(main())
+
+
 def test_a_failed_apply_keeps_the_rows_and_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def main() -> None:
         store = await opened(tmp_path / "s.duckdb", journal_linger_s=3600.0)

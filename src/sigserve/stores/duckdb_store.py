@@ -428,7 +428,7 @@ class DuckDBStore:
             self._applier = None
         if journal is not None:
             with self._guard(flush=False):
-                self._flush_journal()
+                self._flush_journal(retire=True)  # nothing left to replay at the next open
             journal.close()
             self._journal = None
             self._journal_con.close()
@@ -505,8 +505,8 @@ class DuckDBStore:
         if self._con is None:
             raise StoreUnavailable("the store is not open", details={"store": self.url})
         try:
-            if flush and self._journal is not None and self._journal.unapplied_rows:
-                self._flush_journal()
+            if flush and self._journal is not None and self._journal.holds_records:
+                self._flush_journal(retire=True)
             yield
         except SigserveError:
             raise
@@ -1241,22 +1241,25 @@ class DuckDBStore:
             con.unregister("incoming_signals")
 
     # --- the signal journal -----------------------------------------------------------------
-    def _flush_journal(self) -> None:
-        """Apply every pending journal record now (on the journal's cursor), in order."""
+    def _flush_journal(self, retire: bool = False) -> None:
+        """Apply every pending journal record now (on the journal's cursor), in order;
+        ``retire``: then close and delete every segment (before a statement that may write
+        ``signal_history`` straight: see signal_journal's rules)."""
         journal = self._journal
         if journal is None:
             return
         with self._apply_lock:
-            entries, segments = journal.take()
-            if not entries:
-                return
-            try:
-                self._apply_entries(self._journal_con, entries)
-            except BaseException:
-                journal.requeue(entries)  # still on disk: applied again, first, next time
-                raise
-            journal.done(segments)
-            journal.count_applied(sum(len(batch) for batch, _ in entries))
+            entries, segments = journal.take(rotate=retire)
+            if entries:
+                try:
+                    self._apply_entries(self._journal_con, entries)
+                except BaseException:
+                    journal.requeue(entries)  # still on disk: applied again, first, next time
+                    raise
+            if segments:
+                journal.done(segments)
+            if entries:
+                journal.count_applied(sum(len(batch) for batch, _ in entries))
 
     def _apply_entries(self, con: Any, entries: list[Entry]) -> None:
         """Journal entries into signal_history: per history in append order, each run of batches

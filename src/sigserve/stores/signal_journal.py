@@ -5,7 +5,12 @@ the 2-core machine class (DuckDB's own per-statement work, then its WAL and an f
 served bar waited for it. Appending the rows to a file of our own and syncing that file costs a
 write and an fdatasync (~0.05-0.5 ms). So a signal write is durable once its journal record is
 synced; a background thread applies the journal to ``signal_history`` in groups (one statement
-for many rows), and deletes a segment once every row in it is in DuckDB.
+for many rows). Applied records stay in the active segment: closing a segment on every apply
+(a new file, its sync and its directory's, then an unlink and another directory sync, 20 times a
+second) entangled the appends' fdatasync with the applier's DuckDB commit in the file system's
+journal (measured in process, one core, applier at idle priority: a write's p99 6.6 ms against
+1.5 with the segment kept). A segment is closed past ``ROTATE_BYTES`` and before anything writes
+``signal_history`` straight, and deleted once every row in it is in DuckDB.
 
 Rules that keep it correct (see ``DuckDBStore``):
 
@@ -17,6 +22,10 @@ Rules that keep it correct (see ``DuckDBStore``):
   harmless (every write is an upsert at its key). A crash after the append and before the apply
   loses nothing: ``open`` returns the records of every segment left behind, and the store
   applies them before it serves.
+- No segment holding a record outlives a write straight to ``signal_history`` (a replayed bar, a
+  bulk write): ``DuckDBStore._guard`` applies the pending records and closes and deletes every
+  segment with records first (``take(rotate=True)``, ``done``), so a crash never replays an
+  older row over a later one.
 - A record is ``SGJ1``, its payload's length and CRC-32, then the payload (JSON; numeric columns
   as little-endian bytes in base64, so nothing is executed on read). A torn last record (a crash
   in the middle of an append, never acknowledged) is dropped with a warning.
@@ -29,6 +38,7 @@ Usage::
     entries, segments = journal.take()   # the pending (batch, created_at), in order
     ...                                  # apply them
     journal.done(segments)               # or journal.requeue(entries) when the apply failed
+    entries, segments = journal.take(rotate=True)  # before a write straight to the table
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ from ..errors import StoreUnavailable
 log = logging.getLogger("sigserve.stores.journal")
 MAGIC = b"SGJ1"
 HEADER = struct.Struct("<4sII")  # magic, payload length, CRC-32 of the payload
+ROTATE_BYTES = 8 << 20  # the active segment is closed past this size (and deleted once applied)
 _NUMERIC = {"ts": "<i8", "action": "<i1", "confidence": "<f8", "raw_output": "<f8",
             "entry_price": "<f8", "stop_loss": "<f8", "take_profit": "<f8",
             "recommended_size": "<f8", "latency_ms": "<f8"}
@@ -190,18 +201,29 @@ class SignalJournal:
             self.applied += rows
             self.unapplied_rows -= rows
 
-    def take(self) -> tuple[list[Entry], list[Path]]:
+    def take(self, rotate: bool = False) -> tuple[list[Entry], list[Path]]:
         """The pending batches, in order, and the segments to delete once they are applied.
-        New appends go to a fresh segment from here on."""
-        if not self._pending:
-            return [], []
-        fresh = self._new_segment()  # created and synced outside the lock: appends go on
+
+        The active segment keeps its applied records (replayed after a crash: harmless, as
+        every write is an upsert at its key) and goes on taking appends, unless ``rotate``
+        (before anything writes ``signal_history`` straight: see the module docstring) or it
+        has grown past ``ROTATE_BYTES``; then new appends go to a fresh segment from here on.
+        """
+        with self._lock:
+            rotating = (rotate and self._size > 0) or self._size >= ROTATE_BYTES
+        fresh = self._new_segment() if rotating else None  # created and synced outside the lock
         with self._lock:
             batches, self._pending, self.pending_rows = self._pending, [], 0
-            if self._active is not None:
-                self._closed.append(self._active)
-            self._activate(fresh)
+            if fresh is not None:
+                if self._active is not None:
+                    self._closed.append(self._active)
+                self._activate(fresh)
             return batches, list(self._closed)
+
+    @property
+    def holds_records(self) -> bool:
+        """Whether any segment holds a record (pending, or applied and kept in the active one)."""
+        return self._size > 0 or bool(self._closed) or self.unapplied_rows > 0
 
     def requeue(self, entries: list[Entry]) -> None:
         """Put entries whose apply failed back in front, to be applied first next time."""
