@@ -204,3 +204,55 @@ def test_blocks_read_during_a_write_are_not_kept() -> None:
     with cache.writing(["ETH"], "1m"):
         pass
     assert len(cache) == 2  # another series' write drops nothing of BTC
+
+
+def test_a_live_series_near_the_end_of_a_block_has_the_next_one_loaded_ahead(tmp_path: Path) -> None:
+    """Bars asked for in time order, as a live series does: past 3/4 of a block the next block is
+    loaded on a worker thread, so the bar that opens it is a hit; and it answers as the window
+    read does."""
+    async def body(store: DuckDBStore, ts: np.ndarray) -> None:
+        cache = store.bar_cache
+        early = BLOCK_BARS // 2
+        await store.read_features("BTC", "1m", NAMES, ts=ts[early:early + 1])
+        await asyncio.sleep(0.2)
+        assert (len(cache), cache.prefetched) == (1, 0)  # the first half of a block: nothing ahead
+        late = BLOCK_BARS - 10
+        await store.read_features("BTC", "1m", NAMES, ts=ts[late:late + 1])
+        for _ in range(200):
+            if cache.prefetched:
+                break
+            await asyncio.sleep(0.01)
+        assert (len(cache), cache.prefetched) == (2, 1)
+        misses = cache.misses
+        opening = await store.read_features("BTC", "1m", NAMES, ts=ts[BLOCK_BARS:BLOCK_BARS + 1])
+        assert cache.misses == misses  # answered from the block loaded ahead
+        window = await store.read_features("BTC", "1m", NAMES, start=ts[BLOCK_BARS], end=ts[BLOCK_BARS])
+        same_rows(opening, window)
+        # once loaded (or loading), a block is not asked for again
+        await store.read_features("BTC", "1m", NAMES, ts=ts[late + 1:late + 2])
+        await asyncio.sleep(0.1)
+        assert cache.prefetched == 1
+
+    with_filled_store(tmp_path, body)
+
+
+def test_a_block_loaded_ahead_across_a_write_is_not_kept() -> None:
+    cache = BarCache(block_bars=4, max_blocks=4)
+
+    def load(first: np.datetime64, end: np.datetime64):  # type: ignore[no-untyped-def]
+        from sigserve.stores.bar_cache import Block
+
+        return Block([], [], [], [], [], np.empty(0), [], [])
+
+    assert cache.next_to_prefetch("BTC", "1m", T0 + 1 * MINUTE) is None  # not in the last quarter
+    first = cache.next_to_prefetch("BTC", "1m", T0 + 3 * MINUTE)
+    assert first == int((T0 + 4 * MINUTE).astype(np.int64))
+    assert cache.next_to_prefetch("BTC", "1m", T0 + 3 * MINUTE) is None  # already on its way
+    with cache.writing(["BTC"], "1m"):
+        cache.prefetch("BTC", "1m", first, load)
+    assert (len(cache), cache.prefetched) == (0, 0)  # read while a write was in flight: dropped
+    again = cache.next_to_prefetch("BTC", "1m", T0 + 3 * MINUTE)
+    assert again == first
+    cache.prefetch("BTC", "1m", first, load)
+    assert (len(cache), cache.prefetched) == (1, 1)
+    assert cache.next_to_prefetch("BTC", "1m", T0 + 3 * MINUTE) is None  # held

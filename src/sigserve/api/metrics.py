@@ -118,6 +118,9 @@ class _StoreCollector:
         if cache is not None:
             yield _counter("sigserve_bar_cache_blocks", "Block lookups of the DuckDB store's bar cache, by result",
                            "result", {"hit": cache.hits, "miss": cache.misses})
+            yield CounterMetricFamily("sigserve_bar_cache_prefetched_blocks",
+                                      "Blocks the DuckDB store's bar cache loaded ahead of the live bars",
+                                      value=cache.prefetched)
             yield GaugeMetricFamily("sigserve_bar_cache_held_blocks",
                                     "Blocks of bars the DuckDB store's bar cache holds", value=len(cache))
         journal = getattr(self.store, "journal", None)

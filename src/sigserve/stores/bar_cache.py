@@ -41,6 +41,7 @@ from ..timeutil import TS_DTYPE, interval_us
 from .base import FeatureRead
 
 BLOCK_BARS = 256
+PREFETCH_FROM = 0.75  # a read past this share of its block loads the next one in the background
 MAX_BLOCKS = 128  # 32,768 bars: about 12 MB with 32 features
 MAX_BLOCKS_PER_READ = 8  # a larger set of bars is a window read's job (Arrow, no cache)
 
@@ -129,6 +130,8 @@ class BarCache:
         self._writes = 0
         self.hits = 0
         self.misses = 0
+        self.prefetched = 0
+        self._prefetching: set[tuple[str, str, int]] = set()
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -202,6 +205,50 @@ class BarCache:
                     while len(self._blocks) > self.max_blocks:
                         self._blocks.popitem(last=False)
         return block
+
+    # --- prefetch ------------------------------------------------------------------------
+    def next_to_prefetch(self, symbol: str, interval: str, last: np.datetime64) -> int | None:
+        """The first bar (us since the epoch) of the block after ``last``'s, when ``last`` lies
+        in the final quarter of its block and the next block is neither here nor being loaded
+        (the caller then loads it: :meth:`prefetch`); else None.
+
+        Why: a live series asks for each new bar in turn, and the bar that opens a block paid
+        its load (two statements, 1.8 + 1.0 ms quiet, 4-6 ms beside the journal's applier) on
+        the request path, once every ``block_bars`` bars: most of a c=1 p99.
+        """
+        span = self.block_bars * interval_us(interval)
+        at = int(np.asarray(last, dtype=TS_DTYPE).astype(np.int64))
+        first = (at // span) * span
+        if at - first < PREFETCH_FROM * span:
+            return None
+        slot = (symbol, interval, first + span)
+        with self._lock:
+            if slot in self._blocks or slot in self._prefetching or self.max_blocks <= 0:
+                return None
+            self._prefetching.add(slot)
+        return first + span
+
+    def prefetch(self, symbol: str, interval: str, first: int, load: LoadBlock) -> None:
+        """Load the block that starts at ``first`` (from :meth:`next_to_prefetch`) and keep it,
+        by the same rules as a read's; call it once for each ``first`` that method gave."""
+        slot = (symbol, interval, first)
+        try:
+            with self._lock:
+                if slot in self._blocks:
+                    return
+                version = None if self._writes else self._version
+            block = load(np.datetime64(first, "us"),
+                         np.datetime64(first + self.block_bars * interval_us(interval), "us"))
+            if version is not None:
+                with self._lock:
+                    if self._version == version and not self._writes:
+                        self._blocks[slot] = block
+                        self.prefetched += 1
+                        while len(self._blocks) > self.max_blocks:
+                            self._blocks.popitem(last=False)
+        finally:
+            with self._lock:
+                self._prefetching.discard(slot)
 
     # --- writes --------------------------------------------------------------------------
     @contextmanager

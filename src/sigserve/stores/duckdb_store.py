@@ -338,6 +338,7 @@ class DuckDBStore:
         self._coverage: dict[tuple[str, str], list[tuple[str, np.datetime64, np.datetime64]]] = {}
         # feature rows and closes of recently read bars: this process is the file's only writer
         self._bars = BarCache()
+        self._prefetches: set[asyncio.Future[None]] = set()  # bar cache blocks loading ahead
         # newest ts of any signal row (shadows too) per (signal_id, model_version, symbol,
         # interval), and the chunks of a history being written: see _write_one
         self._newest_signal: dict[tuple[str, int, str, str], np.datetime64 | None] = {}
@@ -419,6 +420,8 @@ class DuckDBStore:
         self._applier.start()
 
     async def close(self) -> None:
+        if self._prefetches:  # their cursors read the connection closed below
+            await asyncio.gather(*list(self._prefetches), return_exceptions=True)
         journal, applier = self._journal, self._applier
         if applier is not None:
             with self._applier_wake:
@@ -821,6 +824,8 @@ class DuckDBStore:
                     lambda first, end: self._load_block(con, symbol, interval, first, end),
                     lambda key: self._names_of(con, key))
             if cached is not None:
+                if len(wanted):
+                    self._prefetch_after(symbol, interval, wanted[-1])
                 return cached
         import pyarrow as pa  # bulk reads go through Arrow
 
@@ -866,6 +871,30 @@ class DuckDBStore:
                     con.unregister("query_ts")
 
         return await self._bulk(rows_hint, work, flush=False)
+
+    def _prefetch_after(self, symbol: str, interval: str, last: np.datetime64) -> None:
+        """Near the end of a bar cache block, load the next one on a worker thread (a cursor of
+        its own), so the bar that opens it is answered from memory (see BarCache)."""
+        first = self._bars.next_to_prefetch(symbol, interval, last)
+        if first is None:
+            return
+        con = self._con
+
+        def work() -> None:
+            try:
+                cursor = con.cursor()
+                try:
+                    cursor.execute("SET TimeZone = 'UTC'")
+                    self._bars.prefetch(symbol, interval, first,
+                                        lambda a, b: self._load_block(cursor, symbol, interval, a, b))
+                finally:
+                    cursor.close()
+            except Exception:  # only a head start: the read of that bar loads the block itself
+                log.debug("prefetching a bar cache block failed", exc_info=True)
+
+        future = asyncio.get_running_loop().run_in_executor(None, work)
+        self._prefetches.add(future)
+        future.add_done_callback(self._prefetches.discard)
 
     @staticmethod
     def _load_block(con: Any, symbol: str, interval: str, first: np.datetime64,
