@@ -83,6 +83,18 @@ def read_frames(buffer: bytearray) -> list[tuple[bytes, bytes]]:
     return out
 
 
+def read_available(fd: int, inbox: bytearray) -> bool:
+    """Append what the non-blocking ``fd`` holds now to ``inbox``; True at its end."""
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 20)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            return True
+        inbox += chunk
+
+
 def encode_job(key: int, served_version: int, rows: FeatureBatch, served_actions: np.ndarray,
                source: str, write: bool) -> bytes:
     return frame(JOB, pickle.dumps(
@@ -341,17 +353,7 @@ class ShadowProcessRunner(ShadowRecorder):
     def _on_readable(self) -> None:
         process = self.process
         assert process is not None and process.stdout is not None
-        fd = process.stdout.fileno()
-        ended = False
-        while True:
-            try:
-                chunk = os.read(fd, 1 << 20)
-            except BlockingIOError:
-                break
-            if not chunk:
-                ended = True
-                break
-            self._inbox += chunk
+        ended = read_available(process.stdout.fileno(), self._inbox)
         for kind, payload in read_frames(self._inbox):
             self._on_frame(kind, payload)
         if ended:

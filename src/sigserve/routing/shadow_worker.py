@@ -36,6 +36,7 @@ from .shadow_process import (
     RESULTS,
     decode_job,
     frame,
+    read_available,
     read_frames,
 )
 
@@ -152,16 +153,7 @@ class Worker:
                 lingering.select(wait)
             with contextlib.suppress(BlockingIOError):
                 os.read(control, 4096)
-            ended = False
-            while True:
-                try:
-                    chunk = os.read(fd, 1 << 20)
-                except BlockingIOError:
-                    break
-                if not chunk:
-                    ended = True
-                    break
-                inbox += chunk
+            ended = read_available(fd, inbox)
             for kind, payload in read_frames(inbox):
                 if kind == JOB:
                     self.job(payload)
