@@ -128,8 +128,11 @@ class Worker:
         return max(0.0, self.first_at + self.linger_s - time.monotonic())
 
     def send(self, kind: bytes, payload: bytes) -> None:
-        self.out.write(frame(kind, payload))
-        self.out.flush()
+        try:
+            self.out.write(frame(kind, payload))
+            self.out.flush()
+        except BrokenPipeError:  # the server is gone: nothing left to answer
+            raise SystemExit(0) from None
 
     def run(self, control: int) -> None:
         # After a batch's first job the worker sleeps out the linger on ``control`` (the server
