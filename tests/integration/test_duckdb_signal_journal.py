@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -232,6 +234,44 @@ def test_the_active_segment_keeps_applied_records_until_it_is_rotated(tmp_path: 
         assert len(await store.read_signals("sig")) == 20
         now = sorted(journal.directory.glob("*.log"))
         assert now != first and [len(read_segment(p)) for p in now] == [0]
+        await store.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_a_reader_waiting_for_the_applier_raises_it_to_normal_priority(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The applier runs at idle priority; a reader that must wait for its apply (the lock is
+    held) raises it to normal priority, so the wait is the apply's work, not the time until the
+    core is free; the applier goes back to idle on its next cycle."""
+    async def main() -> None:
+        store = await opened(tmp_path / "s.duckdb", journal_linger_s=0.01)
+        real = store._apply_entries
+        seen: list[int] = []
+        applying = threading.Event()
+
+        def slow(con: object, entries: list[object]) -> None:
+            if threading.get_native_id() == store._applier_tid and not seen:
+                seen.append(os.sched_getscheduler(0))
+                applying.set()
+                deadline = time.monotonic() + 5
+                while not store._applier_hurried and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                seen.append(os.sched_getscheduler(0))
+            real(con, entries)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(store, "_apply_entries", slow)
+        await store.write_signals(signals([1], ["buy"]))
+        assert await asyncio.to_thread(applying.wait, 5)
+        rows = await store.read_signals("sig")  # waits for the applier's lock
+        assert seen == [os.SCHED_IDLE, os.SCHED_OTHER]
+        assert [r["action"] for r in rows] == ["buy"]
+        await store.write_signals(signals([2], ["sell"]))  # the next cycle: idle again
+        deadline = time.monotonic() + 5
+        while os.sched_getscheduler(store._applier_tid) != os.SCHED_IDLE and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert os.sched_getscheduler(store._applier_tid) == os.SCHED_IDLE
         await store.close()
 
     asyncio.run(main())

@@ -258,11 +258,11 @@ def _runs(entries: list[Entry]) -> Iterator[list[Entry]]:
         yield run
 
 
-def _set_idle_priority(idle: bool) -> bool:
-    """The calling thread under SCHED_IDLE (``idle``) or back under SCHED_OTHER (Linux; a no-op
-    elsewhere); returns ``idle``."""
+def _set_idle_priority(idle: bool, thread: int = 0) -> bool:
+    """A thread (by native id; 0: the calling one) under SCHED_IDLE (``idle``) or back under
+    SCHED_OTHER (Linux; a no-op elsewhere); returns ``idle``."""
     with contextlib.suppress(AttributeError, OSError):
-        os.sched_setscheduler(0, os.SCHED_IDLE if idle else os.SCHED_OTHER, os.sched_param(0))
+        os.sched_setscheduler(thread, os.SCHED_IDLE if idle else os.SCHED_OTHER, os.sched_param(0))
     return idle
 
 
@@ -325,6 +325,8 @@ class DuckDBStore:
         self._journal: SignalJournal | None = None
         self._journal_con: Any = None  # the cursor that applies it, under _apply_lock
         self._apply_lock = threading.Lock()
+        self._applier_tid = 0  # the applier thread's native id, once it runs
+        self._applier_hurried = False  # a waiter raised it to normal priority (see _flush_journal)
         self._applier: threading.Thread | None = None
         self._applier_wake = threading.Condition()
         self._applier_stop = False
@@ -429,6 +431,7 @@ class DuckDBStore:
                 self._applier_wake.notify()
             await asyncio.to_thread(applier.join)
             self._applier = None
+            self._applier_tid = 0
         if journal is not None:
             with self._guard(flush=False):
                 self._flush_journal(retire=True)  # nothing left to replay at the next open
@@ -1277,7 +1280,17 @@ class DuckDBStore:
         journal = self._journal
         if journal is None:
             return
-        with self._apply_lock:
+        if not self._apply_lock.acquire(blocking=False):
+            # The applier holds it, at idle priority: on a busy core it would finish only when
+            # nothing else wants the CPU, and this caller (a request) waits for it. It runs at
+            # normal priority until its next cycle (measured at c=16: an apply stretched to
+            # 250-340 ms of wall time under SCHED_IDLE).
+            tid = self._applier_tid
+            if tid and threading.get_native_id() != tid:
+                _set_idle_priority(False, tid)
+                self._applier_hurried = True
+            self._apply_lock.acquire()
+        try:
             entries, segments = journal.take(rotate=retire)
             if entries:
                 try:
@@ -1289,6 +1302,8 @@ class DuckDBStore:
                 journal.done(segments)
             if entries:
                 journal.count_applied(sum(len(batch) for batch, _ in entries))
+        finally:
+            self._apply_lock.release()
 
     def _apply_entries(self, con: Any, entries: list[Entry]) -> None:
         """Journal entries into signal_history: per history in append order, each run of batches
@@ -1317,6 +1332,7 @@ class DuckDBStore:
         normal priority until it has caught up; past JOURNAL_MAX_PENDING_ROWS the writers apply
         the rows themselves.
         """
+        self._applier_tid = threading.get_native_id()
         idle = _set_idle_priority(True)
         while True:
             with self._applier_wake:
@@ -1327,7 +1343,8 @@ class DuckDBStore:
                 if self._applier_stop:
                     return
             behind = self._queued_rows() >= JOURNAL_BOOST_ROWS
-            if behind == idle:
+            if behind == idle or (self._applier_hurried and idle):
+                self._applier_hurried = False
                 idle = _set_idle_priority(not behind)
             try:
                 self._flush_journal()
