@@ -100,6 +100,19 @@ def card_spec_key(card: ModelCard) -> str | None:
 _SPECS: OrderedDict[str, FeatureSpec] = OrderedDict()
 
 
+def assemble(definition: SignalDefinition, card: ModelCard, runtime: Runtime) -> Prepared:
+    """A definition, its model card and the card's loaded runtime as one Prepared: the columns
+    it reads (the model's features, then the ATR feature when it is extra), its policy plan and
+    the feature_key of its model's spec. No I/O and no checks (``Engine.prepare_definition``
+    makes them; a shadow worker gets versions the server already checked)."""
+    read_names = tuple(card.feature_names)
+    atr = definition.policy.atr_feature
+    if atr and atr not in read_names:
+        read_names = (*read_names, atr)
+    return Prepared(definition, card, runtime, PolicyPlan.build(definition.policy, card, read_names),
+                    read_names, card_spec_key(card))
+
+
 def card_feature_spec(card: ModelCard) -> FeatureSpec:
     """The feature spec a model card records (``sigserve train``), rebuilt once per spec hash:
     what computes a bar's features from candles (``POST /predict``, a stream's candle message).
@@ -340,19 +353,15 @@ class Engine:
             raise FeatureNotRegistered(
                 f"model {card.ref} needs features that are not registered: {sorted(unregistered)}",
                 details={"features": unregistered, "model": card.ref})
-        read_names = tuple(card.feature_names)
-        atr = definition.policy.atr_feature
-        if atr and atr not in read_names:
-            read_names = (*read_names, atr)
-        plan = PolicyPlan.build(definition.policy, card, read_names)
-        spec_key = card_spec_key(card)
+        prepared = assemble(definition, card, runtime)
+        spec_key = prepared.spec_key
         if spec_key is not None and definition.feature_key and definition.feature_key != spec_key:
             raise FeatureSpecMismatch(
                 f"signal {definition.signal_id!r} pins feature_key {definition.feature_key!r}, but model"
                 f" {card.ref} was trained on the feature spec {spec_key!r}",
                 details={"signal_id": definition.signal_id, "model": card.ref, "pinned": definition.feature_key,
                          "expected": spec_key})
-        return Prepared(definition, card, runtime, plan, read_names, spec_key)
+        return prepared
 
     @staticmethod
     def check_target(prepared: Prepared, symbol: str, interval: str) -> None:

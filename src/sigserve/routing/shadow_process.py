@@ -116,15 +116,14 @@ def decode_job(fields: tuple[Any, ...], names: tuple[str, ...]) -> tuple[int, in
 
 def load_message(key: int, shadow: Prepared) -> bytes:
     """What the worker needs to load a shadow version as the server did: its definition, its
-    card, the columns it reads, and the cards of an ensemble's parts."""
+    card, and the cards of an ensemble's parts."""
     runtime = shadow.runtime
     parts = []
     if shadow.card.flavor == "ensemble":
         parts = [runtime.regime.card, *(p.card for p in runtime.specialists)]  # type: ignore[attr-defined]
         if runtime.meta is not None:  # type: ignore[attr-defined]
             parts.append(runtime.meta.card)  # type: ignore[attr-defined]
-    return frame(LOAD, pickle.dumps((key, shadow.definition, shadow.card, shadow.read_names,
-                                     shadow.spec_key, parts), _PROTOCOL))
+    return frame(LOAD, pickle.dumps((key, shadow.definition, shadow.card, parts), _PROTOCOL))
 
 
 class ShadowProcessRunner(ShadowRecorder):

@@ -76,17 +76,15 @@ class Worker:
         self.out = out
 
     def load(self, payload: bytes) -> None:
-        from ..engine import PolicyPlan, Prepared
+        from ..engine import assemble
 
-        key, definition, card, read_names, spec_key, parts = pickle.loads(payload)
+        key, definition, card, parts = pickle.loads(payload)
         self.versions[key] = None
         while len(self.versions) > KEEP_VERSIONS:
             self.versions.popitem(last=False)
         try:
             self.registry.cards.update({(p.name, p.version): p for p in parts})
-            runtime = asyncio.run(self.registry.runtime(card))
-            plan = PolicyPlan.build(definition.policy, card, read_names)
-            self.versions[key] = Prepared(definition, card, runtime, plan, read_names, spec_key)
+            self.versions[key] = assemble(definition, card, asyncio.run(self.registry.runtime(card)))
         except SigserveError as exc:
             self.send(LOAD_FAILED, pickle.dumps((f"{card.ref}", exc.code, exc.message)))
         except Exception as exc:  # a version that cannot load fails its jobs, not the worker

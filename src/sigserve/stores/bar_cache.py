@@ -197,14 +197,23 @@ class BarCache:
                 return block
             self.misses += 1
             version = None if self._writes else self._version
+        return self._load_and_keep(slot, span, version, load)[0]
+
+    def _load_and_keep(self, slot: tuple[str, str, int], span: int, version: int | None,
+                       load: LoadBlock) -> tuple[Block, bool]:
+        """Load the block of ``slot`` and keep it when no write of any series began or ran since
+        ``version`` was read (None: one was running then); whether it was kept."""
+        first = slot[2]
         block = load(np.datetime64(first, "us"), np.datetime64(first + span, "us"))
-        if version is not None and self.max_blocks > 0:
-            with self._lock:
-                if self._version == version and not self._writes:
-                    self._blocks[slot] = block
-                    while len(self._blocks) > self.max_blocks:
-                        self._blocks.popitem(last=False)
-        return block
+        if version is None or self.max_blocks <= 0:
+            return block, False
+        with self._lock:
+            if self._version != version or self._writes:
+                return block, False
+            self._blocks[slot] = block
+            while len(self._blocks) > self.max_blocks:
+                self._blocks.popitem(last=False)
+        return block, True
 
     # --- prefetch ------------------------------------------------------------------------
     def next_to_prefetch(self, symbol: str, interval: str, last: np.datetime64) -> int | None:
@@ -237,15 +246,9 @@ class BarCache:
                 if slot in self._blocks:
                     return
                 version = None if self._writes else self._version
-            block = load(np.datetime64(first, "us"),
-                         np.datetime64(first + self.block_bars * interval_us(interval), "us"))
-            if version is not None:
+            if self._load_and_keep(slot, self.block_bars * interval_us(interval), version, load)[1]:
                 with self._lock:
-                    if self._version == version and not self._writes:
-                        self._blocks[slot] = block
-                        self.prefetched += 1
-                        while len(self._blocks) > self.max_blocks:
-                            self._blocks.popitem(last=False)
+                    self.prefetched += 1
         finally:
             with self._lock:
                 self._prefetching.discard(slot)
