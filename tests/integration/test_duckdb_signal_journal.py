@@ -91,20 +91,24 @@ def test_readers_see_pending_rows_and_later_writes_win(tmp_path: Path) -> None:
         assert journal.pending_rows == 0
         assert [(r["ts"].hour, r["model_version"], r["action"]) for r in got] == [
             (1, 1, "buy"), (1, 2, "hold"), (2, 1, "sell"), (3, 1, "buy")]
-        # a bar again, after its journaled row: the later row wins (written straight through,
-        # after the pending rows)
+        # a bar again, after its journaled row: journaled too, and the later row wins
         await store.write_signals(signals([4], ["buy"]))
         assert journal.pending_rows == 1
         await store.write_signals(signals([4], ["sell"]))
-        assert journal.pending_rows == 0
+        assert journal.pending_rows == 2
+        assert (await store.position_sides("sig", 1, "BTC", "1h", np.array([T0 + 5 * HOUR]))).tolist() == [-1]
         await store.write_signals(signals([5], ["close_short"]))
         assert (await store.position_sides("sig", 1, "BTC", "1h", np.array([T0 + 6 * HOUR]))).tolist() == [0]
         # the position after a journaled bar comes from memory (nothing applied for it), and
         # agrees with the table
         await store.write_signals(signals([6], ["buy"]))
-        assert journal.pending_rows == 1
+        pending = journal.pending_rows
+        assert pending >= 1
         assert (await store.position_sides("sig", 1, "BTC", "1h", np.array([T0 + 7 * HOUR]))).tolist() == [1]
-        assert journal.pending_rows == 1
+        # inside history too, once the history's events are loaded: bars 5 and 6 are pending
+        assert (await store.position_sides("sig", 1, "BTC", "1h", T0 + np.array([5, 6, 7]) * HOUR)).tolist() == [
+            -1, 0, 1]
+        assert journal.pending_rows == pending
         assert [(r["ts"].hour, r["action"]) for r in await store.read_signals("sig", "BTC", "1h")][-3:] == [
             (4, "sell"), (5, "close_short"), (6, "buy")]
         # a bulk write of the same history goes straight to the table, after the pending rows;
@@ -181,9 +185,10 @@ CRASH_AFTER_A_STRAIGHT_WRITE = textwrap.dedent("""
         while journal.applied < 3:   # applied in the background; the records stay on disk
             time.sleep(0.01)
         kept = sum(p.stat().st_size for p in journal.directory.glob("*.log"))
-        # bar 1 again, inside history: straight to the table, over the journaled row
-        await store.write_signals(signals([1], ["sell"], source="historical_replay"))
-        await store.write_signals(signals([3], ["hold"]))   # journaled again
+        # bars 1 to 5,000 again, a bulk write: straight to the table, over the journaled rows
+        hours = list(range(1, 5001))
+        await store.write_signals(signals(hours, ["sell"] * len(hours), source="historical_replay"))
+        await store.write_signals(signals([5001], ["hold"]))   # journaled again
         print("kept", kept > 0, "applied", journal.applied, flush=True)
         os._exit(0)
 
@@ -202,7 +207,58 @@ def test_a_crash_never_replays_a_journaled_row_over_a_later_straight_write(tmp_p
     assert done.stdout.strip() == "kept True applied 3", done.stdout + done.stderr
     segments = sorted((tmp_path / "s.duckdb.journal").glob("*.log"))
     replayed = [entry for p in segments for entry in read_segment(p)]
-    assert [int((batch.ts[0] - T0) // HOUR) for batch, _ in replayed] == [3]  # only the later bar
+    assert [int((batch.ts[0] - T0) // HOUR) for batch, _ in replayed] == [5001]  # only the later bar
+
+    async def reopen() -> list[dict[str, object]]:
+        store = await opened(path)
+        rows = await store.read_signals("sig")
+        await store.close()
+        return rows
+
+    rows = asyncio.run(reopen())
+    got = [(r["action"], r["source"]) for r in rows]
+    assert len(rows) == 5002
+    assert got[:3] == [("buy", "stream"), ("sell", "historical_replay"), ("sell", "historical_replay")]
+    assert got[-2:] == [("sell", "historical_replay"), ("hold", "stream")]
+
+
+CRASH_AFTER_A_REPLAY = textwrap.dedent("""
+    import asyncio, os, sys, time
+    import numpy as np
+    from sigserve.stores import DuckDBStore
+    from tests.integration.test_duckdb_signal_journal import signals, T0, HOUR
+
+    async def main():
+        store = DuckDBStore(sys.argv[1], journal_linger_s=0.01)
+        await store.open()
+        journal = store.journal
+        for hour in range(3):
+            await store.write_signals(signals([hour], ["buy"]))
+        while journal.applied < 3:
+            time.sleep(0.01)
+        store._journal_linger_s = 3600.0   # nothing more applied before the crash
+        before = await store.position_sides("sig", 1, "BTC", "1h", np.array([T0 + 2 * HOUR]))
+        # bar 1 again, inside history: journaled after the applied rows
+        await store.write_signals(signals([1], ["sell"], source="historical_replay"))
+        after = await store.position_sides("sig", 1, "BTC", "1h", np.array([T0 + 2 * HOUR]))
+        print("pending", journal.pending_rows, "sides", int(before[0]), int(after[0]), flush=True)
+        os._exit(0)
+
+    asyncio.run(main())
+""")
+
+
+def test_a_replayed_bar_is_journaled_and_its_row_wins_after_a_crash(tmp_path: Path) -> None:
+    """A bar inside history is journaled like a new one (its position before it is read from
+    memory); after a crash, the segment's records are applied in order, so the replay's row
+    replaces the older one at its key."""
+    path = tmp_path / "s.duckdb"
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", CRASH_AFTER_A_REPLAY, str(path)],
+                          capture_output=True, text=True, cwd=root, timeout=120)
+    # the position before bar 2 follows the journaled sell at bar 1 (long, then short), with
+    # nothing applied
+    assert done.stdout.strip() == "pending 1 sides 1 -1", done.stdout + done.stderr
 
     async def reopen() -> list[dict[str, object]]:
         store = await opened(path)
@@ -212,7 +268,7 @@ def test_a_crash_never_replays_a_journaled_row_over_a_later_straight_write(tmp_p
 
     rows = asyncio.run(reopen())
     assert [(r["ts"].hour, r["action"], r["source"]) for r in rows] == [  # type: ignore[union-attr]
-        (0, "buy", "stream"), (1, "sell", "historical_replay"), (2, "buy", "stream"), (3, "hold", "stream")]
+        (0, "buy", "stream"), (1, "sell", "historical_replay"), (2, "buy", "stream")]
 
 
 def test_the_active_segment_keeps_applied_records_until_it_is_rotated(tmp_path: Path) -> None:

@@ -63,10 +63,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from ..domain import (
-    ACTION_CODE,
     ACTIONS,
     FLAT,
-    HOLD,
     LONG,
     SHORT,
     FeatureBatch,
@@ -85,6 +83,7 @@ from ..timeutil import TS_DTYPE, interval_us, unique_ts
 from ._common import check_signals as _check_signals
 from .bar_cache import BarCache, Block
 from .base import Candles, FeatureRead
+from .positions import PositionBook
 from .signal_journal import Entry, SignalJournal
 
 if TYPE_CHECKING:
@@ -221,7 +220,6 @@ MIGRATIONS.append((
 _BUMP_CATALOG = "UPDATE catalog_version SET version = version + 1"
 
 _SIDE_OF_ACTION = {"buy": LONG, "sell": SHORT, "close_long": FLAT, "close_short": FLAT}
-_SIDE_OF_CODE = {ACTION_CODE[a]: side for a, side in _SIDE_OF_ACTION.items()}
 
 
 def _first(rows: list[Any]) -> Any:
@@ -334,9 +332,8 @@ class DuckDBStore:
         self._journal_linger_s = journal_linger_s
         self._lock = threading.RLock()
         self._feature_sets: dict[str, tuple[str, ...]] = {}
-        # newest (ts, side) per (signal_id, model_version, symbol, interval); see _remember_position
-        self._positions: dict[tuple[str, int, str, str],
-                              tuple[np.datetime64, int, np.datetime64]] = {}
+        # the position of each (signal_id, model_version, symbol, interval): see .positions
+        self._book = PositionBook()
         self._coverage: dict[tuple[str, str], list[tuple[str, np.datetime64, np.datetime64]]] = {}
         # feature rows and closes of recently read bars: this process is the file's only writer
         self._bars = BarCache()
@@ -344,8 +341,6 @@ class DuckDBStore:
         # newest ts of any signal row (shadows too) per (signal_id, model_version, symbol,
         # interval), and the chunks of a history being written: see _write_one
         self._newest_signal: dict[tuple[str, int, str, str], np.datetime64 | None] = {}
-        # newest ts written per history, journaled rows included (see write_signals)
-        self._newest_written: dict[tuple[str, int, str, str], np.datetime64 | None] = {}
         self._chunks_writing: dict[tuple[str, int, str, str], int] = {}
         # DuckDB's thread pool: one thread between bulk statements, its default during them
         self._threads = 1
@@ -1165,11 +1160,11 @@ class DuckDBStore:
         history = (batch.signal_id, int(batch.model_version), batch.symbol, batch.interval)
         if n < _BULK_ROWS and history not in self._chunks_writing:
             journal = self._journal
-            if journal is not None and self._appends(history, batch):
-                # the live case, bars after every stored one: durable once synced in the
-                # journal, applied behind
+            if journal is not None:
+                # durable once synced in the journal, applied behind: bars after every stored
+                # one (the live case) and bars inside history (a replay, a correction) alike,
+                # as their positions are read from memory (see .positions)
                 journal.append(batch, _now())
-                self._newest_written[history] = batch.ts.max()
                 self._remember_position(batch)
                 if journal.pending_rows >= JOURNAL_MAX_PENDING_ROWS:  # the applier is starved
                     with self._guard(flush=False):
@@ -1178,14 +1173,8 @@ class DuckDBStore:
                     with self._applier_wake:
                         self._applier_wake.notify()
                 return n
-            # Inside history (a replay, a correction): straight to the table, after the pending
-            # rows. The next read of that history (a replay reads the position before each bar)
-            # would apply a journaled row at once anyway.
-            with self._guard():
-                written = self._write_small(self._con, batch)
-            self._advance(self._newest_written, history, batch.ts.max())
-            return written
-        self._newest_written.pop(history, None)
+            with self._guard():  # no journal (":memory:", journal=off): straight to the table
+                return self._write_small(self._con, batch)
         self._chunks_writing[history] = self._chunks_writing.get(history, 0) + 1
         try:
             return await self._bulk(n, lambda con: self._write_rows(con, batch, append=False))
@@ -1194,18 +1183,6 @@ class DuckDBStore:
             if left:
                 self._chunks_writing[history] = left
             self._newest_signal.pop(history, None)  # committed or not: the next one-row write reads it
-
-    def _appends(self, history: tuple[str, int, str, str], batch: SignalBatch) -> bool:
-        """Whether every bar of ``batch`` is after the newest written of its history (its first
-        write since open asks the table, once: none of its rows is pending then, as every
-        journaled write records its history here)."""
-        if history in self._newest_written:
-            newest = self._newest_written[history]
-        else:
-            with self._guard(flush=False):
-                newest = self._newest(self._con, history)
-            self._newest_written[history] = newest
-        return newest is None or bool(batch.ts.min() > newest)
 
     def _write_small(self, con: Any, batch: SignalBatch, *, remember: bool = True,
                      now: datetime | None = None) -> int:
@@ -1380,7 +1357,7 @@ class DuckDBStore:
     @staticmethod
     def _advance(newest_of: dict[tuple[str, int, str, str], np.datetime64 | None],
                  history: tuple[str, int, str, str], at: np.datetime64) -> None:
-        """Move a cached newest ts of a history (``_newest_signal``, ``_newest_written``) to ``at``
+        """Move a cached newest ts of a history (``_newest_signal``) to ``at``
         if that is later; a history not cached stays so."""
         if history in newest_of:
             newest = newest_of[history]
@@ -1472,12 +1449,21 @@ class DuckDBStore:
                 " AND interval=$itv AND action <> 'hold' AND NOT shadow")
         params: dict[str, Any] = {"sid": signal_id, "ver": model_version, "sym": symbol,
                                   "itv": interval}
-        cached = self._positions.get((signal_id, model_version, symbol, interval))
-        if cached is not None and before.min() > cached[0]:
+        key = (signal_id, model_version, symbol, interval)
+        side = self._book.side_after_newest(key, before)
+        if side is not None:
             # the live case (a server's grouped bars too), from memory: no SQL, so no wait for
             # the signal journal's apply
-            sides[:] = cached[1]
+            sides[:] = side
             return sides
+        if key not in self._chunks_writing:
+            # inside history (a replay, a correction): from the history's events, loaded on
+            # the first such read (one scan), then kept up to date by every write
+            known = self._book.sides_before(key, before)
+            if known is None and before.size < _BULK_ROWS and self._load_events(key):
+                known = self._book.sides_before(key, before)
+            if known is not None:
+                return known
         if before.size == 1:
             with self._guard():
                 latest = self._latest_position(self._con, (signal_id, model_version, symbol, interval))
@@ -1523,45 +1509,43 @@ class DuckDBStore:
 
     def _latest_position(self, con: Any, key: tuple[str, int, str, str]) -> tuple[np.datetime64, int,
                                                                                  np.datetime64] | None:
-        """(newest ts, side after it, ts of the newest non-hold) of one history, cached.
-
-        DuckDB admits one writing process per file, so this process sees every write and keeps
-        the cache true: see _remember_position. A miss costs one scan of that history.
-        """
-        cached = self._positions.get(key)
-        if cached is not None:
-            return cached
-        row = _first(con.execute(
-            "SELECT max(ts), arg_max(action, ts) FILTER (WHERE action <> 'hold'),"
-            " max(ts) FILTER (WHERE action <> 'hold') FROM signal_history"
-            " WHERE signal_id=$sid AND model_version=$ver AND symbol=$sym AND interval=$itv"
-            " AND NOT shadow", dict(zip(("sid", "ver", "sym", "itv"), key, strict=True))).fetchall())
-        if not row or row[0] is None:
-            return None
+        """(newest ts, side after it, ts of the newest non-hold) of one history, kept in the
+        position book (see .positions). A miss costs one scan of that history."""
         never = np.datetime64("1677-09-22T00:00:00", "us")
-        entry = (np.datetime64(row[0], "us"), _SIDE_OF_ACTION[row[1]] if row[1] else FLAT,
-                 np.datetime64(row[2], "us") if row[2] is not None else never)
-        self._positions[key] = entry
-        return entry
+        known = self._book.summary(key)
+        if known is None:
+            row = _first(con.execute(
+                "SELECT max(ts), arg_max(action, ts) FILTER (WHERE action <> 'hold'),"
+                " max(ts) FILTER (WHERE action <> 'hold') FROM signal_history"
+                " WHERE signal_id=$sid AND model_version=$ver AND symbol=$sym AND interval=$itv"
+                " AND NOT shadow", dict(zip(("sid", "ver", "sym", "itv"), key, strict=True))).fetchall())
+            if not row or row[0] is None:
+                return None
+            self._book.learn(key, np.datetime64(row[0], "us"), _SIDE_OF_ACTION[row[1]] if row[1] else FLAT,
+                             np.datetime64(row[2], "us") if row[2] is not None else None)
+            known = self._book.summary(key)
+            assert known is not None
+        newest, side, last_event = known
+        return newest, side, never if last_event is None else last_event
+
+    def _load_events(self, key: tuple[str, int, str, str]) -> bool:
+        """Load every non-hold row of a history into the position book (after its pending rows
+        are applied); False when the history is empty or too large to keep."""
+        with self._guard():
+            if self._latest_position(self._con, key) is None:
+                return False
+            columns = self._con.execute(
+                "SELECT ts, CASE action WHEN 'buy' THEN 1 WHEN 'sell' THEN 2 WHEN 'close_long' THEN 3"
+                " ELSE 4 END::TINYINT AS code FROM signal_history WHERE signal_id=$sid"
+                " AND model_version=$ver AND symbol=$sym AND interval=$itv AND action <> 'hold'"
+                " AND NOT shadow ORDER BY ts",
+                dict(zip(("sid", "ver", "sym", "itv"), key, strict=True))).fetchnumpy()
+        return self._book.load_events(key, np.asarray(columns["ts"], dtype=TS_DTYPE),
+                                      np.asarray(columns["code"], dtype=np.int64))
 
     def _remember_position(self, batch: SignalBatch) -> None:
-        """Update the cached newest position after a committed write (or forget it)."""
-        if batch.shadow:
-            return
-        key = (batch.signal_id, batch.model_version, batch.symbol, batch.interval)
-        cached = self._positions.get(key)
-        if cached is None:
-            return
-        as_of, side, last_event = cached
-        lo, hi = batch.ts.min(), batch.ts.max()
-        if lo > as_of:  # an append: the live case
-            entries = np.flatnonzero(batch.action != HOLD)
-            if entries.size:
-                last = int(entries[-1])
-                side, last_event = _SIDE_OF_CODE[int(batch.action[last])], batch.ts[last]
-            self._positions[key] = (hi, side, last_event)
-        elif hi >= last_event:  # the write may have changed the newest event: recompute on use
-            del self._positions[key]
+        """Follow a committed or journaled write in the position book."""
+        self._book.remember(batch)
 
     async def last_signal_ts(self, signal_id: str, symbol: str,
                              interval: str) -> np.datetime64 | None:
