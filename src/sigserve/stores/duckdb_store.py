@@ -14,10 +14,12 @@ Design notes (measured on the 2-core dev machine, see bench/):
   conversion imports pandas, ~0.3 s of a cold start). Reads of one bar or a few (up to 8 blocks)
   go through :class:`.bar_cache.BarCache`: a bar not in memory is read with its block of 256
   bars (two statements, about the cost of the two point reads of one bar), kept until a write
-  of that series' features or candles; the next bars of a replay are answered from memory. A
-  one-row write after the newest bar of its history is one INSERT,
-  inside history one UPDATE of the row at its key (or one INSERT where there is none), each
-  its own transaction.
+  of that series' features or candles; the next bars of a replay are answered from memory. The
+  position before a bar comes from :class:`.positions.PositionBook` (the newest position of
+  each history; every non-hold row of a history once a bar inside it is asked for). Small
+  signal writes go through the signal journal (below); applied, a one-row write after the
+  newest bar of its history is one INSERT, inside history one UPDATE of the row at its key
+  (or one INSERT where there is none).
 - DuckDB runs one thread between bulk statements and its default pool during them
   (``_parallel``): a point statement costs less without waking the pool, most of all when the
   process is pinned to one core; a 300k-row write or read is 1.3-2.5x faster with the pool.
@@ -28,7 +30,7 @@ Design notes (measured on the 2-core dev machine, see bench/):
   primary key. SQL PREPARE/EXECUTE, appenders, MERGE INTO, disabled optimizers and a smaller
   checkpoint_threshold measured no cheaper (the last: more frequent ~25 ms checkpoints). One live
   bar is now mostly its INSERT: the feature row comes from the bar cache, the position from
-  ``_positions``. That INSERT with its commit measured p50 3.2 / p99 6.9 ms on VM-G (a bare
+  the position book. That INSERT with its commit measured p50 3.2 / p99 6.9 ms on VM-G (a bare
   one-row INSERT into a 9-column table: 2.9 / 7.4 ms on the file, 1.0 / 1.7 ms in memory; the
   commit's fdatasync alone 0.5 / 1.6 ms). Most of that is DuckDB's own work per statement, not
   the sync: strace counts one write and one fdatasync per commit, ~50 us each. So signal rows
@@ -36,7 +38,8 @@ Design notes (measured on the 2-core dev machine, see bench/):
   append and an fdatasync of our own file, and a background thread applies the rows to
   ``signal_history`` through Arrow, one statement per series for a linger's worth of rows
   (~5 ms for 20 rows against 20 x 3 ms). ``_guard`` applies pending rows before any statement
-  that may read them; the live path reads none (the position from ``_positions``).
+  that may read them; a served bar reads none (the position from the position book), replays
+  and corrections included.
 - The first statement after a commit costs about twice what it does otherwise (a point SELECT
   0.6 ms alone, 1.25-1.55 ms right after a one-row INSERT; even an empty BEGIN/COMMIT makes it
   1.07 ms; measured on VM-D with DuckDB 2.0.1), and the cost is per scan, not per statement: the

@@ -16,8 +16,8 @@ Rules that keep it correct (see ``DuckDBStore``):
 
 - Anything that reads or writes ``signal_history`` through SQL applies the pending records first
   (``DuckDBStore._guard`` does it), so no reader ever sees the table without a row that an
-  earlier write returned for. The hot path reads no SQL for a new bar (feature rows from the bar
-  cache, the position from memory), so it pays only the append.
+  earlier write returned for. A served bar reads no SQL, new or replayed (feature rows from the
+  bar cache, the position from the store's position book), so it pays only the append.
 - Records are applied in the order they were appended, per history; applying one twice is
   harmless (every write is an upsert at its key). A crash after the append and before the apply
   loses nothing: ``open`` returns the records of every segment left behind, and the store
