@@ -286,8 +286,13 @@ def test_the_active_segment_keeps_applied_records_until_it_is_rotated(tmp_path: 
         # applies happened, and no segment was opened for them: every record is in the first
         assert journal.applied == 20 and sorted(journal.directory.glob("*.log")) == first
         assert len(read_segment(first[0])) == 20
-        # a reader (or writer) of the table retires it: a fresh, empty segment from there on
-        assert len(await store.read_signals("sig")) == 20
+        # a reader of the table applies pending rows and keeps the segment (no sync for it)
+        await store.write_signals(signals([20], ["sell"]))
+        assert len(await store.read_signals("sig")) == 21
+        assert journal.pending_rows == 0 and sorted(journal.directory.glob("*.log")) == first
+        # a bulk write straight to the table retires it: a fresh, empty segment from there on
+        hours = list(range(21, 5021))
+        await store.write_signals(signals(hours, ["hold"] * len(hours), source="historical_replay"))
         now = sorted(journal.directory.glob("*.log"))
         assert now != first and [len(read_segment(p)) for p in now] == [0]
         await store.close()

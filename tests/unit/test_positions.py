@@ -135,3 +135,15 @@ def test_loaded_events_are_bounded_least_recently_used_first() -> None:
     assert book.side_after_newest(keys[0], T0 + np.array([9]) * MIN) == LONG  # its summary stays
     # a history larger than half the bound is not loaded at all
     assert not book.load_events(keys[1], T0 + np.arange(6) * MIN, np.full(6, ACTION_CODE["buy"]))
+
+
+def test_an_empty_history_is_known_and_follows_its_first_rows() -> None:
+    book = PositionBook()
+    book.learn_empty(KEY)
+    assert book.known_empty(KEY) and book.summary(KEY) is None
+    assert book.side_after_newest(KEY, T0 + np.array([0]) * MIN) == FLAT
+    book.remember(batch([0, 1], ["buy", "hold"]))
+    assert not book.known_empty(KEY)
+    assert book.side_after_newest(KEY, T0 + np.array([2]) * MIN) == LONG
+    summary = book.summary(KEY)
+    assert summary is not None and summary[0] == T0 + 1 * MIN and summary[2] == T0

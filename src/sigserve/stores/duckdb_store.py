@@ -504,16 +504,21 @@ class DuckDBStore:
                 raise
 
     @contextmanager
-    def _guard(self, flush: bool = True) -> Iterator[None]:
+    def _guard(self, flush: bool = True, retire: bool = False) -> Iterator[None]:
         """Translate DuckDB exceptions at the boundary; first apply the signal journal's pending
-        rows (``flush``: every statement that may read or write ``signal_history``)."""
+        rows (``flush``: every statement that may read ``signal_history``), and with ``retire``
+        close and delete every segment that holds a record (before a statement that writes
+        ``signal_history`` straight: see .signal_journal's rules). A read needs the rows
+        applied, not the segments gone: retiring them for every read closed a segment (three
+        syncs) per read."""
         import duckdb
 
         if self._con is None:
             raise StoreUnavailable("the store is not open", details={"store": self.url})
         try:
-            if flush and self._journal is not None and self._journal.holds_records:
-                self._flush_journal(retire=True)
+            journal = self._journal
+            if flush and journal is not None and (journal.holds_records if retire else journal.unapplied_rows):
+                self._flush_journal(retire=retire)
             yield
         except SigserveError:
             raise
@@ -524,15 +529,15 @@ class DuckDBStore:
         except duckdb.Error as exc:
             raise InternalError(f"store error: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
 
-    async def _bulk(self, rows: int, fn: Callable[[Any], T], *, flush: bool = True) -> T:
+    async def _bulk(self, rows: int, fn: Callable[[Any], T], *, flush: bool = True, retire: bool = False) -> T:
         """Run ``fn(connection)`` inline when small, else on a cursor in a worker thread
-        (``flush``: as ``_guard``'s)."""
+        (``flush``, ``retire``: as ``_guard``'s)."""
         if rows < _BULK_ROWS:
-            with self._guard(flush):
+            with self._guard(flush, retire):
                 return fn(self._con)
 
         def work() -> T:
-            with self._guard(flush):
+            with self._guard(flush, retire):
                 cursor = self._con.cursor()
                 try:
                     cursor.execute("SET TimeZone = 'UTC'")
@@ -1180,7 +1185,7 @@ class DuckDBStore:
                 return self._write_small(self._con, batch)
         self._chunks_writing[history] = self._chunks_writing.get(history, 0) + 1
         try:
-            return await self._bulk(n, lambda con: self._write_rows(con, batch, append=False))
+            return await self._bulk(n, lambda con: self._write_rows(con, batch, append=False), retire=True)
         finally:
             left = self._chunks_writing.pop(history) - 1
             if left:
@@ -1517,12 +1522,15 @@ class DuckDBStore:
         never = np.datetime64("1677-09-22T00:00:00", "us")
         known = self._book.summary(key)
         if known is None:
+            if self._book.known_empty(key):
+                return None
             row = _first(con.execute(
                 "SELECT max(ts), arg_max(action, ts) FILTER (WHERE action <> 'hold'),"
                 " max(ts) FILTER (WHERE action <> 'hold') FROM signal_history"
                 " WHERE signal_id=$sid AND model_version=$ver AND symbol=$sym AND interval=$itv"
                 " AND NOT shadow", dict(zip(("sid", "ver", "sym", "itv"), key, strict=True))).fetchall())
             if not row or row[0] is None:
+                self._book.learn_empty(key)  # this process writes the file: it sees the first row
                 return None
             self._book.learn(key, np.datetime64(row[0], "us"), _SIDE_OF_ACTION[row[1]] if row[1] else FLAT,
                              np.datetime64(row[2], "us") if row[2] is not None else None)

@@ -26,6 +26,7 @@ Usage::
 
     book = PositionBook()
     book.learn(key, newest_ts, side, last_event_ts)   # from one aggregate scan
+    book.learn_empty(key)                             # ... which found no row
     side = book.side_after_newest(key, ts)            # None: not known, or ts is inside history
     book.load_events(key, event_ts, event_sides)      # from one scan of the non-hold rows
     sides = book.sides_before(key, before)            # None: the events are not loaded
@@ -147,10 +148,20 @@ class PositionBook:
             self._histories[key] = _History(_us(newest), int(side),
                                             _NEVER if last_event is None else _us(last_event))
 
-    def summary(self, key: Key) -> tuple[np.datetime64, int, np.datetime64 | None] | None:
-        """(newest ts, side after it, ts of the newest non-hold row) of a known history."""
+    def learn_empty(self, key: Key) -> None:
+        """A history with no row (its first write is followed like any append)."""
+        with self._lock:
+            self._histories[key] = _History(_NEVER, FLAT, _NEVER)
+
+    def known_empty(self, key: Key) -> bool:
         history = self._histories.get(key)
-        if history is None:
+        return history is not None and history.newest == _NEVER
+
+    def summary(self, key: Key) -> tuple[np.datetime64, int, np.datetime64 | None] | None:
+        """(newest ts, side after it, ts of the newest non-hold row) of a known history with
+        rows; None when it is not known or has none."""
+        history = self._histories.get(key)
+        if history is None or history.newest == _NEVER:
             return None
         last = None if history.last_event == _NEVER else np.datetime64(history.last_event, "us")
         return np.datetime64(history.newest, "us"), history.side, last
