@@ -10,7 +10,6 @@ template.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from typing import Any
@@ -19,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import InternalError, Unauthorized
 from ..idle import IdleGate
+from ..ids import random_hex
 from .auth import CHALLENGE, CHALLENGE_INVALID, MESSAGES, PUBLIC_PATHS, TokenCheck
 from .errors import REQUEST_ID_KEY, STARTED_KEY, envelope, send_error
 from .metrics import Metrics
@@ -53,7 +53,7 @@ class EdgeMiddleware:
         if given is not None and _REQUEST_ID_RE.match(given):
             request_id, raw_id = given.decode("ascii"), given
         else:
-            request_id = os.urandom(16).hex()
+            request_id = random_hex()
             raw_id = request_id.encode("ascii")
         scope[REQUEST_ID_KEY] = request_id
         id_header = (b"x-request-id", raw_id)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import random
 import re
 import time
 from collections.abc import Awaitable
@@ -29,6 +28,7 @@ from ..backfill import BackfillRequest, run_backfill
 from ..domain import ACTIONS, SERVABLE_STAGES, Stage, Task
 from ..ensemble import ENSEMBLE_PARTS
 from ..errors import DeadlineExceeded, ModelNotFound, StoreUnavailable, ValidationError
+from ..ids import random_uuid4
 from ..timeutil import check_window, parse_ts, validate_interval
 from .admin import ensure_shadow_runner
 from .errors import STARTED_KEY
@@ -101,18 +101,9 @@ def to_ts(value: str | int | float, field: str) -> np.datetime64:
     return ts
 
 
-# decision ids need uniqueness, not secrecy: a generator seeded from the OS once (and again in a
-# forked child) instead of a getrandom syscall per answer
-_random = random.Random(os.urandom(32))
-os.register_at_fork(after_in_child=lambda: _random.seed(os.urandom(32)))
-_UUID4_KEEP = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)  # version and variant bits cleared
-_UUID4_SET = (0x4 << 76) | (0x2 << 62)  # version 4, RFC 4122 variant
-
-
 def decision_id() -> str:
-    """A random (version 4) UUID as text, in ~0.7x the time of one from ``os.urandom``."""
-    h = f"{(_random.getrandbits(128) & _UUID4_KEEP) | _UUID4_SET:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """A random (version 4) UUID as text (see :mod:`sigserve.ids`)."""
+    return random_uuid4()
 
 
 def _now_ts() -> np.datetime64:
