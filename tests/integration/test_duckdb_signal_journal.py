@@ -171,58 +171,9 @@ def test_a_crash_loses_no_acknowledged_row(tmp_path: Path, caplog: pytest.LogCap
     assert not list((tmp_path / "s.duckdb.journal").glob("*.log"))
 
 
-CRASH_AFTER_A_STRAIGHT_WRITE = textwrap.dedent("""
-    import asyncio, os, sys, time
-    from sigserve.stores import DuckDBStore
-    from tests.integration.test_duckdb_signal_journal import signals
-
-    async def main():
-        store = DuckDBStore(sys.argv[1], journal_linger_s=0.01)
-        await store.open()
-        journal = store.journal
-        for hour in range(3):
-            await store.write_signals(signals([hour], ["buy"]))
-        while journal.applied < 3:   # applied in the background; the records stay on disk
-            time.sleep(0.01)
-        kept = sum(p.stat().st_size for p in journal.directory.glob("*.log"))
-        # bars 1 to 5,000 again, a bulk write: straight to the table, over the journaled rows
-        hours = list(range(1, 5001))
-        await store.write_signals(signals(hours, ["sell"] * len(hours), source="historical_replay"))
-        await store.write_signals(signals([5001], ["hold"]))   # journaled again
-        print("kept", kept > 0, "applied", journal.applied, flush=True)
-        os._exit(0)
-
-    asyncio.run(main())
-""")
-
-
-def test_a_crash_never_replays_a_journaled_row_over_a_later_straight_write(tmp_path: Path) -> None:
-    """The applier keeps applied records in the active segment; a write straight to the table
-    closes and deletes every segment with records first, so the replay after a crash cannot put
-    the older journaled row back over it."""
-    path = tmp_path / "s.duckdb"
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", CRASH_AFTER_A_STRAIGHT_WRITE, str(path)],
-                          capture_output=True, text=True, cwd=root, timeout=120)
-    assert done.stdout.strip() == "kept True applied 3", done.stdout + done.stderr
-    segments = sorted((tmp_path / "s.duckdb.journal").glob("*.log"))
-    replayed = [entry for p in segments for entry in read_segment(p)]
-    assert [int((batch.ts[0] - T0) // HOUR) for batch, _ in replayed] == [5001]  # only the later bar
-
-    async def reopen() -> list[dict[str, object]]:
-        store = await opened(path)
-        rows = await store.read_signals("sig")
-        await store.close()
-        return rows
-
-    rows = asyncio.run(reopen())
-    got = [(r["action"], r["source"]) for r in rows]
-    assert len(rows) == 5002
-    assert got[:3] == [("buy", "stream"), ("sell", "historical_replay"), ("sell", "historical_replay")]
-    assert got[-2:] == [("sell", "historical_replay"), ("hold", "stream")]
-
-
-CRASH_AFTER_A_REPLAY = textwrap.dedent("""
+# a crash script's start: a store with bars 0-2 (buy) journaled and applied in the background;
+# their records stay in the active segment
+THREE_APPLIED = """
     import asyncio, os, sys, time
     import numpy as np
     from sigserve.stores import DuckDBStore
@@ -236,15 +187,69 @@ CRASH_AFTER_A_REPLAY = textwrap.dedent("""
             await store.write_signals(signals([hour], ["buy"]))
         while journal.applied < 3:
             time.sleep(0.01)
-        store._journal_linger_s = 3600.0   # nothing more applied before the crash
-        before = await store.position_sides("sig", 1, "BTC", "1h", np.array([T0 + 2 * HOUR]))
-        # bar 1 again, inside history: journaled after the applied rows
-        await store.write_signals(signals([1], ["sell"], source="historical_replay"))
-        after = await store.position_sides("sig", 1, "BTC", "1h", np.array([T0 + 2 * HOUR]))
-        print("pending", journal.pending_rows, "sides", int(before[0]), int(after[0]), flush=True)
+"""
+
+
+def crash_script(steps: str) -> str:
+    """THREE_APPLIED, then ``steps`` (inside ``main``), then a crash: no close."""
+    return textwrap.dedent(THREE_APPLIED) + textwrap.indent(textwrap.dedent(steps), " " * 4) + textwrap.dedent("""
         os._exit(0)
 
     asyncio.run(main())
+""")
+
+
+def run_crash(path: Path, script: str) -> str:
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                          cwd=root, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.strip()
+
+
+def rows_after_reopen(path: Path) -> list[dict[str, object]]:
+    async def reopen() -> list[dict[str, object]]:
+        store = await opened(path)
+        rows = await store.read_signals("sig")
+        await store.close()
+        return rows
+
+    return asyncio.run(reopen())
+
+
+CRASH_AFTER_A_STRAIGHT_WRITE = crash_script("""
+        kept = sum(p.stat().st_size for p in journal.directory.glob("*.log"))
+        # bars 1 to 5,000 again, a bulk write: straight to the table, over the journaled rows
+        hours = list(range(1, 5001))
+        await store.write_signals(signals(hours, ["sell"] * len(hours), source="historical_replay"))
+        await store.write_signals(signals([5001], ["hold"]))   # journaled again
+        print("kept", kept > 0, "applied", journal.applied, flush=True)
+""")
+
+
+def test_a_crash_never_replays_a_journaled_row_over_a_later_straight_write(tmp_path: Path) -> None:
+    """The applier keeps applied records in the active segment; a write straight to the table
+    closes and deletes every segment with records first, so the replay after a crash cannot put
+    the older journaled row back over it."""
+    path = tmp_path / "s.duckdb"
+    assert run_crash(path, CRASH_AFTER_A_STRAIGHT_WRITE) == "kept True applied 3"
+    segments = sorted((tmp_path / "s.duckdb.journal").glob("*.log"))
+    replayed = [entry for p in segments for entry in read_segment(p)]
+    assert [int((batch.ts[0] - T0) // HOUR) for batch, _ in replayed] == [5001]  # only the later bar
+    rows = rows_after_reopen(path)
+    got = [(r["action"], r["source"]) for r in rows]
+    assert len(rows) == 5002
+    assert got[:3] == [("buy", "stream"), ("sell", "historical_replay"), ("sell", "historical_replay")]
+    assert got[-2:] == [("sell", "historical_replay"), ("hold", "stream")]
+
+
+CRASH_AFTER_A_REPLAY = crash_script("""
+    store._journal_linger_s = 3600.0   # nothing more applied before the crash
+    before = await store.position_sides("sig", 1, "BTC", "1h", np.array([T0 + 2 * HOUR]))
+    # bar 1 again, inside history: journaled after the applied rows
+    await store.write_signals(signals([1], ["sell"], source="historical_replay"))
+    after = await store.position_sides("sig", 1, "BTC", "1h", np.array([T0 + 2 * HOUR]))
+    print("pending", journal.pending_rows, "sides", int(before[0]), int(after[0]), flush=True)
 """)
 
 
@@ -253,20 +258,10 @@ def test_a_replayed_bar_is_journaled_and_its_row_wins_after_a_crash(tmp_path: Pa
     memory); after a crash, the segment's records are applied in order, so the replay's row
     replaces the older one at its key."""
     path = tmp_path / "s.duckdb"
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", CRASH_AFTER_A_REPLAY, str(path)],
-                          capture_output=True, text=True, cwd=root, timeout=120)
     # the position before bar 2 follows the journaled sell at bar 1 (long, then short), with
     # nothing applied
-    assert done.stdout.strip() == "pending 1 sides 1 -1", done.stdout + done.stderr
-
-    async def reopen() -> list[dict[str, object]]:
-        store = await opened(path)
-        rows = await store.read_signals("sig")
-        await store.close()
-        return rows
-
-    rows = asyncio.run(reopen())
+    assert run_crash(path, CRASH_AFTER_A_REPLAY) == "pending 1 sides 1 -1"
+    rows = rows_after_reopen(path)
     assert [(r["ts"].hour, r["action"], r["source"]) for r in rows] == [  # type: ignore[union-attr]
         (0, "buy", "stream"), (1, "sell", "historical_replay"), (2, "buy", "stream")]
 
