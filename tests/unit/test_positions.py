@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sigserve.domain import ACTION_CODE, FLAT, LONG, SHORT, SignalBatch
+from sigserve.stores import positions
 from sigserve.stores.positions import PositionBook
 
 T0 = np.datetime64("2024-01-01T00:00:00", "us")
@@ -73,8 +74,16 @@ def check(book: PositionBook, table: Table) -> None:
     assert summary[2] == (None if last is None else T0 + last * MIN)
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_the_book_agrees_with_the_table_after_random_writes(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "merge_rows", "put_rows"),
+                         [(seed, 4096, 64) for seed in range(4)] + [(4, 4096, 1), (5, 4096, 1), (6, 8, 1),
+                                                                    (7, 8, 64)])
+def test_the_book_agrees_with_the_table_after_random_writes(seed: int, merge_rows: int, put_rows: int,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes of up to ``put_rows`` rows are put one by one, larger ones merged; with
+    ``merge_rows`` 8, writes of 9 rows or more drop the events (the store loads them again on
+    its next read inside the history, as here): what stays must still be right."""
+    monkeypatch.setattr(positions, "MERGE_ROWS", merge_rows)
+    monkeypatch.setattr(positions, "PUT_ROWS", put_rows)
     rng = np.random.default_rng(seed)
     actions = ["hold", "buy", "sell", "close_long", "close_short"]
     table, book = Table(), PositionBook()
@@ -99,6 +108,16 @@ def test_the_book_agrees_with_the_table_after_random_writes(seed: int) -> None:
         written = [actions[i] for i in rng.integers(0, 5, len(minutes))]
         table.write(minutes, written)
         book.remember(batch(minutes, written))
+        if book.sides_before(KEY, T0 + np.array([0]) * MIN) is None:  # dropped: load again
+            assert len(minutes) > merge_rows
+            summary = book.summary(KEY)
+            if summary is not None:  # kept: it must agree with the table already
+                newest, side, last = table.summary()
+                assert summary[0] == T0 + newest * MIN and summary[1] == side
+                assert summary[2] == (None if last is None else T0 + last * MIN)
+            else:
+                learn(book, table)
+            assert book.load_events(KEY, *table.events())
         check(book, table)
     # a shadow's rows are not the signal's position
     before = book.sides_before(KEY, T0 + np.array([max(table.rows) + 1]) * MIN)
