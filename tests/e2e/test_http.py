@@ -199,6 +199,22 @@ async def test_the_bar_cache_is_on_metrics(home: Path, world: World) -> None:
         assert metric(after, "sigserve_bar_cache_held_blocks") >= 1
 
 
+async def test_the_position_book_is_on_metrics(home: Path, world: World) -> None:
+    async with serving(settings_for(home)) as (app, client):
+        for i in range(WARMUP_BARS, WARMUP_BARS + 40):  # the live path: no rows loaded
+            r = await client.post("/inference/run", json=run_body(world, i))
+            assert r.status_code == 200, r.text
+        before = (await client.get("/metrics")).text
+        # a bar inside its history (a replay): the history's non-hold rows are loaded, once
+        r = await client.post("/inference/run", json=run_body(world, WARMUP_BARS + 20,
+                                                                source="historical_replay"))
+        assert r.status_code == 200, r.text
+        after = (await client.get("/metrics")).text
+        events = sum(1 for row in await history(app) if row["action"] != "hold" and not row["shadow"])
+        assert metric(before, "sigserve_position_book_rows") == 0
+        assert metric(after, "sigserve_position_book_rows") == events > 0
+
+
 async def test_the_signal_journal_is_on_metrics(home: Path, world: World) -> None:
     async with serving(settings_for(home)) as (app, client):
         stored = [np.datetime64(r["ts"].replace(tzinfo=None), "us") for r in await history(app)]

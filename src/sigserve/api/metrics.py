@@ -107,7 +107,8 @@ def _counter(name: str, documentation: str, label: str, values: dict[str, float]
 
 
 class _StoreCollector:
-    """The bar cache's and the signal journal's counts, read from the store at scrape time:
+    """The bar cache's, the position book's and the signal journal's counts, read from the store
+    at scrape time:
     nothing is added to a read or a write (and a reopened journal is followed)."""
 
     def __init__(self, store: Any) -> None:
@@ -123,6 +124,12 @@ class _StoreCollector:
                                       value=cache.prefetched)
             yield GaugeMetricFamily("sigserve_bar_cache_held_blocks",
                                     "Blocks of bars the DuckDB store's bar cache holds", value=len(cache))
+        book = getattr(self.store, "position_book", None)
+        if book is not None:
+            yield GaugeMetricFamily("sigserve_position_book_rows",
+                                    "Non-hold signal rows the DuckDB store's position book holds in memory"
+                                    " (histories read inside, for replays and corrections)",
+                                    value=book.loaded_events)
         journal = getattr(self.store, "journal", None)
         if journal is not None:
             yield _counter("sigserve_signal_journal_rows", "Signal rows through the DuckDB store's journal, by state",

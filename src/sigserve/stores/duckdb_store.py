@@ -351,6 +351,12 @@ class DuckDBStore:
         self._threads_lock = threading.Lock()
 
     @property
+    def position_book(self) -> PositionBook:
+        """Each signal history's position kept in memory (see :mod:`.positions`): its
+        ``loaded_events`` (non-hold rows held) is exported on a server's ``/metrics``."""
+        return self._book
+
+    @property
     def bar_cache(self) -> BarCache:
         """The feature rows and closes kept in memory (see :mod:`.bar_cache`): its ``hits``,
         ``misses`` and size are exported on a server's ``/metrics``."""
