@@ -67,7 +67,12 @@ def test_positions_follow_appends_replays_bulk_rewrites_and_a_reopen(tmp_path: P
         await store.close()
         reopened = DuckDBStore(path)
         await reopened.open()
+        # a bar after the newest (the live case) needs the history's summary only
+        live = await reopened.position_sides("sig", 1, "BTC", "1h", np.array([T0 + 6000 * HOUR]))
+        assert live.tolist() == [expected[-1]]  # the probe's last bar is after the newest too
+        assert reopened.position_book.loaded_events == 0
         assert await sides(reopened) == expected
+        assert reopened.position_book.loaded_events > 0
         await reopened.close()
 
     asyncio.run(main())

@@ -1464,6 +1464,9 @@ class DuckDBStore:
         params: dict[str, Any] = {"sid": signal_id, "ver": model_version, "sym": symbol,
                                   "itv": interval}
         key = (signal_id, model_version, symbol, interval)
+        if key not in self._book:  # its summary first (one aggregate scan): a live bar needs no more
+            with self._guard():
+                self._latest_position(self._con, key)
         side = self._book.side_after_newest(key, before)
         if side is not None:
             # the live case (a server's grouped bars too), from memory: no SQL, so no wait for
