@@ -28,7 +28,7 @@ from ..backfill import BackfillRequest, run_backfill
 from ..domain import ACTIONS, SERVABLE_STAGES, Stage, Task
 from ..ensemble import ENSEMBLE_PARTS
 from ..errors import DeadlineExceeded, ModelNotFound, StoreUnavailable, ValidationError
-from ..ids import random_uuid4
+from ..ids import random_uuid4 as decision_id
 from ..timeutil import check_window, parse_ts, validate_interval
 from .admin import ensure_shadow_runner
 from .errors import STARTED_KEY
@@ -99,11 +99,6 @@ def to_ts(value: str | int | float, field: str) -> np.datetime64:
         raise ValidationError(f"timestamp {field} is out of range (1900..2200): {value!r}",
                               details={"field": field, "value": str(value)})
     return ts
-
-
-def decision_id() -> str:
-    """A random (version 4) UUID as text (see :mod:`sigserve.ids`)."""
-    return random_uuid4()
 
 
 def _now_ts() -> np.datetime64:

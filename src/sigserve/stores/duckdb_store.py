@@ -68,8 +68,7 @@ import numpy as np
 from ..domain import (
     ACTIONS,
     FLAT,
-    LONG,
-    SHORT,
+    HOLD,
     FeatureBatch,
     ModelCard,
     Policy,
@@ -86,7 +85,7 @@ from ..timeutil import TS_DTYPE, interval_us, unique_ts
 from ._common import check_signals as _check_signals
 from .bar_cache import BarCache, Block
 from .base import Candles, FeatureRead
-from .positions import PositionBook
+from .positions import SIDE_OF_CODE, PositionBook
 from .signal_journal import Entry, SignalJournal
 
 if TYPE_CHECKING:
@@ -222,7 +221,7 @@ MIGRATIONS.append((
 # (DuckDBStore._catalog_change; the changes made on a worker connection run it themselves)
 _BUMP_CATALOG = "UPDATE catalog_version SET version = version + 1"
 
-_SIDE_OF_ACTION = {"buy": LONG, "sell": SHORT, "close_long": FLAT, "close_short": FLAT}
+_SIDE_OF_ACTION = {action: int(SIDE_OF_CODE[code]) for code, action in enumerate(ACTIONS) if code != HOLD}
 
 
 def _first(rows: list[Any]) -> Any:
@@ -1555,11 +1554,11 @@ class DuckDBStore:
             if self._latest_position(self._con, key) is None:
                 return False
             columns = self._con.execute(
-                "SELECT ts, CASE action WHEN 'buy' THEN 1 WHEN 'sell' THEN 2 WHEN 'close_long' THEN 3"
-                " ELSE 4 END::TINYINT AS code FROM signal_history WHERE signal_id=$sid"
-                " AND model_version=$ver AND symbol=$sym AND interval=$itv AND action <> 'hold'"
-                " AND NOT shadow ORDER BY ts",
-                dict(zip(("sid", "ver", "sym", "itv"), key, strict=True))).fetchnumpy()
+                "SELECT ts, (list_position($actions, action) - 1)::TINYINT AS code FROM signal_history"
+                " WHERE signal_id=$sid AND model_version=$ver AND symbol=$sym AND interval=$itv"
+                " AND action <> 'hold' AND NOT shadow ORDER BY ts",
+                {**dict(zip(("sid", "ver", "sym", "itv"), key, strict=True)),
+                 "actions": list(ACTIONS)}).fetchnumpy()
         return self._book.load_events(key, np.asarray(columns["ts"], dtype=TS_DTYPE),
                                       np.asarray(columns["code"], dtype=np.int64))
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..domain import FLAT, HOLD, LONG, SHORT, SignalBatch
+from ..domain import ACTIONS, BUY, FLAT, HOLD, LONG, SELL, SHORT, SignalBatch
 from ..timeutil import TS_DTYPE
 
 Key = tuple[str, int, str, str]  # signal_id, model_version, symbol, interval
@@ -54,7 +54,8 @@ MERGE_ROWS = 4_096  # a write of more rows drops the history's events instead of
 MAX_HISTORY_EVENTS = 262_144
 PUT_ROWS = 64  # up to this many rows are put one by one; more are merged (two passes)
 # side after an action code: hold keeps the position, so it is never an event
-SIDE_OF_CODE = np.array([FLAT, LONG, SHORT, FLAT, FLAT], dtype=np.int8)  # hold, buy, sell, close_long, close_short
+SIDE_OF_CODE = np.zeros(len(ACTIONS), dtype=np.int8)  # FLAT for hold (never used), close_long, close_short
+SIDE_OF_CODE[[BUY, SELL]] = LONG, SHORT
 _NEVER = np.iinfo(np.int64).min
 
 
@@ -253,18 +254,6 @@ class PositionBook:
             history.last_event, history.side = events.last()
             if self._loaded_events > self.max_events:
                 self._drop_events(next(iter(self._loaded)))
-
-    def forget(self, key: Key) -> None:
-        """Drop what is known of a history (a write that cannot be followed: read it again)."""
-        with self._lock:
-            self._drop_events(key)
-            self._histories.pop(key, None)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._histories.clear()
-            self._loaded.clear()
-            self._loaded_events = 0
 
     # --- under the lock ---------------------------------------------------------------------
     def _append_events(self, history: _History, ts: np.ndarray, codes: np.ndarray) -> None:
