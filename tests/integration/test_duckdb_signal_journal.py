@@ -99,13 +99,16 @@ def test_readers_see_pending_rows_and_later_writes_win(tmp_path: Path) -> None:
         assert (await store.position_sides("sig", 1, "BTC", "1h", np.array([T0 + 5 * HOUR]))).tolist() == [-1]
         await store.write_signals(signals([5], ["close_short"]))
         assert (await store.position_sides("sig", 1, "BTC", "1h", np.array([T0 + 6 * HOUR]))).tolist() == [0]
+        # a bar inside history loads the history's events (the pending rows applied first)
+        assert (await store.position_sides("sig", 1, "BTC", "1h", np.array([T0 + 2 * HOUR]))).tolist() == [1]
+        assert journal.pending_rows == 0
         # the position after a journaled bar comes from memory (nothing applied for it), and
         # agrees with the table
         await store.write_signals(signals([6], ["buy"]))
         pending = journal.pending_rows
         assert pending >= 1
         assert (await store.position_sides("sig", 1, "BTC", "1h", np.array([T0 + 7 * HOUR]))).tolist() == [1]
-        # inside history too, once the history's events are loaded: bars 5 and 6 are pending
+        # inside history too, from the loaded events: bar 6 is pending
         assert (await store.position_sides("sig", 1, "BTC", "1h", T0 + np.array([5, 6, 7]) * HOUR)).tolist() == [
             -1, 0, 1]
         assert journal.pending_rows == pending
