@@ -95,6 +95,7 @@ INTERVAL = "1m"
 SIGNAL = "bench-stream"
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT")
 DATA_ROWS = 250_000
+DUMP_STORE = [""]  # the store being measured, for SIGSERVE_BENCH_DUMP's file names
 
 
 class Feed:
@@ -112,14 +113,25 @@ class Feed:
     def next(self, prefix: str) -> tuple[str, bytes, tuple[str, int]]:
         i = self.i
         self.i += 1
-        symbol = SYMBOLS[i % len(SYMBOLS)]
-        row = self.values[(i // len(SYMBOLS)) % len(self.values)]
-        ts = self.t0 + np.timedelta64(60_000_000, "us") * (i // len(SYMBOLS))
+        ns = int(os.environ.get("XSYM", len(SYMBOLS)))
+        symbol = SYMBOLS[i % ns]
+        row = self.values[(i // ns) % len(self.values)]
+        ts = self.t0 + np.timedelta64(60_000_000, "us") * (i // ns)
         body = {"symbol": symbol, "interval": INTERVAL, "ts": format_ts(ts), "feature_key": "bench-stream",
                 "features": dict(zip(self.names, row.tolist(), strict=True)),
-                "close": float(self.close[(i // len(SYMBOLS)) % len(self.close)])}
+                "close": float(self.close[(i // ns) % len(self.close)])}
         subject = f"{prefix}.features.{symbol}.{INTERVAL}"
         return subject, orjson.dumps(body), (symbol, int(ts.astype(np.int64)) // 1000)
+
+    def start_after(self, newest: np.datetime64 | None) -> None:
+        """Move the next bars past ``newest`` (a store's newest signal): an earlier bench run's
+        rows stay in the bench home, and a bar at their ts would be a replay, not a live bar."""
+        if newest is None:
+            return
+        ns = int(os.environ.get("XSYM", len(SYMBOLS)))
+        at = self.t0 + np.timedelta64(60_000_000, "us") * (self.i // ns)
+        if at <= newest:
+            self.t0 += (np.datetime64(newest, "us") - at) + np.timedelta64(1, "D")
 
     def batch(self, prefix: str, n: int) -> list[tuple[str, bytes, tuple[str, int]]]:
         """The next ``n`` messages, encoded now (before a phase, not in its pacing loop)."""
@@ -152,12 +164,15 @@ def quiet_gc() -> Any:
         gc.unfreeze()
 
 
-async def prepare(home: Path, store_url: str, names: tuple[str, ...], runtime: str = "lightgbm") -> None:
+async def prepare(home: Path, store_url: str, names: tuple[str, ...], runtime: str = "lightgbm") -> np.datetime64 | None:
+    """Register the model and the signal once per bench home; the newest stored signal's ts
+    (the feed starts after it, so every message is a new bar, as a live stream's are)."""
     settings = Settings(home=home, store=store_url)
     async with Services.open(settings) as services:
         store, registry = services.store, services.registry
         if await store.get_signal(SIGNAL) is not None:
-            return
+            newest = [await store.last_signal_ts(SIGNAL, symbol, INTERVAL) for symbol in SYMBOLS]
+            return max((ts for ts in newest if ts is not None), default=None)
         model = bench_home() / "model-300x32.txt"
         if not model.exists():
             print("training the bench model (once) ...", flush=True)
@@ -170,6 +185,7 @@ async def prepare(home: Path, store_url: str, names: tuple[str, ...], runtime: s
         await store.register_features(list(names))
         await store.create_signal(SignalDefinition(SIGNAL, "bench-stream", "@production", INTERVAL, SYMBOLS,
                                                    Policy(threshold=0.52, atr_feature="atr_14")))
+    return None
 
 
 class Worker:
@@ -231,11 +247,14 @@ class Receiver:
         if self.received:
             self.first, self.last = self.received[0][0], self.received[-1][0]
 
-    def latencies(self, keys: list[Any], sent: list[float], key_of: Any) -> tuple[list[float], list[float]]:
+    def latencies(self, keys: list[Any], sent: list[float], key_of: Any,
+                  phase: str = "") -> tuple[list[float], list[float]]:
         """Latency (ms) of every signal matched to a send, and the worker's own receipt-to-publish
-        time where the body carries one."""
+        time where the body carries one. With ``SIGSERVE_BENCH_DUMP`` set to a folder, every
+        matched message's (send time, latency, worker time) goes to ``<folder>/<phase>-<n>.npy``
+        (send times on perf_counter's clock, which is system-wide on Linux: a worker's own timestamps line up) to study where the tail sits."""
         index = {key: k for k, key in enumerate(keys)}
-        latency, worker = [], []
+        latency, worker, at = [], [], []
         for now, data in self.received:
             body = orjson.loads(data)
             k = index.pop(key_of(body), None)
@@ -243,6 +262,13 @@ class Receiver:
                 continue
             latency.append((now - sent[k]) * 1000.0)
             worker.append(body["metadata"]["prediction_latency_ms"])
+            at.append(sent[k])
+        folder = os.environ.get("SIGSERVE_BENCH_DUMP")
+        if folder and latency:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            tag = f"{DUMP_STORE[0]}-{phase}"
+            n = len(list(Path(folder).glob(f"{tag}-*.npy")))
+            np.save(Path(folder) / f"{tag}-{n}.npy", np.array([at, latency, worker]))
         return latency, worker
 
 
@@ -304,7 +330,7 @@ async def run_rate(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: fl
     began = sent[0]
     await sub.stop()
     receiver.span()
-    latency, worker = receiver.latencies([m[2] for m in messages], sent, signal_key)
+    latency, worker = receiver.latencies([m[2] for m in messages], sent, signal_key, phase)
     return {"phase": phase, "rate_target": rate, "published": total,
             "publish_rate": round(total / published_s, 1), "received": receiver.count,
             "answered_rate": round(receiver.count / max(1e-9, receiver.last - began), 1),
@@ -376,7 +402,7 @@ async def run_floor(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: f
     await sub.stop()
     proc.terminate()
     proc.wait(10)
-    latency, echo = receiver.latencies([m[2] for m in messages], sent, echo_key)
+    latency, echo = receiver.latencies([m[2] for m in messages], sent, echo_key, phase)
     return {"phase": phase, "rate_target": rate, "published": total, "received": receiver.count,
             "latency_ms": rounded(percentiles(latency)) if latency else {},
             "worker_receipt_to_publish_ms": rounded(percentiles(echo or [0.0])),
@@ -422,9 +448,10 @@ def stream_home(runtime: str) -> Path:
 async def bench_store(kind: str, store_url: str, phases: list[str], feed: Feed, drain_n: int,
                       workers: int, seconds: float, pin: str = "none",
                       runtime: str = "lightgbm") -> list[dict[str, Any]]:
+    DUMP_STORE[0] = kind
     home = stream_home(runtime) / kind
     home.mkdir(parents=True, exist_ok=True)
-    await prepare(home, store_url, feed.names, runtime)
+    feed.start_after(await prepare(home, store_url, feed.names, runtime))
     (home / "bench-stream.yaml").write_text("inference_settings:\n  grace_period_s: null\n")
     bus = NatsBus(NATS)
     await bus.connect()
@@ -500,7 +527,7 @@ def main() -> None:
         os.sched_setaffinity(0, {MEASURE_CPU})
     feed = Feed()
     suffix = "" if args.runtime == "lightgbm" else f"_{args.runtime}"
-    stores = {"duckdb": f"duckdb:///{stream_home(args.runtime) / 'duckdb' / 'sigserve.duckdb'}",
+    stores = {"duckdb": f"duckdb:///{stream_home(args.runtime) / 'duckdb' / 'sigserve.duckdb'}" + os.environ.get("XQ", ""),
               "postgres": f"{PG}?schema=bench_stream{suffix}"}
     runs: list[dict[str, Any]] = []
     for run in range(args.runs):

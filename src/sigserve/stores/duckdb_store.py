@@ -1307,9 +1307,70 @@ class DuckDBStore:
             batch = entry[0]
             per_history.setdefault((batch.signal_id, int(batch.model_version), batch.symbol, batch.interval),
                                    []).append(entry)
-        for run in (run for group in per_history.values() for run in _runs(group)):
-            batch = run[0][0] if len(run) == 1 else merge_batches([b for b, _ in run])
-            self._write_small(con, batch, remember=False, now=run[-1][1])
+        # Runs after their history's newest stored bar (the live case) of several histories go
+        # in one INSERT: DuckDB's cost is per statement (~2.5 ms with its commit), not per row,
+        # and a stream's linger holds a run of every symbol it serves. Their keys are after
+        # everything the other runs touch, so writing them first keeps every history's order.
+        appends: list[tuple[SignalBatch, datetime]] = []
+        others: list[tuple[SignalBatch, datetime]] = []
+        for history, group in per_history.items():
+            chunked = history in self._chunks_writing
+            newest = None if chunked else self._newest(con, history)
+            for run in _runs(group):
+                batch = run[0][0] if len(run) == 1 else merge_batches([b for b, _ in run])
+                lo, hi = batch.ts.min(), batch.ts.max()
+                (others if chunked or (newest is not None and lo <= newest) else appends).append((batch, run[-1][1]))
+                newest = hi if newest is None or hi > newest else newest
+        if len(appends) > 1:
+            self._insert_runs(con, appends)
+        else:
+            others[:0] = appends
+        for batch, now in others:
+            self._write_small(con, batch, remember=False, now=now)
+
+    def _insert_runs(self, con: Any, runs: list[tuple[SignalBatch, datetime]]) -> None:
+        """Rows of several histories, each run after its history's newest stored bar, in one
+        INSERT through Arrow (one statement, its own transaction); the newest bars advance."""
+        import pyarrow as pa
+
+        tables = []
+        for batch, now in runs:
+            n = len(batch)
+
+            def repeat(value: Any, n: int = n) -> pa.Array:
+                return pa.array([value] * n, pa.string())
+
+            tables.append(pa.table({
+                "signal_id": repeat(batch.signal_id),
+                "model_version": pa.array(np.full(n, int(batch.model_version), dtype=np.int32)),
+                "symbol": repeat(batch.symbol), "interval": repeat(batch.interval),
+                "ts": pa.array(np.asarray(batch.ts, dtype=TS_DTYPE)),
+                "action": pa.array(np.asarray(batch.action, dtype=np.int8)),
+                "confidence": pa.array(np.asarray(batch.confidence, dtype=np.float64)),
+                "raw_output": _list_array(np.asarray(batch.raw_output, dtype=np.float64).reshape(n, -1)),
+                "entry_price": pa.array(batch.entry_price, pa.float64(), from_pandas=True),
+                "stop_loss": pa.array(batch.stop_loss, pa.float64(), from_pandas=True),
+                "take_profit": pa.array(batch.take_profit, pa.float64(), from_pandas=True),
+                "recommended_size": pa.array(batch.recommended_size, pa.float64(), from_pandas=True),
+                "model_name": repeat(batch.model_name), "model_sha256": repeat(batch.model_sha256),
+                "feature_key": pa.array([None if k is None else str(k) for k in batch.feature_keys], pa.string()),
+                "source": repeat(batch.source),
+                "latency_ms": pa.array(np.asarray(batch.latency_ms, dtype=np.float64)),
+                "flags": pa.array([str(f or "") for f in batch.flags], pa.string()),
+                "shadow": pa.array(np.full(n, bool(batch.shadow))),
+                "created_at": pa.array(np.full(n, np.datetime64(now, "us"))),
+            }))
+        con.register("incoming_signal_runs", pa.concat_tables(tables))
+        try:
+            con.execute("INSERT INTO signal_history SELECT signal_id, model_version, symbol, interval, ts,"
+                        " $actions[action + 1], confidence, raw_output, entry_price, stop_loss, take_profit,"
+                        " recommended_size, model_name, model_sha256, feature_key, source, latency_ms, flags,"
+                        " shadow, created_at FROM incoming_signal_runs", {"actions": list(ACTIONS)})
+        finally:
+            con.unregister("incoming_signal_runs")
+        for batch, _ in runs:
+            self._advance(self._newest_signal, (batch.signal_id, int(batch.model_version), batch.symbol,
+                                                batch.interval), batch.ts.max())
 
     def _queued_rows(self) -> int:
         journal = self._journal
