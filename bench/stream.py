@@ -113,7 +113,7 @@ class Feed:
     def next(self, prefix: str) -> tuple[str, bytes, tuple[str, int]]:
         i = self.i
         self.i += 1
-        ns = int(os.environ.get("XSYM", len(SYMBOLS)))
+        ns = len(SYMBOLS)
         symbol = SYMBOLS[i % ns]
         row = self.values[(i // ns) % len(self.values)]
         ts = self.t0 + np.timedelta64(60_000_000, "us") * (i // ns)
@@ -128,8 +128,7 @@ class Feed:
         rows stay in the bench home, and a bar at their ts would be a replay, not a live bar."""
         if newest is None:
             return
-        ns = int(os.environ.get("XSYM", len(SYMBOLS)))
-        at = self.t0 + np.timedelta64(60_000_000, "us") * (self.i // ns)
+        at = self.t0 + np.timedelta64(60_000_000, "us") * (self.i // len(SYMBOLS))
         if at <= newest:
             self.t0 += (np.datetime64(newest, "us") - at) + np.timedelta64(1, "D")
 
@@ -164,7 +163,8 @@ def quiet_gc() -> Any:
         gc.unfreeze()
 
 
-async def prepare(home: Path, store_url: str, names: tuple[str, ...], runtime: str = "lightgbm") -> np.datetime64 | None:
+async def prepare(home: Path, store_url: str, names: tuple[str, ...],
+                  runtime: str = "lightgbm") -> np.datetime64 | None:
     """Register the model and the signal once per bench home; the newest stored signal's ts
     (the feed starts after it, so every message is a new bar, as a live stream's are)."""
     settings = Settings(home=home, store=store_url)
@@ -251,8 +251,9 @@ class Receiver:
                   phase: str = "") -> tuple[list[float], list[float]]:
         """Latency (ms) of every signal matched to a send, and the worker's own receipt-to-publish
         time where the body carries one. With ``SIGSERVE_BENCH_DUMP`` set to a folder, every
-        matched message's (send time, latency, worker time) goes to ``<folder>/<phase>-<n>.npy``
-        (send times on perf_counter's clock, which is system-wide on Linux: a worker's own timestamps line up) to study where the tail sits."""
+        matched message's (send time, latency, worker time) goes to
+        ``<folder>/<store>-<phase>-<n>.npy`` to study where the tail sits (send times on
+        perf_counter's clock, which is system-wide on Linux: a worker's own timestamps line up)."""
         index = {key: k for k, key in enumerate(keys)}
         latency, worker, at = [], [], []
         for now, data in self.received:
@@ -527,7 +528,7 @@ def main() -> None:
         os.sched_setaffinity(0, {MEASURE_CPU})
     feed = Feed()
     suffix = "" if args.runtime == "lightgbm" else f"_{args.runtime}"
-    stores = {"duckdb": f"duckdb:///{stream_home(args.runtime) / 'duckdb' / 'sigserve.duckdb'}" + os.environ.get("XQ", ""),
+    stores = {"duckdb": f"duckdb:///{stream_home(args.runtime) / 'duckdb' / 'sigserve.duckdb'}",
               "postgres": f"{PG}?schema=bench_stream{suffix}"}
     runs: list[dict[str, Any]] = []
     for run in range(args.runs):

@@ -587,8 +587,14 @@ class SignalWriter:
 
 
 async def _write_all(store: Store, batches: list[SignalBatch]) -> list[int | Exception]:
-    """Each batch's upsert in order (on the store's thread: one hop for a whole cycle); a
-    failure is returned in its place, the later batches still tried."""
+    """The cycle's batches in one store call (on the store's thread: one hop for a whole cycle;
+    PostgreSQL: one transaction; DuckDB: one journal sync). When that call fails, each batch is
+    tried alone, so that one bad batch fails only its own messages."""
+    try:
+        return list(await store.write_signal_batches(batches))
+    except Exception:
+        if len(batches) == 1:
+            raise
     out: list[int | Exception] = []
     for batch in batches:
         try:

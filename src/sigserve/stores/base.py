@@ -23,6 +23,7 @@ Usage::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -166,6 +167,12 @@ class Store(Protocol):
     # --- signal history -------------------------------------------------------------------
     async def write_signals(self, batch: SignalBatch) -> int:
         """Upsert on (signal_id, model_version, symbol, interval, ts), one transaction."""
+
+    async def write_signal_batches(self, batches: Sequence[SignalBatch]) -> list[int]:
+        """Several batches (any histories) in one call, each one's row count: the stream's
+        write cycle. Every batch is checked before anything is written (one invalid batch
+        writes none), and each is written whole or not at all. PostgreSQL writes them all in one
+        transaction; DuckDB journals them with one sync (one INSERT applies them behind)."""
 
     async def position_sides(self, signal_id: str, model_version: int, symbol: str, interval: str,
                              before: np.ndarray) -> np.ndarray:

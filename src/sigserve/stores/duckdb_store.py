@@ -57,7 +57,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -1178,13 +1178,7 @@ class DuckDBStore:
                 # one (the live case) and bars inside history (a replay, a correction) alike,
                 # as their positions are read from memory (see .positions)
                 journal.append(batch, _now())
-                self._remember_position(batch)
-                if journal.pending_rows >= JOURNAL_MAX_PENDING_ROWS:  # the applier is starved
-                    with self._guard(flush=False):
-                        self._flush_journal()
-                else:
-                    with self._applier_wake:
-                        self._applier_wake.notify()
+                self._journaled([batch])
                 return n
             with self._guard():  # no journal (":memory:", journal=off): straight to the table
                 return self._write_small(self._con, batch)
@@ -1196,6 +1190,37 @@ class DuckDBStore:
             if left:
                 self._chunks_writing[history] = left
             self._newest_signal.pop(history, None)  # committed or not: the next one-row write reads it
+
+    async def write_signal_batches(self, batches: Sequence[SignalBatch]) -> list[int]:
+        """Several batches at once: every one is checked first (one invalid batch writes none);
+        small ones of histories not being bulk-written go to the journal as one append with one
+        ``fdatasync`` (a stream's write cycle: one sync for every symbol's rows, applied as one
+        INSERT behind); any other goes as :meth:`write_signals` would write it, each whole."""
+        live = [batch for batch in batches if len(batch)]
+        for batch in live:
+            _check_signals(batch)
+        journal = self._journal
+        if journal is None or len(live) < 2 or any(
+                len(batch) >= _BULK_ROWS or (batch.signal_id, int(batch.model_version), batch.symbol,
+                                             batch.interval) in self._chunks_writing for batch in live):
+            return [await self.write_signals(batch) for batch in batches]
+        journal.append_many(live, _now())
+        self._journaled(live)
+        return [len(batch) for batch in batches]
+
+    def _journaled(self, batches: Sequence[SignalBatch]) -> None:
+        """After an append: the positions follow the rows, and the applier is woken (or, when it
+        is starved, the caller applies the journal itself)."""
+        for batch in batches:
+            self._remember_position(batch)
+        journal = self._journal
+        assert journal is not None
+        if journal.pending_rows >= JOURNAL_MAX_PENDING_ROWS:
+            with self._guard(flush=False):
+                self._flush_journal()
+        else:
+            with self._applier_wake:
+                self._applier_wake.notify()
 
     def _write_small(self, con: Any, batch: SignalBatch, *, remember: bool = True,
                      now: datetime | None = None) -> int:

@@ -44,6 +44,7 @@ import re
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -284,6 +285,20 @@ _COPY_TRAILER = struct.pack("!h", -1)
 _FLOAT8_OID = 701
 _SCALARS = {"i2": ">i2", "i4": ">i4", "f8": ">f8", "ts": ">i8"}
 _ROWS_READ_MAX_TS = 64  # ts lists up to this size read in one statement; larger ones via COPY
+
+@dataclass(frozen=True)
+class _MergeStep:
+    """One upsert of :meth:`PostgresStore._merge_steps`: COPY ``payload`` into ``staging``,
+    then ``delete`` + ``insert`` (or ``insert`` + ``on_conflict``), then ``after``; with no
+    payload, ``insert`` alone (a one-row upsert statement)."""
+
+    staging: str
+    payload: memoryview | None
+    delete: tuple[str, Sequence[Any]]
+    insert: tuple[str, Sequence[Any]]
+    on_conflict: str
+    after: tuple[str, Sequence[Any]] | None = None
+
 
 _asyncpg: Any = None
 
@@ -687,6 +702,14 @@ class PostgresStore:
         transaction rolls back whole and runs again with ``on_conflict``, so the last writer wins.
         A deadlock with another writer of the same keys runs it again, a few times.
         """
+        step = _MergeStep(staging, payload, delete, insert, on_conflict, after)
+        await PostgresStore._merge_steps(con, [step], before=before)
+
+    @staticmethod
+    async def _merge_steps(con: Any, steps: Sequence[_MergeStep], *,
+                           before: Callable[[Any], Awaitable[None]] | None = None) -> None:
+        """Several :meth:`_merge` upserts (or one-row statements) in one transaction, with its
+        retries: a unique violation runs every step again the ``ON CONFLICT`` way."""
         errors = _driver().exceptions
         retryable = (errors.UniqueViolationError, errors.DeadlockDetectedError,
                      errors.SerializationError)
@@ -695,14 +718,21 @@ class PostgresStore:
                 async with con.transaction():
                     if before is not None:
                         await before(con)
-                    await con.copy_to_table(staging, source=payload, format="binary")
-                    if safe:
-                        await con.execute(insert[0] + on_conflict, *insert[1])
-                    else:
-                        await con.execute(delete[0], *delete[1])
-                        await con.execute(insert[0], *insert[1])
-                    if after is not None:
-                        await con.execute(after[0], *after[1])
+                    for i, step in enumerate(steps):
+                        if step.payload is None:  # one row: its upsert statement
+                            await con.execute(step.insert[0], *step.insert[1])
+                            continue
+                        if i and any(other.staging == step.staging for other in steps[:i]):
+                            # ON COMMIT DELETE ROWS empties it at the commit, not between steps
+                            await con.execute(f"DELETE FROM {step.staging}")
+                        await con.copy_to_table(step.staging, source=step.payload, format="binary")
+                        if safe:
+                            await con.execute(step.insert[0] + step.on_conflict, *step.insert[1])
+                        else:
+                            await con.execute(step.delete[0], *step.delete[1])
+                            await con.execute(step.insert[0], *step.insert[1])
+                        if step.after is not None:
+                            await con.execute(step.after[0], *step.after[1])
                 return
             except retryable as exc:
                 # a key inserted meanwhile (go the ON CONFLICT way), or a deadlock with another
@@ -1207,23 +1237,39 @@ class PostgresStore:
 
     # --- signal history -------------------------------------------------------------------
     async def write_signals(self, batch: SignalBatch) -> int:
+        return (await self.write_signal_batches([batch]))[0]
+
+    async def write_signal_batches(self, batches: Sequence[SignalBatch]) -> list[int]:
+        """Every batch in one transaction (a stream's write cycle: one commit for every symbol's
+        rows instead of one each); one row is one upsert statement, more go through COPY."""
+        steps = [self._signal_step(batch) for batch in batches if len(batch)]
+        if not steps:
+            return [0] * len(batches)
+        async with self._connection() as con:
+            if len(steps) == 1 and steps[0].payload is None:  # the live path: one round trip
+                await con.execute(steps[0].insert[0], *steps[0].insert[1])
+            else:
+                await self._merge_steps(con, steps)
+        rows = sum(len(batch) for batch in batches)
+        await self._analyze("signal_history", rows)
+        return [len(batch) for batch in batches]
+
+    @staticmethod
+    def _signal_step(batch: SignalBatch) -> _MergeStep:
+        """The upsert of one batch: its one-row statement, or its COPY payload and statements."""
         n = len(batch)
-        if n == 0:
-            return 0
         check_signals(batch)
         ts = np.asarray(batch.ts, dtype=TS_DTYPE)
         raw = np.asarray(batch.raw_output, dtype=np.float64).reshape(n, -1)
         constants = (batch.signal_id, int(batch.model_version), batch.symbol, batch.interval)
-        if n == 1:  # the live path: one prepared statement, one round trip
-            async with self._connection() as con:
-                await con.execute(
-                    _INSERT_SIGNAL_ROW, *constants, _py_ts(ts[0]), ACTIONS[int(batch.action[0])],
-                    float(batch.confidence[0]), raw[0].tolist(), float(batch.entry_price[0]),
-                    float(batch.stop_loss[0]), float(batch.take_profit[0]),
-                    float(batch.recommended_size[0]), batch.model_name, batch.model_sha256,
-                    _opt_str(batch.feature_keys[0]), batch.source, float(batch.latency_ms[0]),
-                    _opt_str(batch.flags[0]), bool(batch.shadow))
-            return 1
+        if n == 1:
+            return _MergeStep("", None, ("", ()), (_INSERT_SIGNAL_ROW, (
+                *constants, _py_ts(ts[0]), ACTIONS[int(batch.action[0])],
+                float(batch.confidence[0]), raw[0].tolist(), float(batch.entry_price[0]),
+                float(batch.stop_loss[0]), float(batch.take_profit[0]),
+                float(batch.recommended_size[0]), batch.model_name, batch.model_sha256,
+                _opt_str(batch.feature_keys[0]), batch.source, float(batch.latency_ms[0]),
+                _opt_str(batch.flags[0]), bool(batch.shadow))), "")
         keys, key_idx = _codes(np.asarray(batch.feature_keys, dtype=object))
         flags, flags_idx = _codes(np.asarray(batch.flags, dtype=object))
         payload = _copy_payload([
@@ -1233,20 +1279,17 @@ class PostgresStore:
                 batch.entry_price, batch.stop_loss, batch.take_profit, batch.recommended_size,
                 batch.latency_ms)),
             ("i4", key_idx), ("i4", flags_idx)])
-        async with self._connection() as con:
-            await self._merge(
-                con, "_in_signals", payload,
-                delete=("DELETE FROM signal_history h USING _in_signals i WHERE h.signal_id = $1"
-                        " AND h.model_version = $2 AND h.symbol = $3 AND h.interval = $4"
-                        " AND h.ts BETWEEN $5 AND $6 AND h.ts = i.ts",
-                        (*constants, _py_ts(ts.min()), _py_ts(ts.max()))),
-                insert=(_INSERT_SIGNALS_STAGED, (
-                    *constants, list(ACTIONS), batch.model_name, batch.model_sha256,
-                    [_opt_str(k) for k in keys], batch.source, [_opt_str(f) for f in flags],
-                    bool(batch.shadow))),
-                on_conflict=_SIGNAL_UPSERT)
-        await self._analyze("signal_history", n)
-        return n
+        return _MergeStep(
+            "_in_signals", payload,
+            ("DELETE FROM signal_history h USING _in_signals i WHERE h.signal_id = $1"
+             " AND h.model_version = $2 AND h.symbol = $3 AND h.interval = $4"
+             " AND h.ts BETWEEN $5 AND $6 AND h.ts = i.ts",
+             (*constants, _py_ts(ts.min()), _py_ts(ts.max()))),
+            (_INSERT_SIGNALS_STAGED, (
+                *constants, list(ACTIONS), batch.model_name, batch.model_sha256,
+                [_opt_str(k) for k in keys], batch.source, [_opt_str(f) for f in flags],
+                bool(batch.shadow))),
+            _SIGNAL_UPSERT)
 
     async def _analyze(self, table: str, rows: int) -> None:
         """Fresh planner statistics after a bulk load. Without them a point read of a table just

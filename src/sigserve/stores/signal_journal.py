@@ -50,6 +50,7 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -175,7 +176,15 @@ class SignalJournal:
     def append(self, batch: SignalBatch, created_at: datetime) -> None:
         """Write and sync one batch's record; durable when this returns. When it raises
         (``store_unavailable``), the record is cut off again, so that it is not applied later."""
-        data = record(batch, created_at)
+        self.append_many([batch], created_at)
+
+    def append_many(self, batches: Sequence[SignalBatch], created_at: datetime) -> None:
+        """Write one record per batch and sync them once (a stream's write cycle: one
+        ``fdatasync`` for every symbol's rows); all are durable when this returns. When it
+        raises (``store_unavailable``), they are all cut off again. A crash during the call can
+        keep a first part of them, each record whole (its checksum): the caller, never told
+        they were written, writes them again, and the upserts make that harmless."""
+        data = b"".join(record(batch, created_at) for batch in batches)
         with self._lock:
             if self._closed_for_good:
                 raise StoreUnavailable("the signal journal is closed", details={"journal": str(self.directory)})
@@ -191,10 +200,11 @@ class SignalJournal:
                 raise StoreUnavailable(f"cannot write the signal journal: {exc}",
                                        details={"journal": str(self.directory)}) from exc
             self._size += len(data)
-            self._pending.append((batch, created_at))
-            self.pending_rows += len(batch)
-            self.unapplied_rows += len(batch)
-            self.appended += len(batch)
+            rows = sum(len(batch) for batch in batches)
+            self._pending.extend((batch, created_at) for batch in batches)
+            self.pending_rows += rows
+            self.unapplied_rows += rows
+            self.appended += rows
 
     def count_applied(self, rows: int) -> None:
         with self._lock:
