@@ -129,6 +129,8 @@ _MISSING = object()
 # whatever its size (1 row or 400), one per (signal, version, symbol) a cycle; a PostgreSQL write
 # is a round trip and a commit (a WAL flush) each.
 DUCKDB_WRITE_LINGER_MS = 100.0
+_TS_MIN = np.datetime64("0001-01-01T00:00:00", "us")  # before any bar
+_TS_MAX = np.datetime64("9999-12-31T00:00:00", "us")  # after any bar
 SERVER_WRITE_LINGER_MS = 50.0
 INPUTS = ("durable", "core")
 DROP_LOG_INTERVAL_S = 10.0
@@ -769,6 +771,12 @@ class StreamWorker:
         began = time.perf_counter()
         if self.runner.offload:  # an in-process DuckDB store: its bulk write path
             await self.runner.call(self.store.warm_up)  # type: ignore[attr-defined]
+        else:
+            from .stores.postgres_store import PostgresStore
+
+            if isinstance(self.store, PostgresStore):  # a write cycle and a read side by side
+                await self.store.warm_up(connections=2)
+        await self._read_positions()
         for route in self.routes.values():
             for prepared in _versions(route.prepared):
                 names = prepared.read_names
@@ -784,6 +792,34 @@ class StreamWorker:
                     except Exception as exc:  # a warm-up never refuses the start: the live path will say
                         log.debug("warm-up of %s: %s", prepared.card.ref, exc)
         log.info("warmed up in %.0f ms", (time.perf_counter() - began) * 1000.0)
+
+    async def _read_positions(self) -> None:
+        """Each served history's position now, not on its first bar: the first read of a
+        history plans its statement (PostgreSQL) or learns its summary (DuckDB), 3-10 ms while
+        the messages behind it wait. Outside a queue group it is kept as the position after
+        the newest stored bar, for bars after that one (as after a batch); inside one, every
+        batch reads the store anyway. A history that catch-up computed is left as it set it."""
+        group = self.options.queue_group is not None
+        for route in self.routes.values():
+            rollout = route.prepared.rollout
+            served = [route.prepared] if rollout is None else [
+                p for p in (rollout.champion, rollout.challenger) if p is not None]
+            for prepared in served:
+                for symbol in sorted(route.symbols or ()):
+                    key = (route.signal_id, prepared.card.version, symbol)
+                    if key in self._sides:
+                        continue
+                    try:
+                        sides = await self.runner.call(functools.partial(
+                            self.store.position_sides, route.signal_id, prepared.card.version, symbol,
+                            route.interval, np.array([_TS_MAX], dtype=TS_DTYPE)))
+                        newest = await self.runner.call(functools.partial(
+                            self.store.last_signal_ts, route.signal_id, symbol, route.interval))
+                    except SigserveError as exc:  # the live path will read it, and say
+                        log.debug("position of %s %s not read ahead: %s", route.signal_id, symbol, exc)
+                        continue
+                    if not group:
+                        self._sides[key] = (_TS_MIN if newest is None else newest, int(sides[0]))
 
     async def stop(self) -> None:
         """Stop taking messages, finish the batches in flight (acks), and release everything."""

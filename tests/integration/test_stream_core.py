@@ -233,6 +233,13 @@ class FlakyStore:
         count: int = await self._store.write_signals(batch)
         return count
 
+    async def write_signal_batches(self, batches: Any) -> list[int]:
+        if self.down.is_set():
+            raise StoreUnavailable("the store is down (test)")
+        await asyncio.to_thread(self.gate.wait)
+        counts: list[int] = await self._store.write_signal_batches(batches)
+        return counts
+
     async def ping(self) -> None:
         if self.down.is_set():
             raise StoreUnavailable("the store is down (test)")

@@ -90,15 +90,27 @@ async def test_a_dead_store_process_fails_its_calls_and_the_next_call_restarts_i
 
 # --- the group-commit writer ----------------------------------------------------------------------
 class FakeStore:
+    """Records each write call: ``cycles`` the batches of each ``write_signal_batches`` call
+    (all or nothing: one failing symbol fails the call, as PostgreSQL's transaction does),
+    ``calls`` each batch that was written."""
+
     def __init__(self) -> None:
         self.calls: list[tuple[str, int]] = []
+        self.cycles: list[list[tuple[str, int]]] = []
         self.fail: set[str] = set()
 
     async def write_signals(self, b: SignalBatch) -> int:
-        self.calls.append((b.symbol, len(b)))
         if b.symbol in self.fail:
             raise StoreUnavailable("down")
+        self.calls.append((b.symbol, len(b)))
         return len(b)
+
+    async def write_signal_batches(self, batches: list[SignalBatch]) -> list[int]:
+        self.cycles.append([(b.symbol, len(b)) for b in batches])
+        if any(b.symbol in self.fail for b in batches):
+            raise StoreUnavailable("down")
+        self.calls.extend((b.symbol, len(b)) for b in batches)
+        return [len(b) for b in batches]
 
 
 def writer(store: FakeStore, linger_s: float) -> SignalWriter:
@@ -110,7 +122,8 @@ async def test_the_writer_merges_a_cycle_per_key_and_answers_each_batch() -> Non
     w = writer(store, 0.0)
     futures = [w.submit(batch(1, start=i)) for i in range(3)] + [w.submit(batch(2, symbol="ETHUSDT"))]
     assert await asyncio.gather(*futures) == [1, 1, 1, 2]
-    assert store.calls == [("BTCUSDT", 3), ("ETHUSDT", 2)]  # one store call per key, one cycle
+    assert store.calls == [("BTCUSDT", 3), ("ETHUSDT", 2)]  # one batch per key
+    assert store.cycles == [[("BTCUSDT", 3), ("ETHUSDT", 2)]]  # one store call for the cycle
     assert (w.cycles, w.calls) == (1, 2)
     await w.stop()
 
@@ -123,6 +136,9 @@ async def test_a_failed_key_fails_only_its_batches() -> None:
     assert await ok == 1
     with pytest.raises(StoreUnavailable):
         await bad
+    # the cycle's call failed whole; each batch was then tried alone, and only one was written
+    assert store.cycles == [[("BTCUSDT", 1), ("ETHUSDT", 1)]]
+    assert store.calls == [("BTCUSDT", 1)]
     await w.stop()
 
 

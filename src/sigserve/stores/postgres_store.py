@@ -572,6 +572,26 @@ class PostgresStore:
             await self.close()
             raise
 
+    async def warm_up(self, connections: int = 2) -> None:
+        """Open ``connections`` pooled connections now (at most the lane's size) and plan the
+        live path's statements on each, so that the first bars after a start neither connect
+        nor plan: a stream worker's first write cycle and first position read ran side by side,
+        and the second one waited ~10 ms for a new connection. Writes nothing.
+
+        Usage::
+
+            await store.open()
+            await store.warm_up()   # before a latency-sensitive driver takes traffic
+        """
+        queries = (_POSITION_EVENTS, _INSERT_SIGNAL_ROW, _INSERT_SIGNALS_STAGED,
+                   _INSERT_SIGNALS_STAGED + _SIGNAL_UPSERT)
+        async with contextlib.AsyncExitStack() as stack:
+            held = [await stack.enter_async_context(self._connection())
+                    for _ in range(max(1, min(connections, self._lane_size)))]
+            for con in held:
+                for query in queries:
+                    await con.prepare(query)
+
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is None:
