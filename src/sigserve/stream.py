@@ -82,6 +82,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import gc
 import hashlib
 import logging
 import math
@@ -744,6 +745,11 @@ class StreamWorker:
         if options.catchup:
             await self.catch_up()
         await self.warm_up()
+        # What start allocated (routes, config, caches, the warm-up's objects) lives as long as
+        # the worker: out of the collector's passes. Measured: with it in the young generations,
+        # a gen1 pass mid-stream took 0.5-1.7 ms (8 in 10 s at 1,000 msg/s).
+        gc.collect()
+        gc.freeze()
         bus.on_reconnect(self._on_reconnect)
         loop = asyncio.get_running_loop()
         self._tasks += [loop.create_task(self._process_loop(), name="stream-process"),
@@ -1198,10 +1204,11 @@ class StreamWorker:
             unique = [unique[i] for i in keep]
             values = values[keep]
         ts = np.array([fm.ts for _, fm in unique], dtype=TS_DTYPE)
-        close = np.array([math.nan if fm.close is None else fm.close for _, fm in unique])
+        closes = [math.nan if fm.close is None else fm.close for _, fm in unique]
+        close = np.array(closes)
         default_key = route.feature_key or spec_key or "stream"
         keys = np.array([fm.feature_key or default_key for _, fm in unique], dtype=object)
-        if np.isnan(close).any():
+        if any(c != c for c in closes):  # a NaN: a message without its close (no numpy call per batch)
             await self._fill_close(symbol, interval, ts, close)
         card = prepared.card
         side_key = (route.signal_id, card.version, symbol)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 import numpy as np
+import pytest
 
-from sigserve.timeutil import TS_DTYPE, format_ts, unique_ts
+from sigserve.errors import ValidationError
+from sigserve.timeutil import TS_DTYPE, format_ts, parse_ts, unique_ts
 
 
 def test_format_ts_is_numpys_iso_form_to_the_second() -> None:
@@ -35,3 +37,25 @@ def test_unique_ts_equals_numpy_unique() -> None:
         ts = (np.datetime64("2024-01-01", "us") + rng.integers(0, 8, size=n) * np.timedelta64(60, "s"))
         assert unique_ts(ts).tolist() == np.unique(ts).tolist()
         assert unique_ts(list(ts)).dtype == np.dtype("datetime64[us]")
+
+
+def test_a_utc_iso_string_parses_as_the_general_way_does() -> None:
+    """``parse_ts`` reads ``...Z`` strings with numpy (the stream's hot path); every such string
+    gives what ``datetime.fromisoformat`` gives, and what numpy cannot read exactly still goes
+    the general way (a bad day is refused, an offset is applied)."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(500):
+        micros = rng.randrange(0, 4_102_444_800_000_000)  # 1970 .. 2100
+        dt = datetime.fromtimestamp(micros / 1e6, tz=UTC).replace(microsecond=micros % 1_000_000)
+        for text in (dt.strftime("%Y-%m-%dT%H:%M:%SZ"), dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                     dt.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"):
+            expected = np.datetime64(datetime.fromisoformat(text.replace("Z", "+00:00"))
+                                     .astimezone(UTC).replace(tzinfo=None), "us")
+            assert parse_ts(text) == expected, text
+    assert parse_ts("2024-02-29T23:59:59Z") == np.datetime64("2024-02-29T23:59:59", "us")
+    assert parse_ts("2030-01-01T01:00:00+01:00") == np.datetime64("2030-01-01T00:00:00", "us")
+    for bad in ("2030-02-30T00:00:00Z", "2030-13-01T00:00:00Z", "2030-01-01T25:00:00Z"):
+        with pytest.raises(ValidationError):
+            parse_ts(bad)
