@@ -372,3 +372,47 @@ def test_journal_off_writes_straight_into_the_file(tmp_path: Path) -> None:
     asyncio.run(main())
     assert rows_of(tmp_path / "s.duckdb")[0][:2] == (1, "buy")
     assert not (tmp_path / "s.duckdb.journal").exists()
+
+
+def test_one_insert_applies_the_new_bars_of_every_history(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream's write cycle (a run of new bars per symbol) is applied as one INSERT, not one
+    statement per history; a replay in the same apply still replaces its row."""
+    path = tmp_path / "s.duckdb"
+    inserts: list[int] = []
+    smalls: list[str] = []
+    real_insert, real_small = DuckDBStore._insert_runs, DuckDBStore._write_small
+
+    def insert_runs(self: DuckDBStore, con: object, runs: list[object]) -> None:
+        inserts.append(len(runs))
+        real_insert(self, con, runs)  # type: ignore[arg-type]
+
+    def write_small(self: DuckDBStore, con: object, batch: SignalBatch, **kwargs: object) -> int:
+        smalls.append(batch.symbol)
+        return real_small(self, con, batch, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DuckDBStore, "_insert_runs", insert_runs)
+    monkeypatch.setattr(DuckDBStore, "_write_small", write_small)
+
+    def of(symbol: str, hours: list[int], actions: list[str]) -> SignalBatch:
+        one = signals(hours, actions)
+        one.symbol = symbol
+        return one
+
+    async def main() -> None:
+        store = await opened(path, journal_linger_s=3600.0)  # applied by the reads below
+        symbols = ("BTC", "ETH", "SOL", "XRP")
+        assert await store.write_signal_batches([of(s, [0, 1], ["buy", "hold"]) for s in symbols]) == [2] * 4
+        rows = await store.read_signals("sig")
+        assert len(rows) == 8 and (inserts, smalls) == ([4], [])
+        # a replay of ETH's first bar beside new bars of the others: one INSERT, one replace
+        await store.write_signal_batches([of("BTC", [2], ["sell"]), of("ETH", [0], ["sell"]),
+                                          of("SOL", [2], ["hold"])])
+        rows = await store.read_signals("sig")
+        assert (inserts, smalls) == ([4, 2], ["ETH"])
+        got = {(r["symbol"], int((np.datetime64(r["ts"], "us") - T0) // HOUR)): r["action"] for r in rows}
+        assert len(rows) == 10 and got[("ETH", 0)] == "sell" and got[("BTC", 2)] == "sell"
+        assert (await store.position_sides("sig", 1, "ETH", "1h", T0 + np.array([1]) * HOUR)).tolist() == [-1]
+        await store.close()
+
+    asyncio.run(main())

@@ -848,6 +848,49 @@ async def test_write_signals_batch_is_atomic(store: Store, bad: float) -> None:
     assert len(await store.read_signals("sig")) == 3
 
 
+async def test_write_signal_batches_writes_every_history_in_order(store: Store) -> None:
+    await store.write_signals(batch([0], ["sell"], symbol="ETH"))  # an existing row to replace
+    counts = await store.write_signal_batches([
+        batch([0, 1, 2], ["buy", "hold", "sell"]),
+        batch([0], ["buy"], symbol="ETH"),
+        batch([], []),
+        batch([2], ["close_short"], source="stream"),  # the same bar again, later: it wins
+        batch([1], ["sell"], version=2),
+        batch([3, 4], ["buy", "hold"], shadow=True, version=3),
+    ])
+    assert counts == [3, 1, 0, 1, 1, 2]
+    rows = await store.read_signals("sig")
+    got = {(r["symbol"], r["model_version"], as_ts(r["ts"])): (r["action"], r["source"], r["shadow"])
+           for r in rows}
+    assert got == {
+        ("BTC", 1, t(0)): ("buy", "historical_replay", False),
+        ("BTC", 1, t(1)): ("hold", "historical_replay", False),
+        ("BTC", 1, t(2)): ("close_short", "stream", False),
+        ("ETH", 1, t(0)): ("buy", "historical_replay", False),
+        ("BTC", 2, t(1)): ("sell", "historical_replay", False),
+        ("BTC", 3, t(3)): ("buy", "historical_replay", True),
+        ("BTC", 3, t(4)): ("hold", "historical_replay", True),
+    }
+    sides = await store.position_sides("sig", 1, "BTC", "1h", ts_array(1, 2, 3))
+    assert sides.tolist() == [LONG, LONG, FLAT]  # the buy at t0, then the close_short at t2
+    assert (await store.position_sides("sig", 1, "ETH", "1h", ts_array(1))).tolist() == [LONG]
+    assert await store.write_signal_batches([]) == []
+
+
+async def test_write_signal_batches_with_an_invalid_batch_writes_none(store: Store) -> None:
+    await store.write_signals(batch([0], ["buy"]))
+    before = await store.read_signals("sig")
+    with pytest.raises(SigserveError):
+        await store.write_signal_batches([
+            batch([1, 2], ["sell", "hold"]),
+            batch([5], ["buy"], symbol="ETH"),
+            batch([6], ["buy"], confidence=[1.5]),
+        ])
+    assert await store.read_signals("sig") == before
+    assert await store.write_signal_batches([batch([1], ["sell"]), batch([5], ["buy"], symbol="ETH")]) == [1, 1]
+    assert len(await store.read_signals("sig")) == 3
+
+
 async def test_position_sides(store: Store) -> None:
     # t0 buy, t1 hold, t2 sell, t3 close_short, t5 buy, t6 close_long; a shadow sell at t4.
     await store.write_signals(batch([0, 1, 2, 3, 5, 6],

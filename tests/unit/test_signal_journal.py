@@ -78,3 +78,32 @@ def test_a_failed_append_leaves_no_record_behind(tmp_path: Path, monkeypatch: py
     (segment,) = sorted(journal.directory.glob("*.log"))
     assert len(read_segment(segment)) == 2 and journal.pending_rows == 4 and journal.appended == 4
     journal.close()
+
+
+def test_append_many_syncs_once_and_reopens_to_every_batch_in_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = SignalJournal(tmp_path / "journal")
+    journal.open()
+    syncs: list[int] = []
+    real_sync = os.fdatasync
+
+    def counting(fd: int) -> None:
+        syncs.append(fd)
+        real_sync(fd)
+
+    monkeypatch.setattr(signal_journal.os, "fdatasync", counting)
+    first, second = batch(), batch()
+    second.symbol = "BTC"
+    journal.append_many([first, second, first], datetime(2026, 12, 4))
+    assert len(syncs) == 1
+    assert journal.pending_rows == journal.appended == 6
+    # a failed sync cuts every record of the call off
+    monkeypatch.setattr(signal_journal.os, "fdatasync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+    with pytest.raises(StoreUnavailable):
+        journal.append_many([second, second], datetime(2026, 12, 4))
+    monkeypatch.setattr(signal_journal.os, "fdatasync", real_sync)
+    journal.close()
+    again = SignalJournal(tmp_path / "journal")
+    entries, _ = again.open()
+    assert [b.symbol for b, _ in entries] == ["ETH", "BTC", "ETH"]
+    again.close()
