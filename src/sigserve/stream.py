@@ -1408,10 +1408,15 @@ class StreamWorker:
                     except BaseException as exc:
                         ok, error = False, exc
             if flight.publishes:
-                results = await asyncio.gather(*flight.publishes, return_exceptions=True)
-                for result in results:
-                    if isinstance(result, BaseException):
-                        ok, error = False, result
+                futures = [asyncio.ensure_future(p) for p in flight.publishes]
+                if not all(f.done() for f in futures):
+                    # usually done already: the audit stream's ack comes in ~1 ms, the write
+                    # cycle every 50-100 ms, and a gather per flight cost its own loop turns
+                    await asyncio.wait(futures)
+                for future in futures:
+                    failed = asyncio.CancelledError() if future.cancelled() else future.exception()
+                    if failed is not None:
+                        ok, error = False, failed
                         self.stats["publish_unconfirmed"] += 1
             self._finished(len(flight.messages))
             if ok:
