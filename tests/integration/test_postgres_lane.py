@@ -79,3 +79,23 @@ async def test_a_lane_connection_the_server_dropped_is_replaced(tmp_path: Path) 
         assert await _backend_pid(store) != pid
     finally:
         await store.close()
+
+
+async def test_warm_up_opens_and_primes_connections_and_writes_nothing(tmp_path: Path) -> None:
+    from tests.integration.test_store_contract import batch
+
+    store = await postgres(tmp_path)
+    try:
+        await store.write_signals(batch([0, 1], ["buy", "hold"]))
+        before = await store.read_signals("sig")
+        await store.warm_up(connections=2)  # type: ignore[attr-defined]
+        assert len(store._lane) == 2  # type: ignore[attr-defined]
+        for con in store._lane:  # type: ignore[attr-defined]
+            # the staged write's statements are in the driver's cache, and staging is empty
+            assert len(con._stmt_cache) >= 3 and await con.fetchval("SELECT count(*) FROM _in_signals") == 0
+        assert await store.read_signals("sig") == before
+        assert await store.write_signal_batches([batch([2, 3], ["sell", "hold"]),
+                                                 batch([0], ["sell"], symbol="ETH")]) == [2, 1]
+        assert len(await store.read_signals("sig")) == 5
+    finally:
+        await store.close()

@@ -270,6 +270,11 @@ _INSERT_SIGNALS_STAGED = (
     " $6, $7, ($8::text[])[key_idx], $9, latency_ms, ($10::text[])[flags_idx], $11,"
     f" {_NOW} FROM _in_signals"
 )
+_DELETE_STAGED_SIGNALS = (
+    "DELETE FROM signal_history h USING _in_signals i WHERE h.signal_id = $1"
+    " AND h.model_version = $2 AND h.symbol = $3 AND h.interval = $4"
+    " AND h.ts BETWEEN $5 AND $6 AND h.ts = i.ts"
+)
 _SIDE_SQL = "(CASE action WHEN 'buy' THEN 1 WHEN 'sell' THEN -1 ELSE 0 END)::int2"
 _POSITION_EVENTS = (
     f"SELECT * FROM ((SELECT ts, {_SIDE_SQL} FROM signal_history WHERE signal_id=$1"
@@ -583,13 +588,22 @@ class PostgresStore:
             await store.open()
             await store.warm_up()   # before a latency-sensitive driver takes traffic
         """
-        queries = (_POSITION_EVENTS, _INSERT_SIGNAL_ROW, _INSERT_SIGNALS_STAGED,
-                   _INSERT_SIGNALS_STAGED + _SIGNAL_UPSERT)
+        at = datetime(2000, 1, 1)
+        key = ("", 0, "", "", at, at)
+        staged = ("", 0, "", "", list(ACTIONS), "", "", [None], "stream", [""], False)
         async with contextlib.AsyncExitStack() as stack:
             held = [await stack.enter_async_context(self._connection())
                     for _ in range(max(1, min(connections, self._lane_size)))]
             for con in held:
-                for query in queries:
+                # Run for real where that changes nothing, so that the driver's statement cache
+                # holds them too (its codecs built): a read of no history, and the staged write's
+                # statements over the empty staging table (ON COMMIT DELETE ROWS: empty between
+                # transactions). The others are planned only.
+                await con.fetch(_POSITION_EVENTS, *key)
+                await con.execute(_DELETE_STAGED_SIGNALS, *key)
+                await con.execute(_INSERT_SIGNALS_STAGED, *staged)
+                await con.execute("DELETE FROM _in_signals")
+                for query in (_INSERT_SIGNAL_ROW, _INSERT_SIGNALS_STAGED + _SIGNAL_UPSERT):
                     await con.prepare(query)
 
     async def close(self) -> None:
@@ -1301,10 +1315,7 @@ class PostgresStore:
             ("i4", key_idx), ("i4", flags_idx)])
         return _MergeStep(
             "_in_signals", payload,
-            ("DELETE FROM signal_history h USING _in_signals i WHERE h.signal_id = $1"
-             " AND h.model_version = $2 AND h.symbol = $3 AND h.interval = $4"
-             " AND h.ts BETWEEN $5 AND $6 AND h.ts = i.ts",
-             (*constants, _py_ts(ts.min()), _py_ts(ts.max()))),
+            (_DELETE_STAGED_SIGNALS, (*constants, _py_ts(ts.min()), _py_ts(ts.max()))),
             (_INSERT_SIGNALS_STAGED, (
                 *constants, list(ACTIONS), batch.model_name, batch.model_sha256,
                 [_opt_str(k) for k in keys], batch.source, [_opt_str(f) for f in flags],
