@@ -416,3 +416,42 @@ def test_one_insert_applies_the_new_bars_of_every_history(tmp_path: Path,
         await store.close()
 
     asyncio.run(main())
+
+
+def test_the_journal_linger_is_a_store_url_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sigserve.errors import ValidationError
+    from sigserve.stream_cli import STREAM_JOURNAL_LINGER_MS, _open_services
+
+    async def main() -> None:
+        store = open_store(f"duckdb:///{tmp_path}/s.duckdb?journal_linger_ms=20")
+        await store.open()
+        assert isinstance(store, DuckDBStore) and store._journal_linger_s == pytest.approx(0.02)
+        started = time.monotonic()
+        await store.write_signals(signals([1], ["buy"]))
+        journal = store.journal
+        assert journal is not None
+        while journal.applied < 1 and time.monotonic() - started < 5:
+            await asyncio.sleep(0.005)
+        assert journal.applied == 1  # applied by the background applier, after its linger
+        await store.close()
+        for bad in ("journal_linger_ms=-1", "journal_linger_ms=soon", "journal_linger_ms=60001", "linger=5"):
+            with pytest.raises(ValidationError):
+                open_store(f"duckdb:///{tmp_path}/t.duckdb?{bad}")
+
+    asyncio.run(main())
+    # the stream worker's store process asks for its own linger unless the URL names one
+    from sigserve.config import Settings
+
+    seen: list[str] = []
+
+    class Recorder:
+        def __init__(self, url: str, **kwargs: object) -> None:
+            seen.append(url)
+
+    import sigserve.stream_storeproc as storeproc
+
+    monkeypatch.setattr(storeproc, "StoreProcess", Recorder)
+    for url in (f"duckdb:///{tmp_path}/a.duckdb", f"duckdb:///{tmp_path}/b.duckdb?journal_linger_ms=7"):
+        _open_services(Settings(home=tmp_path, store=url), store_process=True)
+    assert seen == [f"duckdb:///{tmp_path}/a.duckdb?journal_linger_ms={STREAM_JOURNAL_LINGER_MS}",
+                    f"duckdb:///{tmp_path}/b.duckdb?journal_linger_ms=7"]
