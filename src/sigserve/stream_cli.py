@@ -148,10 +148,11 @@ def stream_cmd(
 STORE_PROCESS_NICE = 5
 # The DuckDB journal's apply linger in the worker's store process (the store's default is 50 ms,
 # for a server's reads): applies cost DuckDB's per-statement work, and every apply, even at idle
-# priority, moved the stream's tail. Measured at 1,000 msg/s (core input, three alternated pairs
-# on VM-K): p99 3.23 / 2.92 / 2.51 ms against 3.71 / 3.62 / 2.99 with 50 ms. Nothing waits for it:
-# rows are durable in the journal, and a read of signal_history applies what is pending first.
-STREAM_JOURNAL_LINGER_MS = 500
+# priority, moved the stream's tail. Measured at 1,000 msg/s (core input, alternated runs on
+# VM-K), p99: 50 ms 3.97 / 3.53 / 3.71 / 3.62 / 2.99, 500 ms 3.35 / 2.98 / 3.23 / 2.92 / 2.51,
+# 1 s 3.02 / 2.50 / 2.33 / 2.70, 2 s 2.46 / 2.84. Nothing waits for it: rows are durable in the
+# journal once written, and a read of signal_history applies what is pending first.
+STREAM_JOURNAL_LINGER_MS = 1000
 
 
 def _open_services(settings: Settings, store_process: bool) -> Any:

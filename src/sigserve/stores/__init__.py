@@ -18,7 +18,7 @@ def open_store(url: str) -> Store:
     A DuckDB file takes ``?journal=off`` to write signal rows straight into the file instead of
     through the signal journal (see :mod:`.signal_journal`), and ``?journal_linger_ms=N`` (0 to
     60000, default 50) for how long the journal's applier waits after the first pending row
-    before it applies them all (``sigserve stream`` uses 500: fewer, larger applies).
+    before it applies them all (``sigserve stream`` uses 1000: fewer, larger applies).
     """
     from ..errors import ValidationError
     from .duckdb_store import JOURNAL_LINGER_S
