@@ -130,6 +130,7 @@ _MISSING = object()
 # whatever its size (1 row or 400), one per (signal, version, symbol) a cycle; a PostgreSQL write
 # is a round trip and a commit (a WAL flush) each.
 DUCKDB_WRITE_LINGER_MS = 100.0
+ACK_YIELD_EVERY = 16  # messages settled between two turns of the loop given to the others
 _TS_MIN = np.datetime64("0001-01-01T00:00:00", "us")  # before any bar
 _TS_MAX = np.datetime64("9999-12-31T00:00:00", "us")  # after any bar
 SERVER_WRITE_LINGER_MS = 50.0
@@ -1390,10 +1391,19 @@ class StreamWorker:
 
     # --- acks ---------------------------------------------------------------------------------------
     async def _ack_loop(self) -> None:
+        settled = 0
         while True:
+            if settled >= ACK_YIELD_EVERY:
+                # A write cycle's end readies every flight it held at once (50-100 at 1,000
+                # msg/s), and a queue that has items never suspends: without this the whole
+                # burst of acks (each a publish on a durable consumer) ran as one stall while
+                # new features waited to be read.
+                settled = 0
+                await asyncio.sleep(0)
             flight = await self._inflight.get()
             if flight is None:
                 return
+            settled += len(flight.messages)
             ok = True
             error: BaseException | None = None
             for write in flight.writes:
