@@ -126,14 +126,15 @@ T = TypeVar("T")
 SIGNAL_NAMESPACE = uuid.UUID("6f1d8c1e-2f0a-4c51-9a43-5b7b0f0d7a11")
 ERROR_HEADER = "Sigserve-Error-Code"
 _MISSING = object()
-# Group-commit lingers (StreamOptions.write_linger_ms): a DuckDB write costs 4-6 ms of CPU
-# whatever its size (1 row or 400), one per (signal, version, symbol) a cycle; a PostgreSQL write
-# is a round trip and a commit (a WAL flush) each.
+# Group-commit lingers (StreamOptions.write_linger_ms): a cycle is one store call whatever its
+# size (Store.write_signal_batches): on DuckDB a journal append and fdatasync in the store
+# process (applied behind, see stream_cli.STREAM_JOURNAL_LINGER_MS); on PostgreSQL one
+# transaction, its statements encoded on the worker's loop (longer lingers measured worse there).
 DUCKDB_WRITE_LINGER_MS = 100.0
+SERVER_WRITE_LINGER_MS = 50.0
 ACK_YIELD_EVERY = 16  # messages settled between two turns of the loop given to the others
 _TS_MIN = np.datetime64("0001-01-01T00:00:00", "us")  # before any bar
 _TS_MAX = np.datetime64("9999-12-31T00:00:00", "us")  # after any bar
-SERVER_WRITE_LINGER_MS = 50.0
 INPUTS = ("durable", "core")
 DROP_LOG_INTERVAL_S = 10.0
 
@@ -747,8 +748,8 @@ class StreamWorker:
             await self.catch_up()
         await self.warm_up()
         # What start allocated (routes, config, caches, the warm-up's objects) lives as long as
-        # the worker: out of the collector's passes. Measured: with it in the young generations,
-        # a gen1 pass mid-stream took 0.5-1.7 ms (8 in 10 s at 1,000 msg/s).
+        # the worker: out of the collector's passes, as the HTTP server does after its start
+        # (the CLI froze only what was imported before the worker started).
         gc.collect()
         gc.freeze()
         bus.on_reconnect(self._on_reconnect)
