@@ -26,7 +26,10 @@ on one clock (both ends are in this process). Phases, per store (DuckDB file, Po
     .venv/bin/python bench/stream.py --phases floor-1000,floor-1000-core,rate-1000,rate-1000-core --seconds 10
 
 Run it under ``flock /tmp/sigserve-bench.lock`` on a shared machine. The JSON of every run is
-written under ``bench/results/stream-*.json``.
+written under ``bench/results/stream-*.json``. Every message is a new bar: the feed starts after
+the newest signal stored in the bench home (before stop 19 it started at the same ts in every
+invocation, so later runs measured replays). ``SIGSERVE_BENCH_DUMP=<folder>`` keeps each
+message's send time, latency and worker time (``<store>-<phase>-<n>.npy``) to study the tail.
 
 The harness keeps its own share of the measured tail small (the worker is measured as it runs):
 
