@@ -85,7 +85,7 @@ from ..timeutil import TS_DTYPE, interval_us, unique_ts
 from ._common import check_signals as _check_signals
 from .bar_cache import BarCache, Block
 from .base import Candles, FeatureRead
-from .positions import SIDE_OF_CODE, PositionBook
+from .positions import SIDE_OF_CODE, PositionBook, history_of
 from .signal_journal import Entry, SignalJournal
 
 if TYPE_CHECKING:
@@ -293,6 +293,25 @@ def _float_column(table: pa.Table, name: str) -> np.ndarray:
     if column.num_chunks == 0:
         return np.empty(0, dtype=np.float64)
     return np.asarray(column.combine_chunks().to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def _row_columns(batch: SignalBatch) -> dict[str, Any]:
+    """A signal batch's per-row values as Arrow columns (NaN levels as NULL), in the table's
+    types: what every Arrow write of ``signal_history`` sends whatever else it sends once."""
+    import pyarrow as pa
+
+    n = len(batch)
+    return {
+        "ts": pa.array(np.asarray(batch.ts, dtype=TS_DTYPE)),
+        "action": pa.array(np.asarray(batch.action, dtype=np.int8)),
+        "confidence": pa.array(np.asarray(batch.confidence, dtype=np.float64)),
+        "raw_output": _list_array(np.asarray(batch.raw_output, dtype=np.float64).reshape(n, -1)),
+        "entry_price": pa.array(batch.entry_price, pa.float64(), from_pandas=True),
+        "stop_loss": pa.array(batch.stop_loss, pa.float64(), from_pandas=True),
+        "take_profit": pa.array(batch.take_profit, pa.float64(), from_pandas=True),
+        "recommended_size": pa.array(batch.recommended_size, pa.float64(), from_pandas=True),
+        "latency_ms": pa.array(np.asarray(batch.latency_ms, dtype=np.float64)),
+    }
 
 
 def _list_array(values: np.ndarray) -> pa.Array:
@@ -1166,22 +1185,45 @@ class DuckDBStore:
 
     # --- signal history -------------------------------------------------------------------
     async def write_signals(self, batch: SignalBatch) -> int:
+        return (await self.write_signal_batches([batch]))[0]
+
+    async def write_signal_batches(self, batches: Sequence[SignalBatch]) -> list[int]:
+        """Every batch is checked first (one invalid batch writes none). When all are small and
+        of histories not being bulk-written, they go to the journal as one append with one
+        ``fdatasync`` (a stream's write cycle: one sync for every symbol's rows, applied as one
+        INSERT behind); durable once synced, applied behind: bars after every stored one (the
+        live case) and bars inside history (a replay, a correction) alike, as their positions
+        are read from memory (see .positions). Otherwise each is written on its own, in order."""
+        live = [batch for batch in batches if len(batch)]
+        for batch in live:
+            _check_signals(batch)
+        journal = self._journal
+        if live and journal is not None and all(self._small(batch) for batch in live):
+            journal.append_many(live, _now())
+            self._journaled(live)
+            return [len(batch) for batch in batches]
+        return [await self._write_batch(batch) for batch in batches]
+
+    def _small(self, batch: SignalBatch) -> bool:
+        """A write of the live path's size, of a history no bulk write is writing."""
+        return len(batch) < _BULK_ROWS and history_of(batch) not in self._chunks_writing
+
+    async def _write_batch(self, batch: SignalBatch) -> int:
+        """One checked batch on its own: a small one to the journal (or, without one: ":memory:",
+        journal=off, inline into the table), a bulk one on a worker cursor once the journal's
+        segments are retired."""
         n = len(batch)
         if n == 0:
             return 0
-        _check_signals(batch)
-        history = (batch.signal_id, int(batch.model_version), batch.symbol, batch.interval)
-        if n < _BULK_ROWS and history not in self._chunks_writing:
+        if self._small(batch):
             journal = self._journal
             if journal is not None:
-                # durable once synced in the journal, applied behind: bars after every stored
-                # one (the live case) and bars inside history (a replay, a correction) alike,
-                # as their positions are read from memory (see .positions)
                 journal.append(batch, _now())
                 self._journaled([batch])
                 return n
-            with self._guard():  # no journal (":memory:", journal=off): straight to the table
+            with self._guard():
                 return self._write_small(self._con, batch)
+        history = history_of(batch)
         self._chunks_writing[history] = self._chunks_writing.get(history, 0) + 1
         try:
             return await self._bulk(n, lambda con: self._write_rows(con, batch, append=False), retire=True)
@@ -1190,23 +1232,6 @@ class DuckDBStore:
             if left:
                 self._chunks_writing[history] = left
             self._newest_signal.pop(history, None)  # committed or not: the next one-row write reads it
-
-    async def write_signal_batches(self, batches: Sequence[SignalBatch]) -> list[int]:
-        """Several batches at once: every one is checked first (one invalid batch writes none);
-        small ones of histories not being bulk-written go to the journal as one append with one
-        ``fdatasync`` (a stream's write cycle: one sync for every symbol's rows, applied as one
-        INSERT behind); any other goes as :meth:`write_signals` would write it, each whole."""
-        live = [batch for batch in batches if len(batch)]
-        for batch in live:
-            _check_signals(batch)
-        journal = self._journal
-        if journal is None or len(live) < 2 or any(
-                len(batch) >= _BULK_ROWS or (batch.signal_id, int(batch.model_version), batch.symbol,
-                                             batch.interval) in self._chunks_writing for batch in live):
-            return [await self.write_signals(batch) for batch in batches]
-        journal.append_many(live, _now())
-        self._journaled(live)
-        return [len(batch) for batch in batches]
 
     def _journaled(self, batches: Sequence[SignalBatch]) -> None:
         """After an append: the positions follow the rows, and the applier is woken (or, when it
@@ -1228,7 +1253,7 @@ class DuckDBStore:
         INSERT when every bar is after the newest stored, or DELETE + INSERT in one transaction."""
         if len(batch) == 1:
             return self._write_one(con, batch, remember=remember, now=now)
-        history = (batch.signal_id, int(batch.model_version), batch.symbol, batch.interval)
+        history = history_of(batch)
         newest = self._newest(con, history)
         # bars after everything stored are one INSERT, with no DELETE, BEGIN or COMMIT (~7 ms
         # less for 16 rows measured)
@@ -1244,17 +1269,7 @@ class DuckDBStore:
         import pyarrow as pa
 
         n = len(batch)
-        columns: dict[str, Any] = {
-            "ts": pa.array(np.asarray(batch.ts, dtype=TS_DTYPE)),
-            "action": pa.array(np.asarray(batch.action, dtype=np.int8)),
-            "confidence": batch.confidence,
-            "raw_output": _list_array(batch.raw_output),
-            "entry_price": pa.array(batch.entry_price, from_pandas=True),
-            "stop_loss": pa.array(batch.stop_loss, from_pandas=True),
-            "take_profit": pa.array(batch.take_profit, from_pandas=True),
-            "recommended_size": pa.array(batch.recommended_size, from_pandas=True),
-            "latency_ms": batch.latency_ms,
-        }
+        columns = _row_columns(batch)
         params: dict[str, Any] = {
             "sid": batch.signal_id, "ver": batch.model_version, "sym": batch.symbol,
             "itv": batch.interval, "name": batch.model_name, "sha": batch.model_sha256,
@@ -1330,8 +1345,7 @@ class DuckDBStore:
         per_history: dict[tuple[str, int, str, str], list[Entry]] = {}
         for entry in entries:
             batch = entry[0]
-            per_history.setdefault((batch.signal_id, int(batch.model_version), batch.symbol, batch.interval),
-                                   []).append(entry)
+            per_history.setdefault(history_of(batch), []).append(entry)
         # Runs after their history's newest stored bar (the live case) of several histories go
         # in one INSERT: DuckDB's cost is per statement (~2.5 ms with its commit), not per row,
         # and a stream's linger holds a run of every symbol it serves. Their keys are after
@@ -1366,21 +1380,13 @@ class DuckDBStore:
                 return pa.array([value] * n, pa.string())
 
             tables.append(pa.table({
+                **_row_columns(batch),
                 "signal_id": repeat(batch.signal_id),
                 "model_version": pa.array(np.full(n, int(batch.model_version), dtype=np.int32)),
                 "symbol": repeat(batch.symbol), "interval": repeat(batch.interval),
-                "ts": pa.array(np.asarray(batch.ts, dtype=TS_DTYPE)),
-                "action": pa.array(np.asarray(batch.action, dtype=np.int8)),
-                "confidence": pa.array(np.asarray(batch.confidence, dtype=np.float64)),
-                "raw_output": _list_array(np.asarray(batch.raw_output, dtype=np.float64).reshape(n, -1)),
-                "entry_price": pa.array(batch.entry_price, pa.float64(), from_pandas=True),
-                "stop_loss": pa.array(batch.stop_loss, pa.float64(), from_pandas=True),
-                "take_profit": pa.array(batch.take_profit, pa.float64(), from_pandas=True),
-                "recommended_size": pa.array(batch.recommended_size, pa.float64(), from_pandas=True),
                 "model_name": repeat(batch.model_name), "model_sha256": repeat(batch.model_sha256),
                 "feature_key": pa.array([None if k is None else str(k) for k in batch.feature_keys], pa.string()),
                 "source": repeat(batch.source),
-                "latency_ms": pa.array(np.asarray(batch.latency_ms, dtype=np.float64)),
                 "flags": pa.array([str(f or "") for f in batch.flags], pa.string()),
                 "shadow": pa.array(np.full(n, bool(batch.shadow))),
                 "created_at": pa.array(np.full(n, np.datetime64(now, "us"))),
@@ -1394,8 +1400,7 @@ class DuckDBStore:
         finally:
             con.unregister("incoming_signal_runs")
         for batch, _ in runs:
-            self._advance(self._newest_signal, (batch.signal_id, int(batch.model_version), batch.symbol,
-                                                batch.interval), batch.ts.max())
+            self._advance(self._newest_signal, history_of(batch), batch.ts.max())
 
     def _queued_rows(self) -> int:
         journal = self._journal
@@ -1498,7 +1503,7 @@ class DuckDBStore:
                level(batch.recommended_size[0]), batch.model_name, batch.model_sha256,
                None if feature_key is None else str(feature_key), batch.source,
                float(batch.latency_ms[0]), str(batch.flags[0] or ""), bool(batch.shadow), now or _now()]
-        history = (batch.signal_id, int(batch.model_version), batch.symbol, batch.interval)
+        history = history_of(batch)
         at = np.asarray(batch.ts[:1], dtype=TS_DTYPE)[0]
         append = False
         if history not in self._chunks_writing:

@@ -47,6 +47,11 @@ from ..domain import ACTIONS, BUY, FLAT, HOLD, LONG, SELL, SHORT, SignalBatch
 from ..timeutil import TS_DTYPE
 
 Key = tuple[str, int, str, str]  # signal_id, model_version, symbol, interval
+
+
+def history_of(batch: SignalBatch) -> Key:
+    """The signal history a batch's rows belong to."""
+    return (batch.signal_id, int(batch.model_version), batch.symbol, batch.interval)
 MAX_EVENTS = 4_000_000  # loaded events in all: ~36 MB (8-byte ts, 1-byte side)
 MERGE_ROWS = 4_096  # a write of more rows drops the history's events instead of merging them
 # A history with more non-hold rows is not loaded (read with SQL): a row put inside history
@@ -216,7 +221,7 @@ class PositionBook:
         """A committed or journaled write of ``batch``'s rows (one row per ts)."""
         if batch.shadow or len(batch) == 0:
             return
-        key: Key = (batch.signal_id, int(batch.model_version), batch.symbol, batch.interval)
+        key = history_of(batch)
         with self._lock:
             history = self._histories.get(key)
             if history is None:

@@ -752,13 +752,15 @@ class PostgresStore:
                 async with con.transaction():
                     if before is not None:
                         await before(con)
-                    for i, step in enumerate(steps):
+                    staged: set[str] = set()
+                    for step in steps:
                         if step.payload is None:  # one row: its upsert statement
                             await con.execute(step.insert[0], *step.insert[1])
                             continue
-                        if i and any(other.staging == step.staging for other in steps[:i]):
+                        if step.staging in staged:
                             # ON COMMIT DELETE ROWS empties it at the commit, not between steps
                             await con.execute(f"DELETE FROM {step.staging}")
+                        staged.add(step.staging)
                         await con.copy_to_table(step.staging, source=step.payload, format="binary")
                         if safe:
                             await con.execute(step.insert[0] + step.on_conflict, *step.insert[1])
