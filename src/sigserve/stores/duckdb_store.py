@@ -36,8 +36,9 @@ Design notes (measured on the 2-core dev machine, see bench/):
   the sync: strace counts one write and one fdatasync per commit, ~50 us each. So signal rows
   of a file go through :mod:`.signal_journal` (the signal journal): the answer waits for an
   append and an fdatasync of our own file, and a background thread applies the rows to
-  ``signal_history`` through Arrow, one statement per series for a linger's worth of rows
-  (~5 ms for 20 rows against 20 x 3 ms). ``_guard`` applies pending rows before any statement
+  ``signal_history`` through Arrow: a linger's worth of every series' new bars in one INSERT
+  (~5 ms for 20 rows against 20 x 3 ms; a stream serving four symbols paid four statements per
+  apply before), a replayed or corrected bar as a replace of its row. ``_guard`` applies pending rows before any statement
   that may read them; a served bar reads none (the position from the position book), replays
   and corrections included.
 - The first statement after a commit costs about twice what it does otherwise (a point SELECT
