@@ -38,9 +38,9 @@ Design notes (measured on the 2-core dev machine, see bench/):
   append and an fdatasync of our own file, and a background thread applies the rows to
   ``signal_history`` through Arrow: a linger's worth of every series' new bars in one INSERT
   (~5 ms for 20 rows against 20 x 3 ms; a stream serving four symbols paid four statements per
-  apply before), a replayed or corrected bar as a replace of its row. ``_guard`` applies pending rows before any statement
-  that may read them; a served bar reads none (the position from the position book), replays
-  and corrections included.
+  apply before), a replayed or corrected bar as a replace of its row. ``_guard`` applies
+  pending rows before any statement that may read them; a served bar reads none (the position
+  from the position book), replays and corrections included.
 - The first statement after a commit costs about twice what it does otherwise (a point SELECT
   0.6 ms alone, 1.25-1.55 ms right after a one-row INSERT; even an empty BEGIN/COMMIT makes it
   1.07 ms; measured on VM-D with DuckDB 2.0.1), and the cost is per scan, not per statement: the
