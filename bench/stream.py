@@ -25,6 +25,11 @@ on one clock (both ends are in this process). Phases, per store (DuckDB file, Po
     .venv/bin/python bench/stream.py --stores duckdb --phases rate-1000
     .venv/bin/python bench/stream.py --phases floor-1000,floor-1000-core,rate-1000,rate-1000-core --seconds 10
 
+``--nats-gogc N`` runs every phase on a NATS server of the bench's own, started with ``GOGC=N``
+(this machine's ``nats-server``, JetStream in a temporary directory): the broker's Go collector
+sets part of the tail (on VM-L each stall of 5-28 ms lined up with one of its marks), and this
+measures what its setting changes.
+
 Run it under ``flock /tmp/sigserve-bench.lock`` on a shared machine. The JSON of every run is
 written under ``bench/results/stream-*.json``. Every message is a new bar: the feed starts after
 the newest signal stored in the bench home (before stop 19 it started at the same ts in every
@@ -150,6 +155,39 @@ def pin_cmd(pin: str) -> list[str]:
     if shutil.which("taskset") is None:
         return []
     return ["taskset", "-c", str(WORKER_CPU) if pin == "split" else ",".join(map(str, CPUS))]
+
+
+@contextlib.contextmanager
+def private_nats(gogc: int) -> Any:
+    """A NATS server of the bench's own, started with ``GOGC=gogc``: this machine's
+    ``nats-server`` binary, JetStream on a temporary directory, loopback, a free port. Yields its
+    URL. The Go collector of the broker sets part of the stream's tail: its long marks (14-26 ms
+    on VM-L) matched the runs' stalls one for one, and ``GOGC`` sets how often it runs."""
+    import socket
+    import tempfile
+
+    binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = tempfile.mkdtemp(prefix="sigserve-bench-nats-")
+    proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store],
+                            env={**os.environ, "GOGC": str(gogc)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{binary} did not start on port {port}")
+            time.sleep(0.05)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        shutil.rmtree(store, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -517,6 +555,10 @@ def main() -> None:
     parser.add_argument("--runtime", choices=("lightgbm", "lleaves"), default="lightgbm",
                         help="how the worker serves the model: lightgbm (the default, as before) or lleaves"
                              " (compiled once per bench home, as bench/http.py serves it)")
+    parser.add_argument("--nats-gogc", type=int, metavar="N",
+                        help="run the phases on a NATS server of the bench's own, started with GOGC=N"
+                             " (the machine's nats-server binary; default: the server at"
+                             " SIGSERVE_BENCH_NATS, nats://127.0.0.1:4222)")
     parser.add_argument("--echo", help=argparse.SUPPRESS)  # the floor phase's echo process
     parser.add_argument("--echo-core", action="store_true", help=argparse.SUPPRESS)  # ... on core NATS
     parser.add_argument("--pin", choices=("split", "none"), default="none",
@@ -526,6 +568,17 @@ def main() -> None:
     if args.echo:
         uvloop.run(echo_worker(args.echo, args.echo_core))
         return
+    if args.nats_gogc is None:
+        run_bench(args)
+        return
+    global NATS
+    with private_nats(args.nats_gogc) as url:
+        NATS = url
+        os.environ["SIGSERVE_BENCH_NATS"] = url  # the echo processes read it too
+        run_bench(args)
+
+
+def run_bench(args: argparse.Namespace) -> None:
     pin = args.pin if len(CPUS) >= 2 else "none"
     if pin == "split":
         os.sched_setaffinity(0, {MEASURE_CPU})
@@ -560,7 +613,8 @@ def main() -> None:
             summary[f"{key[0]} {key[1]}"] = {
                 "msg_per_s": statistics.median(r["msg_per_s"] or 0 for r in same),
                 "workers": same[0]["workers"]}
-    path = write_result("stream", {"bench": "stream", "machine": machine(), "nats": NATS, "pin": pin,
+    path = write_result("stream", {"bench": "stream", "machine": machine(), "nats": NATS,
+                                   "nats_gogc": args.nats_gogc, "pin": pin,
                                    "runtime": args.runtime, "load_avg": os.getloadavg(), "runs": runs,
                                    "summary_medians": summary})
     print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -786,6 +787,50 @@ async def test_one_row_write_stores_what_a_chunk_stores(store: Store) -> None:
                 assert list(other) == list(value)
             else:
                 assert other == value, (name, value, other)
+
+
+def assert_same_rows(left: list[dict[str, Any]], right: list[dict[str, Any]]) -> None:
+    """Every column but the signal id and the write time agree, NaN and NULL alike."""
+    assert len(left) == len(right)
+    for a, b in zip(left, right, strict=True):
+        for name, value in a.items():
+            if name in ("signal_id", "created_at"):
+                continue
+            other = b[name]
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                assert other is None or (isinstance(other, float) and math.isnan(other)), name
+            elif name == "raw_output":
+                assert list(other) == list(value), name
+            else:
+                assert other == value, (name, value, other)
+
+
+async def test_small_and_bulk_writes_store_the_same_rows(store: Store) -> None:
+    # A store may write a few rows (a stream's write cycle) one way and a bulk chunk another;
+    # both store the same rows, replacements included.
+    n = 2_500
+    rng = np.random.default_rng(7)
+    chunk = batch(list(range(n)), [["buy", "hold", "sell", "close_long", "close_short"][i % 5] for i in range(n)],
+                  confidence=rng.uniform(0.0, 1.0, n).tolist())
+    chunk.entry_price[::7] = math.nan
+    chunk.take_profit[::2] = 101.5
+    chunk.latency_ms[::11] = math.nan
+    chunk.feature_keys = np.array([None if i % 13 == 0 else f"fk{i % 3}" for i in range(n)], dtype=object)
+    chunk.flags = np.array(["levels_invalid" if i % 17 == 0 else "" for i in range(n)], dtype=object)
+    for signal_id in ("bulk", "small"):
+        await store.write_signals(batch([0, 5], ["sell", "sell"], signal_id=signal_id, price=7.0))  # replaced
+    await store.write_signals(replace(chunk, signal_id="bulk"))
+    small = replace(chunk, signal_id="small")
+    for lo in range(0, n, 500):  # several histories per call, each a few hundred rows
+        part = small.take(np.arange(lo, min(n, lo + 500)))
+        eth = replace(part, symbol="ETH", raw_output=np.column_stack([part.raw_output, part.confidence]))
+        assert await store.write_signal_batches([part, eth]) == [len(part), len(part)]
+    bulk_rows = await store.read_signals("bulk")
+    assert len(bulk_rows) == n
+    assert_same_rows(bulk_rows, await store.read_signals("small", symbol="BTC"))
+    eth_rows = await store.read_signals("small", symbol="ETH")
+    assert [list(r["raw_output"]) for r in eth_rows] == [
+        [*list(r["raw_output"]), r["confidence"]] for r in bulk_rows]
 
 
 async def test_one_row_upsert_replaces_and_refuses_whole(store: Store) -> None:
