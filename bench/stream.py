@@ -121,13 +121,13 @@ class Feed:
     def next(self, prefix: str) -> tuple[str, bytes, tuple[str, int]]:
         i = self.i
         self.i += 1
-        ns = len(SYMBOLS)
-        symbol = SYMBOLS[i % ns]
-        row = self.values[(i // ns) % len(self.values)]
-        ts = self.t0 + np.timedelta64(60_000_000, "us") * (i // ns)
+        step = i // len(SYMBOLS)
+        symbol = SYMBOLS[i % len(SYMBOLS)]
+        row = self.values[step % len(self.values)]
+        ts = self.bar_ts(step)
         body = {"symbol": symbol, "interval": INTERVAL, "ts": format_ts(ts), "feature_key": "bench-stream",
                 "features": dict(zip(self.names, row.tolist(), strict=True)),
-                "close": float(self.close[(i // ns) % len(self.close)])}
+                "close": float(self.close[step % len(self.close)])}
         subject = f"{prefix}.features.{symbol}.{INTERVAL}"
         return subject, orjson.dumps(body), (symbol, int(ts.astype(np.int64)) // 1000)
 
@@ -136,9 +136,13 @@ class Feed:
         rows stay in the bench home, and a bar at their ts would be a replay, not a live bar."""
         if newest is None:
             return
-        at = self.t0 + np.timedelta64(60_000_000, "us") * (self.i // len(SYMBOLS))
+        at = self.bar_ts(self.i // len(SYMBOLS))
         if at <= newest:
             self.t0 += (np.datetime64(newest, "us") - at) + np.timedelta64(1, "D")
+
+    def bar_ts(self, step: int) -> np.datetime64:
+        """The ts of the feed's ``step``-th bar (every symbol has one per step, a minute apart)."""
+        return self.t0 + np.timedelta64(60_000_000, "us") * step
 
     def batch(self, prefix: str, n: int) -> list[tuple[str, bytes, tuple[str, int]]]:
         """The next ``n`` messages, encoded now (before a phase, not in its pacing loop)."""

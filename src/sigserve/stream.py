@@ -809,10 +809,7 @@ class StreamWorker:
         batch reads the store anyway. A history that catch-up computed is left as it set it."""
         group = self.options.queue_group is not None
         for route in self.routes.values():
-            rollout = route.prepared.rollout
-            served = [route.prepared] if rollout is None else [
-                p for p in (rollout.champion, rollout.challenger) if p is not None]
-            for prepared in served:
+            for prepared in _routed(route.prepared):
                 for symbol in sorted(route.symbols or ()):
                     key = (route.signal_id, prepared.card.version, symbol)
                     if key in self._sides:
@@ -1564,12 +1561,16 @@ class StreamWorker:
                 log.exception("housekeeping step failed")
 
 
+def _routed(prepared: Prepared) -> list[Prepared]:
+    """The versions a route serves bars with: its one, or a rollout's champion and challenger."""
+    rollout = prepared.rollout
+    return [prepared] if rollout is None else [p for p in (rollout.champion, rollout.challenger) if p is not None]
+
+
 def _versions(prepared: Prepared) -> list[Prepared]:
     """A route's loaded versions: the served one, a rollout's routed ones and their shadows."""
     out: list[Prepared] = []
-    rollout = prepared.rollout
-    routed = [prepared] if rollout is None else [p for p in (rollout.champion, rollout.challenger) if p is not None]
-    for one in routed:
+    for one in _routed(prepared):
         for version in (one, *one.shadows):
             if all(version is not seen for seen in out):
                 out.append(version)
