@@ -240,6 +240,10 @@ class Worker:
         self.input = input_
         self.proc: subprocess.Popen[str] | None = None
 
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
     def start(self) -> None:
         # SIGSERVE_BENCH_WORKER_WRAP: a command prefix for the worker (a profiler, an instrumented
         # entry point), e.g. "py-spy record -o prof.svg --"
@@ -365,14 +369,65 @@ async def paced(bus: NatsBus, receiver: Receiver, messages: list[tuple[str, byte
     return published_s, sent, late
 
 
+class CpuMeter:
+    """CPU time spent by a process and its descendants, and the host's busy share, over a window
+    (Linux ``/proc``; empty elsewhere). CPU per message is steadier than a p99 on a noisy host:
+    it tells whether a change made the worker cheaper even when the tail hides it."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._start: tuple[float, float, int, int] | None = None
+
+    def _tree(self) -> list[int]:
+        pids, i = [self.pid], 0
+        while i < len(pids):
+            for task in Path(f"/proc/{pids[i]}/task").glob("*/children"):
+                with contextlib.suppress(OSError, ValueError):
+                    pids += [int(c) for c in task.read_text().split()]
+            i += 1
+        return pids
+
+    def _read(self) -> tuple[float, float, int, int] | None:
+        """(user s, system s) of the tree; (busy, all) ticks of the host."""
+        try:
+            user = system = 0
+            for pid in self._tree():
+                with contextlib.suppress(OSError):
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    user += int(fields[11])
+                    system += int(fields[12])
+            host = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except OSError:
+            return None
+        return user / self.tick, system / self.tick, sum(host) - host[3] - host[4], sum(host)
+
+    def start(self) -> None:
+        self._start = self._read()
+
+    def stop(self, messages: int) -> dict[str, float]:
+        end, start = self._read(), self._start
+        if start is None or end is None or messages <= 0:
+            return {}
+        user, system = end[0] - start[0], end[1] - start[1]
+        return {"worker_user_us_per_msg": round(user / messages * 1e6, 1),
+                "worker_sys_us_per_msg": round(system / messages * 1e6, 1),
+                "worker_cpu_us_per_msg": round((user + system) / messages * 1e6, 1),
+                "host_busy_share": round((end[2] - start[2]) / max(1, end[3] - start[3]), 3)}
+
+
 async def run_rate(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: float,
-                   phase: str) -> dict[str, Any]:
+                   phase: str, worker_pid: int | None = None) -> dict[str, Any]:
     total = int(rate * seconds)
     messages = feed.batch(prefix, total)
     receiver = Receiver()
     sub = await bus.subscribe(f"{prefix}.signals.>", receiver)
     await bus.flush()
+    meter = CpuMeter(worker_pid) if worker_pid is not None else None
+    if meter is not None:
+        meter.start()
     published_s, sent, late = await paced(bus, receiver, messages, rate)
+    cpu = meter.stop(total) if meter is not None else {}
     began = sent[0]
     await sub.stop()
     receiver.span()
@@ -382,7 +437,7 @@ async def run_rate(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: fl
             "answered_rate": round(receiver.count / max(1e-9, receiver.last - began), 1),
             "latency_ms": rounded(percentiles(latency)) if latency else {},
             "worker_receipt_to_publish_ms": rounded(percentiles(worker or [0.0])),
-            "send_late_ms": rounded(percentiles(late))}
+            "send_late_ms": rounded(percentiles(late)), **cpu}
 
 
 async def echo_worker(prefix: str, core: bool = False) -> None:
@@ -516,7 +571,8 @@ async def bench_store(kind: str, store_url: str, phases: list[str], feed: Feed, 
                                     "core" if phase.endswith("-core") else "durable")
                     worker.start()
                     try:
-                        result = await run_rate(bus, feed, prefix, int(phase.split("-")[1]), seconds, phase)
+                        result = await run_rate(bus, feed, prefix, int(phase.split("-")[1]), seconds, phase,
+                                                worker.pid)
                     finally:
                         result["worker_stats"] = worker.stop()
                 else:
@@ -613,6 +669,9 @@ def run_bench(args: argparse.Namespace) -> None:
                                  max(r["latency_ms"]["p99"] for r in same if r["latency_ms"])],
                 "worker_p50_ms": statistics.median(r["worker_receipt_to_publish_ms"]["p50"] for r in same),
                 "worker_p99_ms": statistics.median(r["worker_receipt_to_publish_ms"]["p99"] for r in same)}
+            cpu = [r["worker_cpu_us_per_msg"] for r in same if "worker_cpu_us_per_msg" in r]
+            if cpu:
+                summary[f"{key[0]} {key[1]}"]["worker_cpu_us_per_msg"] = statistics.median(cpu)
         else:
             summary[f"{key[0]} {key[1]}"] = {
                 "msg_per_s": statistics.median(r["msg_per_s"] or 0 for r in same),
