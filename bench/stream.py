@@ -499,7 +499,10 @@ async def run_floor(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: f
     receiver = Receiver()
     sub = await bus.subscribe(f"{prefix}.signals.>", receiver)
     await bus.flush()
+    meter = CpuMeter(proc.pid)  # the echo's CPU: the transport's share of a worker's
+    meter.start()
     _, sent, late = await paced(bus, receiver, messages, rate)
+    cpu = meter.stop(total)
     await sub.stop()
     proc.terminate()
     proc.wait(10)
@@ -507,7 +510,7 @@ async def run_floor(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: f
     return {"phase": phase, "rate_target": rate, "published": total, "received": receiver.count,
             "latency_ms": rounded(percentiles(latency)) if latency else {},
             "worker_receipt_to_publish_ms": rounded(percentiles(echo or [0.0])),
-            "send_late_ms": rounded(percentiles(late))}
+            "send_late_ms": rounded(percentiles(late)), **cpu}
 
 
 async def run_drain(bus: NatsBus, feed: Feed, prefix: str, n: int, start_workers: Any) -> dict[str, Any]:
