@@ -64,7 +64,9 @@ The harness keeps its own share of the measured tail small (the worker is measur
 
 Each rate/floor result also reports ``send_late_ms``: how late each publish left against its
 schedule (the pacing's own jitter; latency is measured from the actual send, so it does not add
-to latency, but bursts it causes would).
+to latency, but bursts it causes would), and (Linux) ``worker_cpu_us_per_msg`` (with its user
+and system parts): the CPU the worker or echo process and its children spent per message
+published, and ``host_busy_share``, the share of the machine's CPUs busy over the phase.
 """
 
 from __future__ import annotations
