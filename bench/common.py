@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import time
@@ -120,6 +121,13 @@ def window(marker_dir: Path, bars: int) -> tuple[np.datetime64, np.datetime64]:
 
 def settings_for(home: Path, **overrides: Any) -> Settings:
     return Settings(home=home, max_backfill_rows=10_000_000, **overrides)
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free now (for a server the bench starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def machine() -> dict[str, Any]:

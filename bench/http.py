@@ -86,6 +86,7 @@ from common import (  # noqa: E402
     N_TREES,
     SYMBOL,
     bench_home,
+    free_port,
     machine,
     make_data,
     run_wrk,
@@ -411,12 +412,6 @@ def sigserve_specs(w: Workload, home: Path, args: argparse.Namespace, skips: lis
 
 # --------------------------------------------------------------------------------------------------
 # processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pinned(argv: list[str], cpu: int | None) -> list[str]:

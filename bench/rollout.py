@@ -42,7 +42,6 @@ import http.client  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
-import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
@@ -57,6 +56,7 @@ from common import (  # noqa: E402
     N_TREES,
     ROOT,
     SYMBOL,
+    free_port,
     machine,
     make_data,
     percentiles,
@@ -147,12 +147,6 @@ async def in_process(home: Path, values: np.ndarray, names: tuple[str, ...], clo
                 lat.append((time.perf_counter() - began) * 1000.0)
             out[signal] = percentiles(lat)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Client:

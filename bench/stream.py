@@ -91,7 +91,7 @@ from typing import Any
 import numpy as np
 import orjson
 import uvloop
-from common import ROOT, bench_home, machine, make_data, percentiles, train_model, write_result
+from common import ROOT, bench_home, free_port, machine, make_data, percentiles, train_model, write_result
 
 from sigserve.app import Services
 from sigserve.bus.nats import NatsBus
@@ -174,9 +174,7 @@ def private_nats(gogc: int) -> Any:
     import tempfile
 
     binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     store = tempfile.mkdtemp(prefix="sigserve-bench-nats-")
     proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store],
                             env={**os.environ, "GOGC": str(gogc)},
@@ -345,7 +343,7 @@ class PreciseTimer:
     msg/s left ~20 us after the one before, and a tenth of the gaps were ~2 ms.
 
     ``PreciseTimer.create()`` is None where there is no timerfd (not Linux, or perf_counter is
-    not CLOCK_MONOTONIC); :func:`paced` then falls back to ``asyncio.sleep``.
+    not CLOCK_MONOTONIC); :func:`paced` then waits on a :class:`SleepTimer`.
     """
 
     _CLOCK_MONOTONIC = 1
@@ -391,7 +389,21 @@ class PreciseTimer:
         os.close(self._fd)
 
 
-# SIGSERVE_BENCH_PACER=sleep: the pacing of stops 1-20 (asyncio.sleep), for a side-by-side run
+class SleepTimer:
+    """:class:`PreciseTimer`'s fallback, and the pacing of stops 1-20: ``asyncio.sleep`` until
+    within 0.5 ms of the instant (1 ms grained, so a send leaves early or up to 1 ms late)."""
+
+    async def wait_until(self, when: float) -> None:
+        delay = when - time.perf_counter()
+        while delay > 0.0005:
+            await asyncio.sleep(delay)
+            delay = when - time.perf_counter()
+
+    def close(self) -> None:
+        pass
+
+
+# SIGSERVE_BENCH_PACER=sleep: the pacing of stops 1-20 (SleepTimer), for a side-by-side run
 PACER = os.environ.get("SIGSERVE_BENCH_PACER", "timerfd")
 
 
@@ -400,7 +412,7 @@ async def paced(bus: NatsBus, receiver: Receiver, messages: list[tuple[str, byte
     """Publish ``messages`` at ``rate`` per second; the send times (perf_counter, by index), the
     schedule lateness of each send (ms) and the publishing time. Nothing here allocates or
     encodes per message beyond the client's publish. Each send waits for its due time on a
-    :class:`PreciseTimer` (or, without one, ``asyncio.sleep`` to within 0.5 ms of it)."""
+    :class:`PreciseTimer` (a :class:`SleepTimer` without one, or with ``SIGSERVE_BENCH_PACER=sleep``)."""
     total = len(messages)
     subjects = [m[0] for m in messages]
     bodies = [m[1] for m in messages]
@@ -408,22 +420,15 @@ async def paced(bus: NatsBus, receiver: Receiver, messages: list[tuple[str, byte
     late = [0.0] * total
     period = 1.0 / rate
     clock = time.perf_counter
-    sleep = asyncio.sleep
     publish = bus.publish
-    timer = PreciseTimer.create() if PACER == "timerfd" else None
+    timer = (PreciseTimer.create() if PACER == "timerfd" else None) or SleepTimer()
     try:
         with quiet_gc():
             began = clock()
             for k in range(total):
                 due = began + k * period
-                if timer is not None:
-                    if due - clock() > 0.00002:
-                        await timer.wait_until(due)
-                else:
-                    delay = due - clock()
-                    while delay > 0.0005:
-                        await sleep(delay)
-                        delay = due - clock()
+                if due - clock() > 0.00002:
+                    await timer.wait_until(due)
                 now = clock()
                 sent[k] = now
                 late[k] = now - due
@@ -431,10 +436,9 @@ async def paced(bus: NatsBus, receiver: Receiver, messages: list[tuple[str, byte
             published_s = clock() - began
             deadline = time.monotonic() + 30
             while receiver.count < total and time.monotonic() < deadline:
-                await sleep(0.05)
+                await asyncio.sleep(0.05)
     finally:
-        if timer is not None:
-            timer.close()
+        timer.close()
     for k in range(total):
         late[k] *= 1000.0
     return published_s, sent, late
