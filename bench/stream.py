@@ -1,9 +1,23 @@
 """Stream worker benchmark: feature-publish -> signal-receive latency and sustained throughput.
 
-A real ``sigserve stream`` process (the CLI) serves a 300-tree x 32-feature LightGBM model; this
-process publishes feature messages to NATS (loopback, JetStream) and subscribes to ``signals.>``.
-Latency is measured per message, from just before the feature publish to the signal's arrival,
-on one clock (both ends are in this process). Phases, per store (DuckDB file, PostgreSQL):
+A real ``sigserve stream`` process (the CLI) serves a 300-tree x 32-feature LightGBM model; a
+measuring client publishes feature messages to NATS (loopback, JetStream) and subscribes to
+``signals.>``. Latency is measured per message, from the feature's publish to the signal's
+arrival, on one clock (both ends are in the client). The client (``--client``):
+
+- ``native`` (the default since stop 22): ``bench/native/pacer.c``, built on first use with the
+  machine's C compiler into ``bench/.build/``. A thread paces the publishes on
+  ``clock_nanosleep`` and stamps each just before its ``write()``; another blocks in ``read()``
+  on the subscription and stamps each signal as the read that brought it returns. It spends a
+  few microseconds of CPU a message, on the same two cores the worker, the broker and the
+  database share. This process encodes the frames before a phase and matches after it.
+- ``python``: nats-py on uvloop in this process (the client of stops 1-21): a send is stamped
+  before the client's buffered publish, which its flusher task writes at the next loop turn,
+  and a receipt after nats-py's parser and dispatch. At 1,000 msg/s it took ~0.15 of a vCPU
+  (VM-M), and both stamps wait whenever this process waits for a core: its own overhead is in
+  every figure it measured. Kept for a side-by-side run.
+
+Phases, per store (DuckDB file, PostgreSQL):
 
 - ``rate-1000`` / ``rate-5000``: a fixed-rate publisher (messages spread over the symbols),
   latency p50/p99 and the rate actually answered;
@@ -36,7 +50,8 @@ the newest signal stored in the bench home (before stop 19 it started at the sam
 invocation, so later runs measured replays). ``SIGSERVE_BENCH_DUMP=<folder>`` keeps each
 message's send time, latency and worker time (``<store>-<phase>-<n>.npy``) to study the tail.
 
-The harness keeps its own share of the measured tail small (the worker is measured as it runs):
+The harness keeps its own share of the measured tail small (the worker is measured as it runs);
+what follows was written for the Python client, and holds for the native one where it applies:
 
 - the measuring process (publisher and subscriber) and the echo process run on uvloop, like the
   worker; the measuring process collects and freezes its heap and disables its collector for
@@ -405,6 +420,7 @@ class SleepTimer:
 
 # SIGSERVE_BENCH_PACER=sleep: the pacing of stops 1-20 (SleepTimer), for a side-by-side run
 PACER = os.environ.get("SIGSERVE_BENCH_PACER", "timerfd")
+CLIENT = ["native"]  # --client: the measuring client (native: bench/native/pacer.c; python: nats-py)
 
 
 async def paced(bus: NatsBus, receiver: Receiver, messages: list[tuple[str, bytes, tuple[str, int]]],
@@ -444,6 +460,83 @@ async def paced(bus: NatsBus, receiver: Receiver, messages: list[tuple[str, byte
     return published_s, sent, late
 
 
+async def measure(bus: NatsBus, prefix: str, messages: list[tuple[str, bytes, tuple[str, int]]], rate: int,
+                  meter: CpuMeter) -> tuple[Receiver, float, list[float], list[float], dict[str, float]]:
+    """Send ``messages`` at ``rate`` and collect what arrives on ``{prefix}.signals.>`` with the
+    measuring client of ``--client``: the receiver, the publishing time, the send times, each
+    send's lateness (ms) and the CPU ``meter`` counted over the sends (empty for pid 0)."""
+    if CLIENT[0] == "native":
+        return await asyncio.to_thread(native_paced, prefix, messages, rate, meter)
+    receiver = Receiver()
+    sub = await bus.subscribe(f"{prefix}.signals.>", receiver)
+    await bus.flush()
+    meter.start()
+    published_s, sent, late = await paced(bus, receiver, messages, rate)
+    cpu = meter.stop(len(messages))
+    await sub.stop()
+    return receiver, published_s, sent, late, cpu
+
+
+PACER_SOURCE = Path(__file__).parent / "native" / "pacer.c"
+PACER_BINARY = Path(__file__).parent / ".build" / "pacer"
+
+
+def native_pacer() -> Path:
+    """``bench/native/pacer.c`` built (again when the source is newer) with the machine's C
+    compiler; without one, an error that names ``--client python``."""
+    if PACER_BINARY.exists() and PACER_BINARY.stat().st_mtime >= PACER_SOURCE.stat().st_mtime:
+        return PACER_BINARY
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise SystemExit("bench/stream.py: the native measuring client needs a C compiler (cc or gcc);"
+                         " install one, or run with --client python")
+    PACER_BINARY.parent.mkdir(exist_ok=True)
+    subprocess.run([compiler, "-O2", "-pthread", "-o", str(PACER_BINARY), str(PACER_SOURCE)], check=True)
+    return PACER_BINARY
+
+
+def native_paced(prefix: str, messages: list[tuple[str, bytes, tuple[str, int]]], rate: int,
+                 meter: CpuMeter) -> tuple[Receiver, float, list[float], list[float], dict[str, float]]:
+    """:func:`measure` with ``bench/native/pacer.c``: its send and receipt stamps are
+    CLOCK_MONOTONIC (``time.perf_counter`` on Linux), so they line up with the worker's."""
+    import struct
+    import tempfile
+    from urllib.parse import urlsplit
+
+    url = urlsplit(NATS)
+    with tempfile.TemporaryDirectory(prefix="sigserve-bench-pacer-") as tmp:
+        folder = Path(tmp)
+        (folder / "frames").write_bytes(b"".join(b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(body), body)
+                                                 for subject, body, _ in messages))
+        cmd = [str(native_pacer()), url.hostname or "127.0.0.1", str(url.port or 4222), str(rate),
+               f"{prefix}.signals.>", str(folder / "frames"), str(folder / "sends"), str(folder / "received"),
+               str(len(messages))]
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdin is not None and proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise SystemExit(f"bench/stream.py: the native client did not start (exit {proc.wait()})")
+        meter.start()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        done = proc.stdout.readline()
+        cpu = meter.stop(len(messages))
+        if proc.wait() != 0 or not done.startswith("done"):
+            raise SystemExit(f"bench/stream.py: the native client failed (exit {proc.returncode})")
+        stamps = np.fromfile(folder / "sends", dtype=np.int64)
+        raw = (folder / "received").read_bytes()
+    total = len(messages)
+    sent = (stamps[:total] / 1e9).tolist()
+    late = (stamps[total:] / 1e6).tolist()
+    receiver = Receiver()
+    at = 0
+    while at < len(raw):
+        stamp, size = struct.unpack_from("<qi", raw, at)
+        at += 12
+        receiver.received.append((stamp / 1e9, raw[at:at + size]))
+        at += size
+    return receiver, sent[-1] - sent[0] + 1.0 / rate, sent, late, cpu
+
+
 class CpuMeter:
     """CPU time spent by a process and its descendants over a window (Linux ``/proc``; empty
     elsewhere). CPU per message is steadier than a p99 on a noisy host:
@@ -464,8 +557,8 @@ class CpuMeter:
         return pids
 
     def _read(self) -> tuple[float, float] | None:
-        """(user s, system s) of the tree."""
-        if not Path(f"/proc/{self.pid}/stat").exists():
+        """(user s, system s) of the tree; None for pid 0 (nothing to count)."""
+        if not self.pid or not Path(f"/proc/{self.pid}/stat").exists():
             return None
         user = system = 0
         for pid in self._tree():
@@ -492,16 +585,9 @@ async def run_rate(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: fl
                    phase: str, worker_pid: int | None = None) -> dict[str, Any]:
     total = int(rate * seconds)
     messages = feed.batch(prefix, total)
-    receiver = Receiver()
-    sub = await bus.subscribe(f"{prefix}.signals.>", receiver)
-    await bus.flush()
-    meter = CpuMeter(worker_pid) if worker_pid is not None else None
-    if meter is not None:
-        meter.start()
-    published_s, sent, late = await paced(bus, receiver, messages, rate)
-    cpu = meter.stop(total) if meter is not None else {}
+    meter = CpuMeter(worker_pid) if worker_pid is not None else CpuMeter(0)
+    receiver, published_s, sent, late, cpu = await measure(bus, prefix, messages, rate, meter)
     began = sent[0]
-    await sub.stop()
     receiver.span()
     latency, worker = receiver.latencies([m[2] for m in messages], sent, signal_key, phase)
     return {"phase": phase, "rate_target": rate, "published": total,
@@ -568,14 +654,8 @@ async def run_floor(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: f
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     proc.stdout.readline()
-    receiver = Receiver()
-    sub = await bus.subscribe(f"{prefix}.signals.>", receiver)
-    await bus.flush()
-    meter = CpuMeter(proc.pid)  # the echo's CPU: the transport's share of a worker's
-    meter.start()
-    _, sent, late = await paced(bus, receiver, messages, rate)
-    cpu = meter.stop(total)
-    await sub.stop()
+    # the echo's CPU: the transport's share of a worker's
+    receiver, _, sent, late, cpu = await measure(bus, prefix, messages, rate, CpuMeter(proc.pid))
     proc.terminate()
     proc.wait(10)
     latency, echo = receiver.latencies([m[2] for m in messages], sent, echo_key, phase)
@@ -694,6 +774,11 @@ def main() -> None:
                         help="run the phases on a NATS server of the bench's own, started with GOGC=N"
                              " (the machine's nats-server binary; default: the server at"
                              " SIGSERVE_BENCH_NATS, nats://127.0.0.1:4222)")
+    parser.add_argument("--client", choices=("native", "python"), default="native",
+                        help="the measuring client of the rate and floor phases: native (bench/native/pacer.c,"
+                             " built with the machine's C compiler: stamps at the socket's write and read, and"
+                             " little CPU on the cores it shares with the worker) or python (nats-py on uvloop"
+                             " in this process: the client of stops 1-21)")
     parser.add_argument("--echo", help=argparse.SUPPRESS)  # the floor phase's echo process
     parser.add_argument("--echo-core", action="store_true", help=argparse.SUPPRESS)  # ... on core NATS
     parser.add_argument("--pin", choices=("split", "none"), default="none",
@@ -714,6 +799,9 @@ def main() -> None:
 
 
 def run_bench(args: argparse.Namespace) -> None:
+    CLIENT[0] = args.client
+    if args.client == "native":
+        native_pacer()  # built before any phase starts, or a clear error
     pin = args.pin if len(CPUS) >= 2 else "none"
     if pin == "split":
         os.sched_setaffinity(0, {MEASURE_CPU})
@@ -752,7 +840,8 @@ def run_bench(args: argparse.Namespace) -> None:
                 "msg_per_s": statistics.median(r["msg_per_s"] or 0 for r in same),
                 "workers": same[0]["workers"]}
     path = write_result("stream", {"bench": "stream", "machine": machine(), "nats": NATS,
-                                   "nats_gogc": args.nats_gogc, "pin": pin, "pacer": PACER,
+                                   "nats_gogc": args.nats_gogc, "pin": pin, "client": args.client,
+                                   "pacer": PACER if args.client == "python" else "clock_nanosleep",
                                    "runtime": args.runtime, "load_avg": os.getloadavg(), "runs": runs,
                                    "summary_medians": summary})
     print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
