@@ -511,17 +511,17 @@ def native_paced(prefix: str, messages: list[tuple[str, bytes, tuple[str, int]]]
         cmd = [str(native_pacer()), url.hostname or "127.0.0.1", str(url.port or 4222), str(rate),
                f"{prefix}.signals.>", str(folder / "frames"), str(folder / "sends"), str(folder / "received"),
                str(len(messages))]
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert proc.stdin is not None and proc.stdout is not None
-        if proc.stdout.readline().strip() != "ready":
-            raise SystemExit(f"bench/stream.py: the native client did not start (exit {proc.wait()})")
-        meter.start()
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        done = proc.stdout.readline()
-        cpu = meter.stop(len(messages))
-        if proc.wait() != 0 or not done.startswith("done"):
-            raise SystemExit(f"bench/stream.py: the native client failed (exit {proc.returncode})")
+        with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+            assert proc.stdin is not None and proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise SystemExit(f"bench/stream.py: the native client did not start (exit {proc.wait()})")
+            meter.start()
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            done = proc.stdout.readline()
+            cpu = meter.stop(len(messages))
+            if proc.wait() != 0 or not done.startswith("done"):
+                raise SystemExit(f"bench/stream.py: the native client failed (exit {proc.returncode})")
         stamps = np.fromfile(folder / "sends", dtype=np.int64)
         raw = (folder / "received").read_bytes()
     total = len(messages)

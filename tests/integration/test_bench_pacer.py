@@ -48,15 +48,15 @@ def read_received(path: Path) -> list[tuple[float, bytes]]:
 
 
 def run_pacer(binary: Path, tmp_path: Path, rate: int, subscribe: str, expected: int) -> tuple[str, int]:
-    proc = subprocess.Popen([str(binary), NATS_HOST, str(NATS_PORT), str(rate), subscribe,
-                             str(tmp_path / "frames"), str(tmp_path / "sends"), str(tmp_path / "received"),
-                             str(expected), "5"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdin is not None
-    assert proc.stdout.readline().strip() == "ready"
-    proc.stdin.write("go\n")
-    proc.stdin.flush()
-    done = proc.stdout.readline().strip()
-    return done, proc.wait(30)
+    with subprocess.Popen([str(binary), NATS_HOST, str(NATS_PORT), str(rate), subscribe,
+                           str(tmp_path / "frames"), str(tmp_path / "sends"), str(tmp_path / "received"),
+                           str(expected), "5"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "ready"
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        done = proc.stdout.readline().strip()
+        return done, proc.wait(30)
 
 
 async def test_pacer_paces_stamps_and_reads_headers(tmp_path: Path) -> None:
