@@ -8,13 +8,13 @@ arrival, on one clock (both ends are in the client). The client (``--client``):
 - ``native`` (the default since stop 22): ``bench/native/pacer.c``, built on first use with the
   machine's C compiler into ``bench/.build/``. A thread paces the publishes on
   ``clock_nanosleep`` and stamps each just before its ``write()``; another blocks in ``read()``
-  on the subscription and stamps each signal as the read that brought it returns. It spends a
-  few microseconds of CPU a message, on the same two cores the worker, the broker and the
-  database share. This process encodes the frames before a phase and matches after it.
+  on the subscription and stamps each signal as the read that brought it returns. It spends
+  ~45 us of CPU a message (its writes, reads and sleeps; the Python client ~185 on VM-N), on
+  the same two cores the worker, the broker and the database share. This process encodes the frames before a phase and matches after it.
 - ``python``: nats-py on uvloop in this process (the client of stops 1-21): a send is stamped
   before the client's buffered publish, which its flusher task writes at the next loop turn,
-  and a receipt after nats-py's parser and dispatch. At 1,000 msg/s it took ~0.15 of a vCPU
-  (VM-M), and both stamps wait whenever this process waits for a core: its own overhead is in
+  and a receipt after nats-py's parser and dispatch. At 1,000 msg/s it took ~0.18 of a vCPU
+  (VM-N), and both stamps wait whenever this process waits for a core: its own overhead is in
   every figure it measured. Kept for a side-by-side run.
 
 Phases, per store (DuckDB file, PostgreSQL):
@@ -81,7 +81,8 @@ Each rate/floor result also reports ``send_late_ms``: how late each publish left
 schedule (the pacing's own jitter; latency is measured from the actual send, so it does not add
 to latency, but bursts it causes would), and (Linux) ``worker_cpu_us_per_msg`` (with its user
 and system parts): the CPU the worker or echo process and its children spent per message
-published.
+published, and ``client_cpu_us_per_msg``: the measuring client's own (the native client's
+process, or this whole process with the Python client).
 """
 
 from __future__ import annotations
@@ -470,9 +471,11 @@ async def measure(bus: NatsBus, prefix: str, messages: list[tuple[str, bytes, tu
     receiver = Receiver()
     sub = await bus.subscribe(f"{prefix}.signals.>", receiver)
     await bus.flush()
+    client = CpuMeter(os.getpid(), "client", children=False)  # this process: publisher and subscriber
     meter.start()
+    client.start()
     published_s, sent, late = await paced(bus, receiver, messages, rate)
-    cpu = meter.stop(len(messages))
+    cpu = {**meter.stop(len(messages)), **client.stop(len(messages))}
     await sub.stop()
     return receiver, published_s, sent, late, cpu
 
@@ -515,11 +518,13 @@ def native_paced(prefix: str, messages: list[tuple[str, bytes, tuple[str, int]]]
             assert proc.stdin is not None and proc.stdout is not None
             if proc.stdout.readline().strip() != "ready":
                 raise SystemExit(f"bench/stream.py: the native client did not start (exit {proc.wait()})")
+            client = CpuMeter(proc.pid, "client")
             meter.start()
+            client.start()
             proc.stdin.write("go\n")
             proc.stdin.flush()
             done = proc.stdout.readline()
-            cpu = meter.stop(len(messages))
+            cpu = {**meter.stop(len(messages)), **client.stop(len(messages))}
             if proc.wait() != 0 or not done.startswith("done"):
                 raise SystemExit(f"bench/stream.py: the native client failed (exit {proc.returncode})")
         stamps = np.fromfile(folder / "sends", dtype=np.int64)
@@ -542,14 +547,16 @@ class CpuMeter:
     elsewhere). CPU per message is steadier than a p99 on a noisy host:
     it tells whether a change made the worker cheaper even when the tail hides it."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, name: str = "worker", children: bool = True) -> None:
         self.pid = pid
+        self.name = name  # the result keys' prefix: worker (or echo) and client
+        self.children = children  # False: the process alone (this one's children are the workers)
         self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self._start: tuple[float, float] | None = None
 
     def _tree(self) -> list[int]:
         pids, i = [self.pid], 0
-        while i < len(pids):
+        while self.children and i < len(pids):
             for task in Path(f"/proc/{pids[i]}/task").glob("*/children"):
                 with contextlib.suppress(OSError, ValueError):
                     pids += [int(c) for c in task.read_text().split()]
@@ -576,9 +583,10 @@ class CpuMeter:
         if start is None or end is None or messages <= 0:
             return {}
         user, system = end[0] - start[0], end[1] - start[1]
-        return {"worker_user_us_per_msg": round(user / messages * 1e6, 1),
-                "worker_sys_us_per_msg": round(system / messages * 1e6, 1),
-                "worker_cpu_us_per_msg": round((user + system) / messages * 1e6, 1)}
+        name = self.name
+        return {f"{name}_user_us_per_msg": round(user / messages * 1e6, 1),
+                f"{name}_sys_us_per_msg": round(system / messages * 1e6, 1),
+                f"{name}_cpu_us_per_msg": round((user + system) / messages * 1e6, 1)}
 
 
 async def run_rate(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: float,
@@ -832,9 +840,10 @@ def run_bench(args: argparse.Namespace) -> None:
                                  max(r["latency_ms"]["p99"] for r in same if r["latency_ms"])],
                 "worker_p50_ms": statistics.median(r["worker_receipt_to_publish_ms"]["p50"] for r in same),
                 "worker_p99_ms": statistics.median(r["worker_receipt_to_publish_ms"]["p99"] for r in same)}
-            cpu = [r["worker_cpu_us_per_msg"] for r in same if "worker_cpu_us_per_msg" in r]
-            if cpu:
-                summary[f"{key[0]} {key[1]}"]["worker_cpu_us_per_msg"] = statistics.median(cpu)
+            for name in ("worker_cpu_us_per_msg", "client_cpu_us_per_msg"):
+                cpu = [r[name] for r in same if name in r]
+                if cpu:
+                    summary[f"{key[0]} {key[1]}"][name] = statistics.median(cpu)
         else:
             summary[f"{key[0]} {key[1]}"] = {
                 "msg_per_s": statistics.median(r["msg_per_s"] or 0 for r in same),
