@@ -10,7 +10,8 @@ arrival, on one clock (both ends are in the client). The client (``--client``):
   ``clock_nanosleep`` and stamps each just before its ``write()``; another blocks in ``read()``
   on the subscription and stamps each signal as the read that brought it returns. It spends
   ~45 us of CPU a message (its writes, reads and sleeps; the Python client ~185 on VM-N), on
-  the same two cores the worker, the broker and the database share. This process encodes the frames before a phase and matches after it.
+  the same two cores the worker, the broker and the database share. This process encodes the
+  frames before a phase and matches after it.
 - ``python``: nats-py on uvloop in this process (the client of stops 1-21): a send is stamped
   before the client's buffered publish, which its flusher task writes at the next loop turn,
   and a receipt after nats-py's parser and dispatch. At 1,000 msg/s it took ~0.18 of a vCPU
