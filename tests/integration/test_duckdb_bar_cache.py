@@ -5,6 +5,8 @@ never with a row or close that a later write replaced."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -256,3 +258,37 @@ def test_a_block_loaded_ahead_across_a_write_is_not_kept() -> None:
     cache.prefetch("BTC", "1m", first, load)
     assert (len(cache), cache.prefetched) == (1, 1)
     assert cache.next_to_prefetch("BTC", "1m", T0 + 3 * MINUTE) is None  # held
+
+
+
+def test_close_waits_for_a_block_loaded_ahead_from_another_event_loop(tmp_path: Path) -> None:
+    """The stream worker's StoreRunner calls an in-process DuckDB store on an event loop of its
+    own, and the worker closes the store from its main loop: a block still loading ahead is
+    waited for, and the close does not fail (it raised "attached to a different loop")."""
+    from sigserve.stream import StoreRunner
+
+    async def main() -> None:
+        store = await open_store(tmp_path)
+        ts = await fill(store)
+        load_block = store._load_block
+        started = threading.Event()
+
+        def slow_load(*args: object) -> object:  # a block that takes a while to read
+            started.set()
+            time.sleep(0.3)
+            return load_block(*args)  # type: ignore[arg-type]
+
+        store._load_block = slow_load  # type: ignore[method-assign]
+        runner = StoreRunner(store)
+        runner.start()
+        try:
+            late = BLOCK_BARS - 10
+            await runner.call(lambda: store.read_features("BTC", "1m", NAMES, ts=ts[late:late + 1]))
+            assert await asyncio.to_thread(started.wait, 5)  # loading ahead, on the runner's loop
+            assert store.bar_cache.prefetched == 0
+            await store.close()  # on this loop, while the block still loads
+            assert store.bar_cache.prefetched == 1  # the close waited for it
+        finally:
+            runner.stop()
+
+    asyncio.run(main())

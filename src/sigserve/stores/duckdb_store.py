@@ -53,6 +53,7 @@ Design notes (measured on the 2-core dev machine, see bench/):
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -359,7 +360,11 @@ class DuckDBStore:
         self._coverage: dict[tuple[str, str], list[tuple[str, np.datetime64, np.datetime64]]] = {}
         # feature rows and closes of recently read bars: this process is the file's only writer
         self._bars = BarCache()
-        self._prefetches: set[asyncio.Future[None]] = set()  # bar cache blocks loading ahead
+        # bar cache blocks loading ahead, on a thread of their own: thread futures, not a loop's,
+        # because the stream's StoreRunner calls the store from its own event loop and close()
+        # runs on another (gathering a future of the runner's loop there raised at shutdown)
+        self._prefetches: set[concurrent.futures.Future[None]] = set()
+        self._prefetch_pool: concurrent.futures.ThreadPoolExecutor | None = None
         # newest ts of any signal row (shadows too) per (signal_id, model_version, symbol,
         # interval), and the chunks of a history being written: see _write_one
         self._newest_signal: dict[tuple[str, int, str, str], np.datetime64 | None] = {}
@@ -445,8 +450,12 @@ class DuckDBStore:
         self._applier.start()
 
     async def close(self) -> None:
-        if self._prefetches:  # their cursors read the connection closed below
-            await asyncio.gather(*list(self._prefetches), return_exceptions=True)
+        pending = list(self._prefetches)
+        if pending:  # their cursors read the connection closed below
+            await asyncio.to_thread(concurrent.futures.wait, pending)
+        if self._prefetch_pool is not None:
+            self._prefetch_pool.shutdown(wait=False)
+            self._prefetch_pool = None
         journal, applier = self._journal, self._applier
         if applier is not None:
             with self._applier_wake:
@@ -926,7 +935,10 @@ class DuckDBStore:
             except Exception:  # only a head start: the read of that bar loads the block itself
                 log.debug("prefetching a bar cache block failed", exc_info=True)
 
-        future = asyncio.get_running_loop().run_in_executor(None, work)
+        if self._prefetch_pool is None:
+            self._prefetch_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="sigserve-prefetch")
+        future = self._prefetch_pool.submit(work)
         self._prefetches.add(future)
         future.add_done_callback(self._prefetches.discard)
 
