@@ -295,7 +295,10 @@ int main(int argc, char **argv) {
             while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &at, NULL) == EINTR) {
             }
         }
-        int64_t t = now_ns();
+        int64_t t;
+        while ((t = now_ns()) < due) {
+            /* the last microseconds, where a sleep would overshoot: never send early */
+        }
         sent[k] = t;
         late[k] = t - due;
         write_all(pub.fd, frames.data + starts[k], starts[k + 1] - starts[k]);
