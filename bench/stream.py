@@ -105,6 +105,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import native_client
 import numpy as np
 import orjson
 import uvloop
@@ -259,8 +260,9 @@ class Worker:
         self.proc: subprocess.Popen[str] | None = None
 
     @property
-    def pid(self) -> int | None:
-        return None if self.proc is None else self.proc.pid
+    def pid(self) -> int:
+        assert self.proc is not None, "the worker is not started"
+        return self.proc.pid
 
     def start(self) -> None:
         # SIGSERVE_BENCH_WORKER_WRAP: a command prefix for the worker (a profiler, an instrumented
@@ -466,7 +468,8 @@ async def measure(bus: NatsBus, prefix: str, messages: list[tuple[str, bytes, tu
                   meter: CpuMeter) -> tuple[Receiver, float, list[float], list[float], dict[str, float]]:
     """Send ``messages`` at ``rate`` and collect what arrives on ``{prefix}.signals.>`` with the
     measuring client of ``--client``: the receiver, the publishing time, the send times, each
-    send's lateness (ms) and the CPU ``meter`` counted over the sends (empty for pid 0)."""
+    send's lateness (ms), and the CPU that ``meter`` and the client's own meter counted over
+    the sends."""
     if CLIENT[0] == "native":
         return await asyncio.to_thread(native_paced, prefix, messages, rate, meter)
     receiver = Receiver()
@@ -481,40 +484,21 @@ async def measure(bus: NatsBus, prefix: str, messages: list[tuple[str, bytes, tu
     return receiver, published_s, sent, late, cpu
 
 
-PACER_SOURCE = Path(__file__).parent / "native" / "pacer.c"
-PACER_BINARY = Path(__file__).parent / ".build" / "pacer"
-
-
-def native_pacer() -> Path:
-    """``bench/native/pacer.c`` built (again when the source is newer) with the machine's C
-    compiler; without one, an error that names ``--client python``."""
-    if PACER_BINARY.exists() and PACER_BINARY.stat().st_mtime >= PACER_SOURCE.stat().st_mtime:
-        return PACER_BINARY
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise SystemExit("bench/stream.py: the native measuring client needs a C compiler (cc or gcc);"
-                         " install one, or run with --client python")
-    PACER_BINARY.parent.mkdir(exist_ok=True)
-    subprocess.run([compiler, "-O2", "-pthread", "-o", str(PACER_BINARY), str(PACER_SOURCE)], check=True)
-    return PACER_BINARY
-
-
 def native_paced(prefix: str, messages: list[tuple[str, bytes, tuple[str, int]]], rate: int,
                  meter: CpuMeter) -> tuple[Receiver, float, list[float], list[float], dict[str, float]]:
     """:func:`measure` with ``bench/native/pacer.c``: its send and receipt stamps are
     CLOCK_MONOTONIC (``time.perf_counter`` on Linux), so they line up with the worker's."""
-    import struct
     import tempfile
     from urllib.parse import urlsplit
 
     url = urlsplit(NATS)
+    total = len(messages)
     with tempfile.TemporaryDirectory(prefix="sigserve-bench-pacer-") as tmp:
         folder = Path(tmp)
-        (folder / "frames").write_bytes(b"".join(b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(body), body)
-                                                 for subject, body, _ in messages))
-        cmd = [str(native_pacer()), url.hostname or "127.0.0.1", str(url.port or 4222), str(rate),
+        (folder / "frames").write_bytes(native_client.frames((subject, body) for subject, body, _ in messages))
+        cmd = [str(native_client.build()), url.hostname or "127.0.0.1", str(url.port or 4222), str(rate),
                f"{prefix}.signals.>", str(folder / "frames"), str(folder / "sends"), str(folder / "received"),
-               str(len(messages))]
+               str(total)]
         with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
             assert proc.stdin is not None and proc.stdout is not None
             if proc.stdout.readline().strip() != "ready":
@@ -525,21 +509,12 @@ def native_paced(prefix: str, messages: list[tuple[str, bytes, tuple[str, int]]]
             proc.stdin.write("go\n")
             proc.stdin.flush()
             done = proc.stdout.readline()
-            cpu = {**meter.stop(len(messages)), **client.stop(len(messages))}
+            cpu = {**meter.stop(total), **client.stop(total)}
             if proc.wait() != 0 or not done.startswith("done"):
                 raise SystemExit(f"bench/stream.py: the native client failed (exit {proc.returncode})")
-        stamps = np.fromfile(folder / "sends", dtype=np.int64)
-        raw = (folder / "received").read_bytes()
-    total = len(messages)
-    sent = (stamps[:total] / 1e9).tolist()
-    late = (stamps[total:] / 1e6).tolist()
-    receiver = Receiver()
-    at = 0
-    while at < len(raw):
-        stamp, size = struct.unpack_from("<qi", raw, at)
-        at += 12
-        receiver.received.append((stamp / 1e9, raw[at:at + size]))
-        at += size
+        sent, late = native_client.read_sends(folder / "sends", total)
+        receiver = Receiver()
+        receiver.received = native_client.read_received(folder / "received")
     return receiver, sent[-1] - sent[0] + 1.0 / rate, sent, late, cpu
 
 
@@ -565,8 +540,8 @@ class CpuMeter:
         return pids
 
     def _read(self) -> tuple[float, float] | None:
-        """(user s, system s) of the tree; None for pid 0 (nothing to count)."""
-        if not self.pid or not Path(f"/proc/{self.pid}/stat").exists():
+        """(user s, system s) of the tree."""
+        if not Path(f"/proc/{self.pid}/stat").exists():
             return None
         user = system = 0
         for pid in self._tree():
@@ -591,11 +566,10 @@ class CpuMeter:
 
 
 async def run_rate(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: float,
-                   phase: str, worker_pid: int | None = None) -> dict[str, Any]:
+                   phase: str, worker_pid: int) -> dict[str, Any]:
     total = int(rate * seconds)
     messages = feed.batch(prefix, total)
-    meter = CpuMeter(worker_pid) if worker_pid is not None else CpuMeter(0)
-    receiver, published_s, sent, late, cpu = await measure(bus, prefix, messages, rate, meter)
+    receiver, published_s, sent, late, cpu = await measure(bus, prefix, messages, rate, CpuMeter(worker_pid))
     began = sent[0]
     receiver.span()
     latency, worker = receiver.latencies([m[2] for m in messages], sent, signal_key, phase)
@@ -810,7 +784,7 @@ def main() -> None:
 def run_bench(args: argparse.Namespace) -> None:
     CLIENT[0] = args.client
     if args.client == "native":
-        native_pacer()  # built before any phase starts, or a clear error
+        native_client.build()  # before any phase starts, or a clear error
     pin = args.pin if len(CPUS) >= 2 else "none"
     if pin == "split":
         os.sched_setaffinity(0, {MEASURE_CPU})

@@ -260,7 +260,6 @@ def test_a_block_loaded_ahead_across_a_write_is_not_kept() -> None:
     assert cache.next_to_prefetch("BTC", "1m", T0 + 3 * MINUTE) is None  # held
 
 
-
 def test_close_waits_for_a_block_loaded_ahead_from_another_event_loop(tmp_path: Path) -> None:
     """The stream worker's StoreRunner calls an in-process DuckDB store on an event loop of its
     own, and the worker closes the store from its main loop: a block still loading ahead is
