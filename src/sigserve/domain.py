@@ -341,3 +341,78 @@ def merge_batches(batches: list[SignalBatch]) -> SignalBatch:
     ordered = ts[order]
     keep = order[np.concatenate((ordered[1:] != ordered[:-1], [True]))]
     return replace(batches[-1], **{name: column[keep] for name, column in columns.items()})
+
+
+class SignalRows:
+    """The rows of signal batches that share their key fields, copied into preallocated columns
+    as each batch comes, for one merged batch at the end (``merge_batches``' result).
+
+    Why: a stream's write cycle gathers 50-100 one-row batches, and merging them at the cycle's
+    start (about 11 ``np.concatenate`` calls per key, 0.7-0.9 ms in the running worker) was one
+    stretch of the worker's event loop that a feature message arriving meanwhile waited behind:
+    most of the stream's p99. Copied as they come, each batch costs a few microseconds and the
+    cycle's take is a view per column.
+
+    Usage::
+
+        rows = SignalRows(first)       # first: a SignalBatch
+        rows.append(second)            # same signal, version, symbol, interval, model, source
+        merged = rows.take()           # == merge_batches([first, second]); rows is spent
+    """
+
+    __slots__ = ("_capacity", "columns", "n", "template")
+
+    def __init__(self, batch: SignalBatch, capacity: int = 64) -> None:
+        self.template = batch
+        self.n = 0
+        self._capacity = max(capacity, len(batch))
+        self.columns: dict[str, np.ndarray] = {}
+        for name in SIGNAL_ROW_COLUMNS:
+            column = np.asarray(getattr(batch, name))
+            self.columns[name] = np.empty((self._capacity, *column.shape[1:]), dtype=column.dtype)
+        self.append(batch)
+
+    def append(self, batch: SignalBatch) -> None:
+        """Copy ``batch``'s rows after the ones held (its key fields are the first batch's)."""
+        k = len(batch)
+        n = self.n
+        if n + k > self._capacity:
+            self._grow(n + k)
+        columns = self.columns
+        for name in SIGNAL_ROW_COLUMNS:
+            value = getattr(batch, name)
+            column = columns[name]
+            if value.dtype != column.dtype or value.shape[1:] != column.shape[1:]:
+                column = self._widen(name, np.asarray(value))
+            column[n:n + k] = value
+        self.n = n + k
+
+    def _grow(self, need: int) -> None:
+        self._capacity = max(need, 2 * self._capacity)
+        for name, column in self.columns.items():
+            wider = np.empty((self._capacity, *column.shape[1:]), dtype=column.dtype)
+            wider[:self.n] = column[:self.n]
+            self.columns[name] = wider
+
+    def _widen(self, name: str, value: np.ndarray) -> np.ndarray:
+        """A batch whose column does not fit the held one (another dtype, another width of
+        ``raw_output``): the held rows move to a column both fit, as ``np.concatenate`` would."""
+        held = self.columns[name][:self.n]
+        if held.shape[1:] != value.shape[1:]:
+            raise ValueError(f"cannot merge signal rows: {name} has shape {value.shape[1:]} here and"
+                             f" {held.shape[1:]} in the rows held")
+        wider = np.empty((self._capacity, *held.shape[1:]), dtype=np.result_type(held, value))
+        wider[:self.n] = held
+        self.columns[name] = wider
+        return wider
+
+    def __len__(self) -> int:
+        return self.n
+
+    def take(self) -> SignalBatch:
+        """One batch of every row held, as ``merge_batches`` of the appended batches would be (in
+        ts order, the later row of a bar winning). Its columns are views of this buffer's: append
+        nothing after."""
+        n = self.n
+        gathered = replace(self.template, **{name: column[:n] for name, column in self.columns.items()})
+        return merge_batches([gathered])

@@ -104,9 +104,9 @@ from .domain import (
     FeatureBatch,
     SignalBatch,
     SignalDefinition,
+    SignalRows,
     Source,
     TrafficPolicy,
-    merge_batches,
 )
 from .engine import DEADLINE_FLAG, Engine, Prepared, card_feature_spec, check_feature_keys, fill_feature_row
 from .errors import (
@@ -498,19 +498,22 @@ class SignalWriter:
     """Group commit of the stream's signal rows. Each ``submit`` gets a future of its own batch's
     row count, set once the store holds the rows.
 
-    A cycle takes every batch that queued up, merges the ones of one (signal, model version,
-    symbol) into one store call (a later row for the same bar wins, as an upsert would), and runs
-    the cycle's calls in one hop to the store's thread. Cycles start at most every ``linger_s``:
-    a store call costs about the same for 1 row as for 100 (DuckDB: 4-6 ms of CPU; PostgreSQL: a
-    commit), so the write cost is paid per cycle, not per message, and the store no longer takes
-    a core (and, in process, the GIL) away from receiving and publishing. An ``urgent`` batch (a
-    publish waits on it: ``write_first``, a redelivered bar) starts its cycle at once.
+    A cycle takes every batch that queued up, merged per (signal, model version, symbol) into one
+    store call (a later row for the same bar wins, as an upsert would), and runs the cycle's
+    calls in one hop to the store's thread. Rows are copied into their key's ``SignalRows`` as
+    they are submitted, so a cycle starts without a merge: merging 50-100 batches at once held the
+    worker's loop for 0.7-0.9 ms, and the feature message that arrived then waited behind it.
+    Cycles start at most every ``linger_s``: a store call costs about the same for 1 row as for
+    100 (DuckDB: 4-6 ms of CPU; PostgreSQL: a commit), so the write cost is paid per cycle, not
+    per message, and the store no longer takes a core (and, in process, the GIL) away from
+    receiving and publishing. An ``urgent`` batch (a publish waits on it: ``write_first``, a
+    redelivered bar) starts its cycle at once.
     """
 
     def __init__(self, runner: StoreRunner, store: Store, *, linger_s: float = 0.0) -> None:
         self.runner, self.store = runner, store
         self.linger_s = linger_s
-        self._pending: list[tuple[SignalBatch, asyncio.Future[int]]] = []
+        self._pending: dict[tuple[Any, ...], tuple[SignalRows, list[tuple[asyncio.Future[int], int]]]] = {}
         self._wake = asyncio.Event()
         self._kick = asyncio.Event()
         self._urgent = False
@@ -524,7 +527,14 @@ class SignalWriter:
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run(), name="stream-writer")
         future: asyncio.Future[int] = loop.create_future()
-        self._pending.append((batch, future))
+        key = (batch.signal_id, batch.model_version, batch.symbol, batch.interval, batch.model_name,
+               batch.model_sha256, batch.source, batch.shadow, batch.raw_output.shape[1:])
+        group = self._pending.get(key)
+        if group is None:
+            self._pending[key] = (SignalRows(batch), [(future, len(batch))])
+        else:
+            group[0].append(batch)
+            group[1].append((future, len(batch)))
         self._wake.set()
         if urgent:
             self._urgent = True
@@ -553,36 +563,31 @@ class SignalWriter:
                 await self._linger(loop)
             self._urgent = False
             self._last = loop.time()
-            pending, self._pending = self._pending, []
-            groups: dict[tuple[Any, ...], list[tuple[SignalBatch, asyncio.Future[int]]]] = {}
-            for batch, future in pending:
-                key = (batch.signal_id, batch.model_version, batch.symbol, batch.interval, batch.model_name,
-                       batch.model_sha256, batch.source, batch.shadow)
-                groups.setdefault(key, []).append((batch, future))
-            items = list(groups.values())
-            merged = [merge_batches([b for b, _ in group]) for group in items]
+            items = list(self._pending.values())
+            self._pending = {}
+            merged = [rows.take() for rows, _ in items]
             store = self.store
             try:
                 results = await self.runner.call(functools.partial(_write_all, store, merged))
             except BaseException as exc:  # the hop itself failed (cancelled at stop)
-                for group in items:
-                    for _, future in group:
+                for _, futures in items:
+                    for future, _ in futures:
                         if not future.done():
                             future.set_exception(exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
             self.cycles += 1
-            for group, result in zip(items, results, strict=True):
+            for (_, futures), result in zip(items, results, strict=True):
                 if isinstance(result, BaseException):
-                    for _, future in group:
+                    for future, _ in futures:
                         if not future.done():
                             future.set_exception(result)
                     continue
                 self.calls += 1
-                for batch, future in group:
+                for future, rows in futures:
                     if not future.done():
-                        future.set_result(len(batch))
+                        future.set_result(rows)
 
     async def stop(self) -> None:
         if self._task is not None:

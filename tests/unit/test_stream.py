@@ -13,7 +13,15 @@ import orjson
 import pytest
 
 from sigserve.bus import BusMessage
-from sigserve.domain import ACTION_CODE, Policy, SignalBatch, SignalDefinition
+from sigserve.domain import (
+    ACTION_CODE,
+    SIGNAL_ROW_COLUMNS,
+    Policy,
+    SignalBatch,
+    SignalDefinition,
+    SignalRows,
+    merge_batches,
+)
 from sigserve.engine import fill_feature_row
 from sigserve.errors import FeatureValueMissing, SigserveError, ValidationError
 from sigserve.hotconfig import (
@@ -31,7 +39,6 @@ from sigserve.stream import (
     Names,
     StreamOptions,
     apply_config,
-    merge_batches,
     parse_feature_message,
     signal_message,
     signal_messages,
@@ -250,6 +257,51 @@ def test_merge_batches_keeps_the_later_row_per_bar_in_ts_order() -> None:
     alone = merge_batches([twice])
     assert alone.ts.tolist() == [first.ts[0], first.ts[2]]
     assert alone.confidence.tolist() == [0.95, 0.7]
+
+
+
+def _same_batch(a: object, b: object) -> None:
+    for name in SIGNAL_ROW_COLUMNS:
+        x, y = np.asarray(getattr(a, name)), np.asarray(getattr(b, name))
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        if x.dtype.kind == "f":
+            np.testing.assert_array_equal(x, y, err_msg=name)  # NaN levels of holds compare equal
+        else:
+            assert x.tolist() == y.tolist(), name
+    for name in ("signal_id", "symbol", "interval", "model_name", "model_version", "model_sha256", "source",
+                 "shadow"):
+        assert getattr(a, name) == getattr(b, name), name
+
+
+def test_signal_rows_gathered_one_batch_at_a_time_equal_merge_batches() -> None:
+    first = batch(["buy", "hold", "sell"])
+    second = batch(["hold", "hold"])
+    second.ts = first.ts[1:] + np.timedelta64(1, "h")  # overlaps bar 2: the later row wins
+    second.confidence[:] = 0.9
+    second.flags = np.array(["", "levels_invalid"], dtype=object)
+    singles = [first.take(np.array([i])) for i in (2, 0, 1)]  # one-row batches, out of order
+    for parts in ([first, second], singles, [first, *singles, second]):
+        rows = SignalRows(parts[0], capacity=2)  # below what they hold: the columns grow
+        for part in parts[1:]:
+            rows.append(part)
+        assert len(rows) == sum(len(part) for part in parts)
+        _same_batch(rows.take(), merge_batches(parts))
+
+
+def test_signal_rows_widen_a_column_as_concatenate_would_and_refuse_another_width() -> None:
+    first = batch(["buy"])
+    first.confidence = first.confidence.astype(np.float32)
+    second = batch(["sell"])
+    second.ts = first.ts + np.timedelta64(1, "h")
+    rows = SignalRows(first)
+    rows.append(second)  # float64 confidence after a float32 one
+    merged = rows.take()
+    assert merged.confidence.dtype == np.float64
+    _same_batch(merged, merge_batches([first, second]))
+    other = batch(["buy"])
+    other.raw_output = np.zeros((1, 3))
+    with pytest.raises(ValueError, match="raw_output has shape"):
+        SignalRows(first).append(other)
 
 
 # --- names and config overrides ---------------------------------------------------------------------
