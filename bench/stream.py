@@ -844,7 +844,8 @@ def run_bench(args: argparse.Namespace) -> None:
                 "msg_per_s": statistics.median(r["msg_per_s"] or 0 for r in same),
                 "workers": same[0]["workers"]}
     path = write_result("stream", {"bench": "stream", "machine": machine(), "nats": NATS,
-                                   "nats_server_version": nats_server_version(NATS), "nats_gogc": args.nats_gogc, "pin": pin, "client": args.client,
+                                   "nats_server_version": nats_server_version(NATS),
+                                   "nats_gogc": args.nats_gogc, "pin": pin, "client": args.client,
                                    "pacer": PACER if args.client == "python" else "clock_nanosleep",
                                    "runtime": args.runtime, "load_avg": os.getloadavg(), "runs": runs,
                                    "summary_medians": summary})

@@ -414,5 +414,6 @@ class SignalRows:
         ts order, the later row of a bar winning). Its columns are views of this buffer's: append
         nothing after."""
         n = self.n
-        gathered = replace(self.template, **{name: column[:n] for name, column in self.columns.items()})
+        views: dict[str, Any] = {name: column[:n] for name, column in self.columns.items()}
+        gathered = replace(self.template, **views)
         return merge_batches([gathered])

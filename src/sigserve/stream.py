@@ -118,6 +118,7 @@ from .errors import (
 )
 from .hotconfig import BUCKET as CONFIG_BUCKET
 from .hotconfig import LiveConfig, StreamConfig
+from .idle import give_way
 from .stores.base import Store
 from .timeutil import TS_DTYPE, format_ts, interval_us, parse_ts, validate_interval
 
@@ -565,10 +566,12 @@ class SignalWriter:
             self._last = loop.time()
             items = list(self._pending.values())
             self._pending = {}
-            merged = [rows.take() for rows, _ in items]
-            store = self.store
             try:
-                results = await self.runner.call(functools.partial(_write_all, store, merged))
+                merged = []
+                for rows, _ in items:  # one key's rows per step, messages served between
+                    merged.append(rows.take())
+                    await give_way()
+                results = await self.runner.call(functools.partial(_write_all, self.store, merged))
             except BaseException as exc:  # the hop itself failed (cancelled at stop)
                 for _, futures in items:
                     for future, _ in futures:
@@ -585,9 +588,9 @@ class SignalWriter:
                             future.set_exception(result)
                     continue
                 self.calls += 1
-                for future, rows in futures:
+                for future, count in futures:
                     if not future.done():
-                        future.set_result(rows)
+                        future.set_result(count)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -1402,7 +1405,7 @@ class StreamWorker:
                 # burst of acks (each a publish on a durable consumer) ran as one stall while
                 # new features waited to be read.
                 settled = 0
-                await asyncio.sleep(0)
+                await give_way()
             flight = await self._inflight.get()
             if flight is None:
                 return

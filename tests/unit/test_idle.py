@@ -42,3 +42,27 @@ async def test_an_unbalanced_leave_does_not_go_below_zero() -> None:
     assert gate.busy == 0
     gate.enter()
     assert gate.busy == 1
+
+
+async def test_give_way_lets_a_message_through_its_turns_before_the_next_step() -> None:
+    """A chain of MESSAGE_TURNS tasks, each woken by the one before (as a message goes from the
+    bus client's read loop to its publish), finishes while a background step gives way once;
+    one ``sleep(0)`` let only its first hop run."""
+    from sigserve.idle import MESSAGE_TURNS, give_way
+
+    async def chain(done: list[int]) -> None:
+        for hop in range(MESSAGE_TURNS):  # each hop wakes the next one a loop turn later
+            done.append(hop)
+            await asyncio.sleep(0)
+
+    after_one: list[int] = []
+    task = asyncio.get_running_loop().create_task(chain(after_one))
+    await asyncio.sleep(0)
+    assert len(after_one) < MESSAGE_TURNS
+    await task
+
+    done: list[int] = []
+    task = asyncio.get_running_loop().create_task(chain(done))
+    await give_way()
+    assert done == list(range(MESSAGE_TURNS))
+    await task

@@ -46,6 +46,9 @@ async def test_a_store_process_answers_as_the_store_does(tmp_path: Path) -> None
         rows = await store.read_signals("trend-1h", "BTCUSDT", "1h")
         assert len(rows) == 10 and sorted(r["confidence"] for r in rows)[-2:] == [0.9, 0.9]
         assert await store.last_signal_ts("trend-1h", "BTCUSDT", "1h") == T + np.timedelta64(9, "h")
+        # a write cycle's batches (pickled one by one, in steps of their own): one call, each counted
+        assert await store.write_signal_batches([batch(2, start=10), batch(3, start=12)]) == [2, 3]
+        assert len(await store.read_signals("trend-1h", "BTCUSDT", "1h")) == 15
         # a refusal keeps its class, code and details
         with pytest.raises(SignalNotFound) as caught:
             await store.set_signal_status("nope", "retired")
@@ -125,6 +128,18 @@ async def test_the_writer_merges_a_cycle_per_key_and_answers_each_batch() -> Non
     assert store.calls == [("BTCUSDT", 3), ("ETHUSDT", 2)]  # one batch per key
     assert store.cycles == [[("BTCUSDT", 3), ("ETHUSDT", 2)]]  # one store call for the cycle
     assert (w.cycles, w.calls) == (1, 2)
+    await w.stop()
+
+
+async def test_a_batch_submitted_while_a_cycle_gathers_its_rows_goes_to_the_next_cycle() -> None:
+    store = FakeStore()
+    w = writer(store, 0.0)
+    first = [w.submit(batch(1)), w.submit(batch(1, symbol="ETHUSDT"))]
+    await asyncio.sleep(0)  # the cycle took its rows and steps aside between its keys
+    assert not store.cycles
+    late = w.submit(batch(2, start=5))
+    assert await asyncio.gather(*first, late) == [1, 1, 2]
+    assert store.cycles == [[("BTCUSDT", 1), ("ETHUSDT", 1)], [("BTCUSDT", 2)]]
     await w.stop()
 
 

@@ -46,7 +46,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, overload
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -303,6 +303,36 @@ class _MergeStep:
     insert: tuple[str, Sequence[Any]]
     on_conflict: str
     after: tuple[str, Sequence[Any]] | None = None
+
+
+class _StepsAsNeeded(Sequence[_MergeStep]):
+    """A write's steps, each made when first read: a stream's write cycle encodes its batches one
+    at a time between the transaction's round trips (the caller's loop free while each runs),
+    not all at once before them (0.4-0.7 ms of one loop turn for four symbols' rows)."""
+
+    def __init__(self, make: Callable[[SignalBatch], _MergeStep], batches: Sequence[SignalBatch]) -> None:
+        self._make, self._batches = make, batches
+        self._made: dict[int, _MergeStep] = {}
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    @overload
+    def __getitem__(self, index: int) -> _MergeStep: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[_MergeStep]: ...
+
+    def __getitem__(self, index: int | slice) -> _MergeStep | Sequence[_MergeStep]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        step = self._made.get(index)
+        if step is None:
+            if not 0 <= index < len(self._batches):
+                raise IndexError(index)
+            step = self._made[index] = self._make(self._batches[index])
+        return step
 
 
 _asyncpg: Any = None
@@ -1278,7 +1308,7 @@ class PostgresStore:
     async def write_signal_batches(self, batches: Sequence[SignalBatch]) -> list[int]:
         """Every batch in one transaction (a stream's write cycle: one commit for every symbol's
         rows instead of one each); one row is one upsert statement, more go through COPY."""
-        steps = [self._signal_step(batch) for batch in batches if len(batch)]
+        steps = _StepsAsNeeded(self._signal_step, [batch for batch in batches if len(batch)])
         if not steps:
             return [0] * len(batches)
         async with self._connection() as con:
