@@ -574,18 +574,14 @@ class SignalWriter:
                 results = await self.runner.call(functools.partial(_write_all, self.store, merged))
             except BaseException as exc:  # the hop itself failed (cancelled at stop)
                 for _, futures in items:
-                    for future, _ in futures:
-                        if not future.done():
-                            future.set_exception(exc)
+                    _fail(futures, exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
             self.cycles += 1
             for (_, futures), result in zip(items, results, strict=True):
                 if isinstance(result, BaseException):
-                    for future, _ in futures:
-                        if not future.done():
-                            future.set_exception(result)
+                    _fail(futures, result)
                     continue
                 self.calls += 1
                 for future, count in futures:
@@ -597,6 +593,12 @@ class SignalWriter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+def _fail(futures: list[tuple[asyncio.Future[int], int]], exc: BaseException) -> None:
+    for future, _ in futures:
+        if not future.done():
+            future.set_exception(exc)
 
 
 async def _write_all(store: Store, batches: list[SignalBatch]) -> list[int | Exception]:
