@@ -793,10 +793,11 @@ def assert_same_rows(left: list[dict[str, Any]], right: list[dict[str, Any]]) ->
                 assert other == value, (name, value, other)
 
 
-async def test_small_and_bulk_writes_store_the_same_rows(store: Store) -> None:
+@pytest.mark.parametrize("part_rows", [500, 16, 3], ids=["parts-of-500", "parts-of-16", "parts-of-3"])
+async def test_small_and_bulk_writes_store_the_same_rows(store: Store, part_rows: int) -> None:
     # A store may write a few rows (a stream's write cycle) one way and a bulk chunk another;
     # both store the same rows, replacements included.
-    n = 2_500
+    n = 2_500 if part_rows >= 500 else 200
     rng = np.random.default_rng(7)
     chunk = batch(list(range(n)), [["buy", "hold", "sell", "close_long", "close_short"][i % 5] for i in range(n)],
                   confidence=rng.uniform(0.0, 1.0, n).tolist())
@@ -809,8 +810,8 @@ async def test_small_and_bulk_writes_store_the_same_rows(store: Store) -> None:
         await store.write_signals(batch([0, 5], ["sell", "sell"], signal_id=signal_id, price=7.0))  # replaced
     await store.write_signals(replace(chunk, signal_id="bulk"))
     small = replace(chunk, signal_id="small")
-    for lo in range(0, n, 500):  # several histories per call, each a few hundred rows
-        part = small.take(np.arange(lo, min(n, lo + 500)))
+    for lo in range(0, n, part_rows):  # several histories per call
+        part = small.take(np.arange(lo, min(n, lo + part_rows)))
         eth = replace(part, symbol="ETH", raw_output=np.column_stack([part.raw_output, part.confidence]))
         assert await store.write_signal_batches([part, eth]) == [len(part), len(part)]
     bulk_rows = await store.read_signals("bulk")
