@@ -53,6 +53,9 @@ written under ``bench/results/stream-*.json``. Every message is a new bar: the f
 the newest signal stored in the bench home (before stop 19 it started at the same ts in every
 invocation, so later runs measured replays). ``SIGSERVE_BENCH_DUMP=<folder>`` keeps each
 message's send time, latency and worker time (``<store>-<phase>-<n>.npy``) to study the tail.
+``SIGSERVE_BENCH_SCHED=1`` (Linux, root, ``perf``) traces the scheduler around each rate phase
+and adds a ``sched`` entry: who ran and who waited for a CPU while the late messages waited
+(``bench/tail_sched.py``).
 
 The harness keeps its own share of the measured tail small (the worker is measured as it runs);
 what follows was written for the Python client, and holds for the native one where it applies:
@@ -113,6 +116,7 @@ import numpy as np
 import orjson
 import uvloop
 from common import ROOT, bench_home, free_port, machine, make_data, percentiles, train_model, write_result
+from tail_sched import SchedTrace, analyze, parse
 
 from sigserve.app import Services
 from sigserve.bus.nats import NatsBus
@@ -323,6 +327,7 @@ class Receiver:
         self.received: list[tuple[float, bytes]] = []
         self.first: float | None = None
         self.last = 0.0
+        self.matched_sent: list[float] = []  # by latencies(): the send time of each matched message
 
     @property
     def count(self) -> int:
@@ -352,6 +357,7 @@ class Receiver:
             latency.append((now - sent[k]) * 1000.0)
             worker.append(body["metadata"]["prediction_latency_ms"])
             at.append(sent[k])
+        self.matched_sent = at
         folder = os.environ.get("SIGSERVE_BENCH_DUMP")
         if folder and latency:
             Path(folder).mkdir(parents=True, exist_ok=True)
@@ -441,6 +447,8 @@ class SleepTimer:
         pass
 
 
+# SIGSERVE_BENCH_SCHED=1: a scheduler trace around each rate phase (bench/tail_sched.py)
+SCHED = os.environ.get("SIGSERVE_BENCH_SCHED") == "1"
 # SIGSERVE_BENCH_PACER=sleep: the pacing of stops 1-20 (SleepTimer), for a side-by-side run
 PACER = os.environ.get("SIGSERVE_BENCH_PACER", "timerfd")
 CLIENT = ["native"]  # --client: the measuring client (native: bench/native/pacer.c; python: nats-py)
@@ -558,6 +566,10 @@ class CpuMeter:
             i += 1
         return pids
 
+    def pids(self) -> list[int]:
+        """The process and, with ``children``, its descendants."""
+        return self._tree()
+
     def _read(self) -> tuple[float, float] | None:
         """(user s, system s) of the tree."""
         if not Path(f"/proc/{self.pid}/stat").exists():
@@ -588,16 +600,27 @@ async def run_rate(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: fl
                    phase: str, worker_pid: int) -> dict[str, Any]:
     total = int(rate * seconds)
     messages = feed.batch(prefix, total)
-    receiver, published_s, sent, late, cpu = await measure(bus, prefix, messages, rate, CpuMeter(worker_pid))
+    meter = CpuMeter(worker_pid)
+    trace = SchedTrace() if SCHED else None
+    if trace is not None:
+        trace.start()
+        await asyncio.sleep(1.0)  # perf's own start, outside the measured window
+    family = set(meter.pids())
+    receiver, published_s, sent, late, cpu = await measure(bus, prefix, messages, rate, meter)
+    timehist = await asyncio.to_thread(trace.stop) if trace is not None else ""
     began = sent[0]
     receiver.span()
     latency, worker = receiver.latencies([m[2] for m in messages], sent, signal_key, phase)
+    sched: dict[str, Any] = {}
+    if trace is not None:
+        slices = parse(timehist, worker_pid, os.getpid(), family - {worker_pid})
+        sched["sched"] = analyze(slices, np.array(receiver.matched_sent), np.array(latency))
     return {"phase": phase, "rate_target": rate, "published": total,
             "publish_rate": round(total / published_s, 1), "received": receiver.count,
             "answered_rate": round(receiver.count / max(1e-9, receiver.last - began), 1),
             "latency_ms": rounded(percentiles(latency)) if latency else {},
             "worker_receipt_to_publish_ms": rounded(percentiles(worker or [0.0])),
-            "send_late_ms": rounded(percentiles(late)), **cpu}
+            "send_late_ms": rounded(percentiles(late)), **cpu, **sched}
 
 
 async def echo_worker(prefix: str, core: bool = False) -> None:
@@ -806,6 +829,8 @@ def main() -> None:
 
 def run_bench(args: argparse.Namespace) -> None:
     CLIENT[0] = args.client
+    if SCHED and (why := SchedTrace.available()) is not None:
+        raise SystemExit(f"SIGSERVE_BENCH_SCHED=1 needs perf sched: {why}")
     if args.client == "native":
         native_client.build()  # before any phase starts, or a clear error
     pin = args.pin if len(CPUS) >= 2 else "none"
