@@ -13,7 +13,6 @@ to what ``bench/stream.py`` reads from it:
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import itertools
 import statistics
 import subprocess
@@ -24,6 +23,7 @@ from types import ModuleType
 
 from sigserve.bus import BusMessage
 from sigserve.bus.nats import NatsBus
+from tests.bench_modules import load_bench_module
 from tests.services import require_executables, require_tcp
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,12 +31,8 @@ NATS_HOST, NATS_PORT = "127.0.0.1", 4222
 
 
 def native_client() -> ModuleType:
-    """``bench/native_client.py``, the bench's own build and file readers (bench/ is no package)."""
-    spec = importlib.util.spec_from_file_location("native_client", ROOT / "bench" / "native_client.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """``bench/native_client.py``, the bench's own build and file readers."""
+    return load_bench_module("native_client")
 
 
 def build_pacer(tmp_path: Path) -> Path:

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench_modules import load_bench_module
 
 
 @pytest.fixture(scope="module")
 def tail_sched() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("tail_sched", ROOT / "bench" / "tail_sched.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_module("tail_sched")
 
 
 def switch(end: float, cpu: int, task: str, delay_ms: float, run_ms: float) -> str:
