@@ -26,7 +26,6 @@ from sigserve.bus.nats import NatsBus
 from tests.bench_modules import load_bench_module
 from tests.services import require_executables, require_tcp
 
-ROOT = Path(__file__).resolve().parents[2]
 NATS_HOST, NATS_PORT = "127.0.0.1", 4222
 
 
