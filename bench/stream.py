@@ -327,7 +327,6 @@ class Receiver:
         self.received: list[tuple[float, bytes]] = []
         self.first: float | None = None
         self.last = 0.0
-        self.matched_sent: list[float] = []  # by latencies(): the send time of each matched message
 
     @property
     def count(self) -> int:
@@ -341,9 +340,9 @@ class Receiver:
             self.first, self.last = self.received[0][0], self.received[-1][0]
 
     def latencies(self, keys: list[Any], sent: list[float], key_of: Any,
-                  phase: str = "") -> tuple[list[float], list[float]]:
-        """Latency (ms) of every signal matched to a send, and the worker's own receipt-to-publish
-        time where the body carries one. With ``SIGSERVE_BENCH_DUMP`` set to a folder, every
+                  phase: str = "") -> tuple[list[float], list[float], list[float]]:
+        """Latency (ms) of every signal matched to a send, the worker's own receipt-to-publish
+        time where the body carries one, and the matched send times. With ``SIGSERVE_BENCH_DUMP`` set to a folder, every
         matched message's (send time, latency, worker time) goes to
         ``<folder>/<store>-<phase>-<n>.npy`` to study where the tail sits (send times on
         perf_counter's clock, which is system-wide on Linux: a worker's own timestamps line up)."""
@@ -357,14 +356,13 @@ class Receiver:
             latency.append((now - sent[k]) * 1000.0)
             worker.append(body["metadata"]["prediction_latency_ms"])
             at.append(sent[k])
-        self.matched_sent = at
         folder = os.environ.get("SIGSERVE_BENCH_DUMP")
         if folder and latency:
             Path(folder).mkdir(parents=True, exist_ok=True)
             tag = f"{DUMP_STORE[0]}-{phase}"
             n = len(list(Path(folder).glob(f"{tag}-*.npy")))
             np.save(Path(folder) / f"{tag}-{n}.npy", np.array([at, latency, worker]))
-        return latency, worker
+        return latency, worker, at
 
 
 def signal_key(body: dict[str, Any]) -> tuple[str, int]:
@@ -557,7 +555,8 @@ class CpuMeter:
         self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self._start: tuple[float, float] | None = None
 
-    def _tree(self) -> list[int]:
+    def pids(self) -> list[int]:
+        """The process and, with ``children``, its descendants."""
         pids, i = [self.pid], 0
         while self.children and i < len(pids):
             for task in Path(f"/proc/{pids[i]}/task").glob("*/children"):
@@ -566,16 +565,12 @@ class CpuMeter:
             i += 1
         return pids
 
-    def pids(self) -> list[int]:
-        """The process and, with ``children``, its descendants."""
-        return self._tree()
-
     def _read(self) -> tuple[float, float] | None:
         """(user s, system s) of the tree."""
         if not Path(f"/proc/{self.pid}/stat").exists():
             return None
         user = system = 0
-        for pid in self._tree():
+        for pid in self.pids():
             with contextlib.suppress(OSError):
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                 user += int(fields[11])
@@ -610,11 +605,11 @@ async def run_rate(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: fl
     timehist = await asyncio.to_thread(trace.stop) if trace is not None else ""
     began = sent[0]
     receiver.span()
-    latency, worker = receiver.latencies([m[2] for m in messages], sent, signal_key, phase)
+    latency, worker, matched_sent = receiver.latencies([m[2] for m in messages], sent, signal_key, phase)
     sched: dict[str, Any] = {}
     if trace is not None:
-        slices = parse(timehist, worker_pid, os.getpid(), family - {worker_pid})
-        sched["sched"] = analyze(slices, np.array(receiver.matched_sent), np.array(latency))
+        slices = parse(timehist, worker_pid, os.getpid(), family)
+        sched["sched"] = analyze(slices, np.array(matched_sent), np.array(latency))
     return {"phase": phase, "rate_target": rate, "published": total,
             "publish_rate": round(total / published_s, 1), "received": receiver.count,
             "answered_rate": round(receiver.count / max(1e-9, receiver.last - began), 1),
@@ -683,7 +678,7 @@ async def run_floor(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: f
     receiver, _, sent, late, cpu = await measure(bus, prefix, messages, rate, CpuMeter(proc.pid))
     proc.terminate()
     proc.wait(10)
-    latency, echo = receiver.latencies([m[2] for m in messages], sent, echo_key, phase)
+    latency, echo, _ = receiver.latencies([m[2] for m in messages], sent, echo_key, phase)
     return {"phase": phase, "rate_target": rate, "published": total, "received": receiver.count,
             "latency_ms": rounded(percentiles(latency)) if latency else {},
             "worker_receipt_to_publish_ms": rounded(percentiles(echo or [0.0])),

@@ -118,8 +118,7 @@ def analyze(slices: dict[str, np.ndarray], sent: np.ndarray, latency_ms: np.ndar
     end, party, delay, length = slices["end"], slices["party"], slices["delay"], slices["length"]
     if end.size == 0:
         return {"error": "no scheduler events"}
-    start = end - length / 1000.0
-    woken = start  # a delay ends where its run slice starts
+    start = end - length / 1000.0  # also where the wake-to-run delay before the slice ended
     covered = (sent > start.min()) & (sent + latency_ms / 1000.0 < end.max())
     late = np.flatnonzero(covered & (latency_ms > late_ms))
     longest = float(length.max()) / 1000.0
@@ -132,13 +131,13 @@ def analyze(slices: dict[str, np.ndarray], sent: np.ndarray, latency_ms: np.ndar
         first, last = np.searchsorted(end, lo), np.searchsorted(end, hi + longest)
         s, e, p = start[first:last], end[first:last], party[first:last]
         overlap = np.clip(np.minimum(e, hi) - np.maximum(s, lo), 0.0, None) * 1000.0
-        ran += np.bincount(p, weights=overlap, minlength=len(PARTIES))
-        began = (woken[first:last] >= lo - 0.002) & (woken[first:last] < hi)
+        ran_here = np.bincount(p, weights=overlap, minlength=len(PARTIES))
+        ran += ran_here
+        began = (s >= lo - 0.002) & (s < hi)
         waits = np.zeros(len(PARTIES))
         np.maximum.at(waits, p[began], delay[first:last][began])
         worst += waits
-        idle = np.bincount(p, weights=overlap, minlength=len(PARTIES))[PARTIES.index("idle")]
-        if idle >= _SIGNIFICANT_MS and waits[path].max() >= _SIGNIFICANT_MS:
+        if ran_here[PARTIES.index("idle")] >= _SIGNIFICANT_MS and waits[path].max() >= _SIGNIFICANT_MS:
             idle_and_waiting += 1
     n = max(late.size, 1)
     whole: dict[str, Any] = {}

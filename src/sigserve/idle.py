@@ -87,4 +87,3 @@ async def give_way(turns: int = MESSAGE_TURNS) -> None:
     """
     for _ in range(turns):
         await asyncio.sleep(0)
-
