@@ -89,7 +89,15 @@ schedule (the pacing's own jitter; latency is measured from the actual send, so 
 to latency, but bursts it causes would), and (Linux) ``worker_cpu_us_per_msg`` (with its user
 and system parts): the CPU the worker or echo process and its children spent per message
 published, and ``client_cpu_us_per_msg``: the measuring client's own (the native client's
-process, or this whole process with the Python client).
+process, or this whole process with the Python client). ``host_steal_ms_per_s`` (CPU time the
+hypervisor ran others while this guest wanted it), ``host_idle_pct`` and ``host_ipi_per_msg``
+(inter-processor interrupts, ``CAL`` + ``RES``: in a VM each one to a halted vCPU waits for the
+host to run it) describe the machine over the same window (:class:`HostMeter`).
+
+``SIGSERVE_BENCH_ECHO_BURN_US=N`` makes the floor phases' echo spin N µs on each message before
+it answers: the transport under a worker's CPU a message without the worker's code. On VM-Q
+(stop 25) an echo at the worker's CPU (400 µs spun, ~650 µs a message in all) had p99 1.25-1.48
+ms where the worker had 2-3 ms: the worker's tail is more than its CPU a message.
 """
 
 from __future__ import annotations
@@ -445,6 +453,10 @@ class SleepTimer:
         pass
 
 
+# SIGSERVE_BENCH_ECHO_BURN_US=N: the floor phases' echo spins N µs of CPU on each message before
+# it answers, holding its loop as a worker's compute does: the transport under a worker's CPU load
+# without the worker's code (does a p99 follow CPU a message, or something the worker does?)
+ECHO_BURN_US = float(os.environ.get("SIGSERVE_BENCH_ECHO_BURN_US", "0") or 0)
 # SIGSERVE_BENCH_SCHED=1: a scheduler trace around each rate phase (bench/tail_sched.py)
 SCHED = os.environ.get("SIGSERVE_BENCH_SCHED") == "1"
 # SIGSERVE_BENCH_PACER=sleep: the pacing of stops 1-20 (SleepTimer), for a side-by-side run
@@ -501,10 +513,12 @@ async def measure(bus: NatsBus, prefix: str, messages: list[tuple[str, bytes, tu
     sub = await bus.subscribe(f"{prefix}.signals.>", receiver)
     await bus.flush()
     client = CpuMeter(os.getpid(), "client", children=False)  # this process: publisher and subscriber
+    host = HostMeter()
     meter.start()
     client.start()
+    host.start()
     published_s, sent, late = await paced(bus, receiver, messages, rate)
-    cpu = {**meter.stop(len(messages)), **client.stop(len(messages))}
+    cpu = {**meter.stop(len(messages)), **client.stop(len(messages)), **host.stop(len(messages))}
     await sub.stop()
     return receiver, published_s, sent, late, cpu
 
@@ -529,12 +543,14 @@ def native_paced(prefix: str, messages: list[tuple[str, bytes, tuple[str, int]]]
             if proc.stdout.readline().strip() != "ready":
                 raise SystemExit(f"bench/stream.py: the native client did not start (exit {proc.wait()})")
             client = CpuMeter(proc.pid, "client")
+            host = HostMeter()
             meter.start()
             client.start()
+            host.start()
             proc.stdin.write("go\n")
             proc.stdin.flush()
             done = proc.stdout.readline()
-            cpu = {**meter.stop(total), **client.stop(total)}
+            cpu = {**meter.stop(total), **client.stop(total), **host.stop(total)}
             if proc.wait() != 0 or not done.startswith("done"):
                 raise SystemExit(f"bench/stream.py: the native client failed (exit {proc.returncode})")
         sent, late = native_client.read_sends(folder / "sends", total)
@@ -591,6 +607,48 @@ class CpuMeter:
                 f"{name}_cpu_us_per_msg": round((user + system) / messages * 1e6, 1)}
 
 
+class HostMeter:
+    """What the machine as a whole did over a window (Linux ``/proc``; empty elsewhere): the
+    CPU time the hypervisor gave to others while this guest wanted it (steal), the guest's idle
+    share, and the inter-processor interrupts per message (``CAL``: a wake-up queued on another
+    CPU and the function calls; ``RES``: rescheduling). In a VM each IPI to a halted vCPU waits
+    for the host to run that vCPU again, so a run's tail is read against these."""
+
+    def __init__(self, proc: Path = Path("/proc")) -> None:
+        self.proc = proc
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._start: tuple[tuple[int, int, int, int], float] | None = None
+
+    def counters(self) -> tuple[int, int, int, int] | None:
+        """(steal ticks, idle ticks, all ticks, IPIs) summed over the CPUs."""
+        try:
+            fields = [int(x) for x in (self.proc / "stat").read_text().split("\n", 1)[0].split()[1:]]
+            ipis = 0
+            for line in (self.proc / "interrupts").read_text().splitlines():
+                name, _, rest = line.strip().partition(":")
+                if name in ("CAL", "RES"):
+                    ipis += sum(int(x) for x in rest.split() if x.isdigit())
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        steal = fields[7] if len(fields) > 7 else 0
+        return steal, idle, sum(fields[:8]), ipis
+
+    def start(self) -> None:
+        read = self.counters()
+        self._start = None if read is None else (read, time.monotonic())
+
+    def stop(self, messages: int) -> dict[str, float]:
+        end, start = self.counters(), self._start
+        if end is None or start is None or messages <= 0:
+            return {}
+        seconds = max(1e-9, time.monotonic() - start[1])
+        steal, idle, total, ipis = (e - s for e, s in zip(end, start[0], strict=True))
+        return {"host_steal_ms_per_s": round(steal / self.tick * 1000.0 / seconds, 1),
+                "host_idle_pct": round(100.0 * idle / max(1, total), 1),
+                "host_ipi_per_msg": round(ipis / messages, 2)}
+
+
 async def run_rate(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: float,
                    phase: str, worker_pid: int) -> dict[str, Any]:
     total = int(rate * seconds)
@@ -633,8 +691,13 @@ async def echo_worker(prefix: str, core: bool = False) -> None:
     ids = iter(range(1, 1 << 62))
     id_prefix = f"echo-{prefix}-"
     clock = time.perf_counter
+    burn_s = ECHO_BURN_US / 1e6
 
     async def handle(msg: Any) -> None:
+        if burn_s:
+            until = clock() + burn_s
+            while clock() < until:
+                pass
         data = msg.data
         symbol = msg.subject.split(".")[-2]
         subject = signal_subjects.get(symbol)
@@ -682,7 +745,8 @@ async def run_floor(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: f
     return {"phase": phase, "rate_target": rate, "published": total, "received": receiver.count,
             "latency_ms": rounded(percentiles(latency)) if latency else {},
             "worker_receipt_to_publish_ms": rounded(percentiles(echo or [0.0])),
-            "send_late_ms": rounded(percentiles(late)), **cpu}
+            "send_late_ms": rounded(percentiles(late)), **cpu,
+            **({"echo_burn_us": ECHO_BURN_US} if ECHO_BURN_US else {})}
 
 
 async def run_drain(bus: NatsBus, feed: Feed, prefix: str, n: int, start_workers: Any) -> dict[str, Any]:

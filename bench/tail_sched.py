@@ -14,7 +14,10 @@ how long each waited for a CPU once woken:
   more while nats-server, the client or the worker waited 0.5 ms or more for a CPU (the guest's
   scheduler had a CPU to give: the wait was the wake-up of an idle vCPU, or a placement).
 
-Over the whole phase: each party's wake-to-run delay p99 and its share over 0.5 ms. Usage::
+Over the whole phase: each party's wake-to-run delay p99 and its share over 0.5 ms, and
+``worker_runs_per_s``: how often the worker's loop ran 1-2, 2-4 and 4+ ms without sleeping (a
+burst holds a vCPU the NATS server and the client then lack; on VM-Q, stop 25, the write cycles
+made nearly all of them). Usage::
 
     SIGSERVE_BENCH_SCHED=1 flock /tmp/sigserve-bench.lock .venv/bin/python bench/stream.py \\
         --stores duckdb --phases rate-1000-core --seconds 10
@@ -36,6 +39,8 @@ from typing import Any
 import numpy as np
 
 PARTIES = ("worker", "worker_threads", "nats", "client", "other", "idle")
+# run-slice lengths (ms) counted in ``whole_phase.worker_runs_per_s``
+_RUN_BANDS = (("1-2_ms", 1.0, 2.0), ("2-4_ms", 2.0, 4.0), ("4_ms_and_more", 4.0, float("inf")))
 _SWITCH = re.compile(r"\s*([\d.]+)\s+\[(\d+)\]\s+(\S+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)")
 _TASK = re.compile(r"(.*)\[(\d+)(?:/(\d+))?\]$")
 _SIGNIFICANT_MS = 0.5
@@ -146,6 +151,13 @@ def analyze(slices: dict[str, np.ndarray], sent: np.ndarray, latency_ms: np.ndar
         if mine.size:
             whole[name] = {"wake_to_run_p99_ms": round(float(np.percentile(mine, 99)), 3),
                            "over_0_5_ms_pct": round(float((mine > _SIGNIFICANT_MS).mean() * 100), 2)}
+    # The worker loop's runs of 1 ms and more, per second of trace: the bursts it holds a vCPU
+    # for (a write cycle's work and its settling), whatever the messages' latency says.
+    seconds = max(float(end.max() - start.min()), 1e-9)
+    worker_runs = length[party == PARTIES.index("worker")]
+    whole["worker_runs_per_s"] = {
+        label: round(float(((worker_runs >= lo) & (worker_runs < hi)).sum()) / seconds, 1)
+        for label, lo, hi in _RUN_BANDS}
     return {
         "messages": int(covered.sum()), "late_ms": late_ms, "late": int(late.size),
         "late_pct": round(late.size / max(int(covered.sum()), 1) * 100, 2),

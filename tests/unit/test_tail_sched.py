@@ -64,6 +64,10 @@ def test_a_late_message_is_charged_to_who_ran_and_who_waited(tail_sched: ModuleT
     assert window["late_with_idle_and_waiting_pct"] == 100.0
     assert result["whole_phase"]["nats"]["over_0_5_ms_pct"] == 100.0
     assert result["whole_phase"]["worker"]["over_0_5_ms_pct"] == 0.0
+    # the trace spans 10.000-10.060 s (60 ms): the worker loop's one 3 ms run, none shorter
+    # than 1 ms counted (its thread's 0.2 ms run is another party's)
+    assert result["whole_phase"]["worker_runs_per_s"] == {
+        "1-2_ms": 0.0, "2-4_ms": round(1 / 0.060, 1), "4_ms_and_more": 0.0}
 
 
 def test_no_late_message_charges_nothing(tail_sched: ModuleType) -> None:
