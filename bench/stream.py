@@ -90,8 +90,8 @@ to latency, but bursts it causes would), and (Linux) ``worker_cpu_us_per_msg`` (
 and system parts): the CPU the worker or echo process and its children spent per message
 published, and ``client_cpu_us_per_msg``: the measuring client's own (the native client's
 process, or this whole process with the Python client). ``host_steal_ms_per_s`` (CPU time the
-hypervisor ran others while this guest wanted it), ``host_idle_pct`` and ``host_ipi_per_msg``
-(inter-processor interrupts, ``CAL`` + ``RES``: in a VM each one to a halted vCPU waits for the
+hypervisor ran others while this guest wanted it) and ``host_ipi_per_msg`` (inter-processor
+interrupts, ``CAL`` + ``RES``: in a VM each one to a halted vCPU waits for the
 host to run it) describe the machine over the same window (:class:`HostMeter`).
 
 ``SIGSERVE_BENCH_ECHO_BURN_US=N`` makes the floor phases' echo spin N µs on each message before
@@ -609,18 +609,18 @@ class CpuMeter:
 
 class HostMeter:
     """What the machine as a whole did over a window (Linux ``/proc``; empty elsewhere): the
-    CPU time the hypervisor gave to others while this guest wanted it (steal), the guest's idle
-    share, and the inter-processor interrupts per message (``CAL``: a wake-up queued on another
+    CPU time the hypervisor gave to others while this guest wanted it (steal) and the
+    inter-processor interrupts per message (``CAL``: a wake-up queued on another
     CPU and the function calls; ``RES``: rescheduling). In a VM each IPI to a halted vCPU waits
     for the host to run that vCPU again, so a run's tail is read against these."""
 
     def __init__(self, proc: Path = Path("/proc")) -> None:
         self.proc = proc
         self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self._start: tuple[tuple[int, int, int, int], float] | None = None
+        self._start: tuple[tuple[int, int], float] | None = None
 
-    def counters(self) -> tuple[int, int, int, int] | None:
-        """(steal ticks, idle ticks, all ticks, IPIs) summed over the CPUs."""
+    def counters(self) -> tuple[int, int] | None:
+        """(steal ticks, IPIs) summed over the CPUs."""
         try:
             fields = [int(x) for x in (self.proc / "stat").read_text().split("\n", 1)[0].split()[1:]]
             ipis = 0
@@ -630,9 +630,8 @@ class HostMeter:
                     ipis += sum(int(x) for x in rest.split() if x.isdigit())
         except (OSError, ValueError):
             return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
         steal = fields[7] if len(fields) > 7 else 0
-        return steal, idle, sum(fields[:8]), ipis
+        return steal, ipis
 
     def start(self) -> None:
         read = self.counters()
@@ -643,9 +642,8 @@ class HostMeter:
         if end is None or start is None or messages <= 0:
             return {}
         seconds = max(1e-9, time.monotonic() - start[1])
-        steal, idle, total, ipis = (e - s for e, s in zip(end, start[0], strict=True))
+        steal, ipis = (e - s for e, s in zip(end, start[0], strict=True))
         return {"host_steal_ms_per_s": round(steal / self.tick * 1000.0 / seconds, 1),
-                "host_idle_pct": round(100.0 * idle / max(1, total), 1),
                 "host_ipi_per_msg": round(ipis / messages, 2)}
 
 
