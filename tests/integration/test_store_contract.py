@@ -822,6 +822,47 @@ async def test_small_and_bulk_writes_store_the_same_rows(store: Store, part_rows
         [*list(r["raw_output"]), r["confidence"]] for r in bulk_rows]
 
 
+async def test_one_call_for_many_histories_stores_what_a_call_each_stores(store: Store) -> None:
+    # A stream's write cycle: many symbols' batches in one call, one-row ones among chunks, a
+    # shadow version's, and a history met twice (its later rows win); a bad batch refuses all.
+    specs: list[tuple[str, list[int], list[str], list[float], bool, int]] = []
+    kinds = ["buy", "hold", "sell", "close_long", "close_short"]
+    for k in range(12):
+        hours = [0] if k % 3 == 0 else [0, 1, 2]
+        specs.append((f"S{k}", hours, [kinds[(k + i) % 5] for i in range(len(hours))],
+                      [round(0.05 + 0.09 * ((7 * k + 3 * i) % 10), 2) for i in range(len(hours))], False, 1))
+    specs.append(("S1", [1, 3], ["close_short", "buy"], [0.61, 0.62], False, 1))  # S1 again
+    specs.append(("S2", [0, 1], ["sell", "hold"], [0.3, 0.4], True, 2))  # a shadow version
+
+    def make(signal_id: str, spec: tuple[str, list[int], list[str], list[float], bool, int]) -> SignalBatch:
+        symbol, hours, actions, confidence, shadow, version = spec
+        one = batch(hours, actions, confidence=confidence, signal_id=signal_id, symbol=symbol,
+                    shadow=shadow, version=version, source="stream", price=10.0 + len(symbol) + hours[0])
+        one.entry_price[-1] = math.nan
+        one.feature_keys = np.array([None if (h + len(symbol)) % 2 else f"fk{h}" for h in hours], dtype=object)
+        one.flags = np.array(["levels_invalid" if h == 2 else "" for h in hours], dtype=object)
+        return one
+
+    together = [make("together", spec) for spec in specs]
+    assert await store.write_signal_batches(together) == [len(b) for b in together]
+    for spec in specs:
+        await store.write_signals(make("apart", spec))
+    rows = await store.read_signals("together")
+    assert len(rows) == 4 * 1 + 8 * 3 + 1 + 2  # 12 symbols' bars, S1's hour 3, S2's shadow rows
+    assert_same_rows(rows, await store.read_signals("apart"))
+    s1 = {as_ts(r["ts"]): r for r in rows if r["symbol"] == "S1"}
+    assert s1[t(1)]["action"] == "close_short" and s1[t(1)]["confidence"] == pytest.approx(0.61)
+    assert [r["model_version"] for r in rows if r["symbol"] == "S2" and r["shadow"]] == [2, 2]
+
+    again = [make("together", spec) for spec in specs]
+    again[7].confidence[1] = 1.5
+    for one in again:
+        one.action[:] = ACTION_CODE["hold"]
+    with pytest.raises(ValidationError):
+        await store.write_signal_batches(again)
+    assert await store.read_signals("together") == rows  # nothing written
+
+
 async def test_one_row_upsert_replaces_and_refuses_whole(store: Store) -> None:
     await store.write_signals(batch([0, 1, 2], ["buy", "hold", "sell"]))
     await store.write_signals(batch([1], ["sell"], confidence=[0.66], price=300.0, source="stream"))

@@ -73,7 +73,7 @@ from ..errors import (
     missing_extra,
 )
 from ..timeutil import TS_DTYPE, unique_ts
-from ._common import check_signals
+from ._common import check_signal_batches, check_signals
 from .base import Candles, FeatureRead
 
 _SCHEMA_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -241,6 +241,10 @@ CREATE TEMP TABLE IF NOT EXISTS _in_signals (ts timestamp, action int2, confiden
     raw_output float8[], entry_price float8, stop_loss float8, take_profit float8,
     recommended_size float8, latency_ms float8, key_idx int4, flags_idx int4)
     ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS _in_histories (hist int4, ts timestamp, action int2,
+    confidence float8, raw_output float8[], entry_price float8, stop_loss float8,
+    take_profit float8, recommended_size float8, latency_ms float8, key_idx int4, flags_idx int4)
+    ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS _in_ts (ts timestamp) ON COMMIT DELETE ROWS;
 """
 
@@ -275,6 +279,16 @@ _DELETE_STAGED_SIGNALS = (
     " AND h.model_version = $2 AND h.symbol = $3 AND h.interval = $4"
     " AND h.ts BETWEEN $5 AND $6 AND h.ts = i.ts"
 )
+# Several histories' rows staged together (``_in_histories.hist``: a 1-based index into the
+# per-history arrays $1-$4, $6, $7, $9 and $11), upserted with ON CONFLICT straight away
+_INSERT_HISTORIES_STAGED = (
+    f"INSERT INTO signal_history ({_SIGNAL_COLUMNS}) SELECT ($1::text[])[hist],"
+    " ($2::int4[])[hist], ($3::text[])[hist], ($4::text[])[hist], ts, ($5::text[])[action + 1],"
+    " confidence, raw_output, NULLIF(entry_price, 'NaN'), NULLIF(stop_loss, 'NaN'),"
+    " NULLIF(take_profit, 'NaN'), NULLIF(recommended_size, 'NaN'), ($6::text[])[hist],"
+    " ($7::text[])[hist], ($8::text[])[key_idx], ($9::text[])[hist], latency_ms,"
+    f" ($10::text[])[flags_idx], ($11::bool[])[hist], {_NOW} FROM _in_histories"
+)
 _SIDE_SQL = "(CASE action WHEN 'buy' THEN 1 WHEN 'sell' THEN -1 ELSE 0 END)::int2"
 _POSITION_EVENTS = (
     f"SELECT * FROM ((SELECT ts, {_SIDE_SQL} FROM signal_history WHERE signal_id=$1"
@@ -294,23 +308,24 @@ _ROWS_READ_MAX_TS = 64  # ts lists up to this size read in one statement; larger
 @dataclass(frozen=True)
 class _MergeStep:
     """One upsert of :meth:`PostgresStore._merge_steps`: COPY ``payload`` into ``staging``,
-    then ``delete`` + ``insert`` (or ``insert`` + ``on_conflict``), then ``after``; with no
-    payload, ``insert`` alone (a one-row upsert statement)."""
+    then ``delete`` + ``insert`` (or ``insert`` + ``on_conflict``; always so without a
+    ``delete``), then ``after``; with no payload, ``insert`` alone (a one-row upsert statement)."""
 
     staging: str
     payload: memoryview | None
-    delete: tuple[str, Sequence[Any]]
+    delete: tuple[str, Sequence[Any]] | None
     insert: tuple[str, Sequence[Any]]
     on_conflict: str
     after: tuple[str, Sequence[Any]] | None = None
 
 
 class _StepsAsNeeded(Sequence[_MergeStep]):
-    """A write's steps, each made when first read: a stream's write cycle encodes its batches one
-    at a time between the transaction's round trips (the caller's loop free while each runs),
-    not all at once before them (0.4-0.7 ms of one loop turn for four symbols' rows)."""
+    """A write's steps (one per batch, or per group of histories), each made when first read: a
+    write encodes them one at a time between the transaction's round trips (the caller's loop
+    free while each runs), not all at once before them (0.4-0.7 ms of one loop turn for four
+    symbols' rows when each symbol was a step)."""
 
-    def __init__(self, make: Callable[[SignalBatch], _MergeStep], batches: Sequence[SignalBatch]) -> None:
+    def __init__(self, make: Callable[[Any], _MergeStep], batches: Sequence[Any]) -> None:
         self._make, self._batches = make, batches
         self._made: dict[int, _MergeStep] = {}
 
@@ -403,6 +418,24 @@ def _codes(values: np.ndarray) -> tuple[list[str], np.ndarray]:
         return distinct, np.ones(len(items), dtype=np.int32)
     lookup = {value: i + 1 for i, value in enumerate(distinct)}
     return distinct, np.fromiter(map(lookup.__getitem__, items), dtype=np.int32, count=len(items))
+
+
+def _history_groups(batches: Sequence[SignalBatch]) -> list[list[SignalBatch]]:
+    """A write's batches in order, in runs that one staged upsert can take: each history (signal,
+    version, symbol, interval) once in a run, one raw-output width. A history met again starts
+    the next run, so its later rows still replace the earlier ones, as in one step a batch."""
+    groups: list[list[SignalBatch]] = []
+    seen: set[tuple[str, int, str, str]] = set()
+    width: tuple[int, ...] | None = None
+    for batch in batches:
+        key = (batch.signal_id, int(batch.model_version), batch.symbol, batch.interval)
+        shape = tuple(np.shape(batch.raw_output)[1:])
+        if not groups or key in seen or shape != width:
+            groups.append([])
+            seen, width = set(), shape
+        groups[-1].append(batch)
+        seen.add(key)
+    return groups
 
 
 def _copy_payload(columns: list[tuple[str, np.ndarray]]) -> memoryview:
@@ -621,6 +654,7 @@ class PostgresStore:
         at = datetime(2000, 1, 1)
         key = ("", 0, "", "", at, at)
         staged = ("", 0, "", "", list(ACTIONS), "", "", [None], "stream", [""], False)
+        histories_staged = ([""], [0], [""], [""], list(ACTIONS), [""], [""], [None], ["stream"], [""], [False])
         async with contextlib.AsyncExitStack() as stack:
             held = [await stack.enter_async_context(self._connection())
                     for _ in range(max(1, min(connections, self._lane_size)))]
@@ -633,6 +667,7 @@ class PostgresStore:
                 await con.execute(_DELETE_STAGED_SIGNALS, *key)
                 await con.execute(_INSERT_SIGNALS_STAGED, *staged)
                 await con.execute("DELETE FROM _in_signals")
+                await con.execute(_INSERT_HISTORIES_STAGED + _SIGNAL_UPSERT, *histories_staged)
                 for query in (_INSERT_SIGNAL_ROW, _INSERT_SIGNALS_STAGED + _SIGNAL_UPSERT):
                     await con.prepare(query)
 
@@ -792,7 +827,7 @@ class PostgresStore:
                             await con.execute(f"DELETE FROM {step.staging}")
                         staged.add(step.staging)
                         await con.copy_to_table(step.staging, source=step.payload, format="binary")
-                        if safe:
+                        if safe or step.delete is None:
                             await con.execute(step.insert[0] + step.on_conflict, *step.insert[1])
                         else:
                             await con.execute(step.delete[0], *step.delete[1])
@@ -1307,8 +1342,10 @@ class PostgresStore:
 
     async def write_signal_batches(self, batches: Sequence[SignalBatch]) -> list[int]:
         """Every batch in one transaction (a stream's write cycle: one commit for every symbol's
-        rows instead of one each); one row is one upsert statement, more go through COPY."""
-        steps = _StepsAsNeeded(self._signal_step, [batch for batch in batches if len(batch)])
+        rows instead of one each). A lone batch of one row is one upsert statement; several
+        histories' batches go through one COPY together (:meth:`_histories_step`), a lone
+        batch of more rows through a COPY of its own."""
+        steps = _StepsAsNeeded(self._group_step, _history_groups([batch for batch in batches if len(batch)]))
         if not steps:
             return [0] * len(batches)
         async with self._connection() as con:
@@ -1319,6 +1356,50 @@ class PostgresStore:
         rows = sum(len(batch) for batch in batches)
         await self._analyze("signal_history", rows)
         return [len(batch) for batch in batches]
+
+    @staticmethod
+    def _group_step(group: list[SignalBatch]) -> _MergeStep:
+        return PostgresStore._signal_step(group[0]) if len(group) == 1 else PostgresStore._histories_step(group)
+
+    @staticmethod
+    def _histories_step(batches: Sequence[SignalBatch]) -> _MergeStep:
+        """The upsert of several histories' batches (distinct keys, one raw-output width) through
+        one COPY and one ``INSERT ... ON CONFLICT``: a stream worker's write cycle is four round
+        trips whatever its number of symbols, where it was a COPY and three statements per
+        symbol (one statement for a one-row batch). ``bench/write_cycle.py`` on VM-Q, 50
+        histories x 2 rows: 1.6-1.8 ms of the worker's CPU and 5.9-6.2 ms a cycle, against 16.5
+        and 28.5; 4 x 12: 0.55-0.76 and 2.5-3.0 against 1.9 and 4.9. A stream's appends conflict
+        with nothing, so the DELETE-then-INSERT of a bulk load (cheaper there than ON CONFLICT for
+        millions of rows) would be a round trip and an index probe a row for nothing."""
+        sizes = [len(batch) for batch in batches]
+        ts = np.concatenate([np.asarray(batch.ts, dtype=TS_DTYPE) for batch in batches])
+        raw = np.concatenate([np.asarray(batch.raw_output, dtype=np.float64).reshape(size, -1)
+                              for batch, size in zip(batches, sizes, strict=True)])
+        keys, key_idx = _codes(np.concatenate([np.asarray(b.feature_keys, dtype=object) for b in batches]))
+        flags, flags_idx = _codes(np.concatenate([np.asarray(b.flags, dtype=object) for b in batches]))
+
+        def column(name: str, dtype: Any = np.float64) -> np.ndarray:
+            return np.concatenate([np.asarray(getattr(batch, name), dtype=dtype) for batch in batches])
+
+        confidence, actions = column("confidence"), column("action", np.int16)
+        check_signal_batches(batches, confidence, actions)
+        payload = _copy_payload([
+            ("i4", np.repeat(np.arange(1, len(batches) + 1, dtype=np.int32), sizes)),
+            ("ts", ts), ("i2", actions), ("f8", confidence), ("f8[]", raw),
+            *(("f8", column(name)) for name in ("entry_price", "stop_loss", "take_profit",
+                                                "recommended_size", "latency_ms")),
+            ("i4", key_idx), ("i4", flags_idx)])
+        histories = ([b.signal_id for b in batches], [int(b.model_version) for b in batches],
+                     [b.symbol for b in batches], [b.interval for b in batches])
+        return _MergeStep(
+            "_in_histories", payload,
+            None,  # no DELETE: ON CONFLICT at once
+            (_INSERT_HISTORIES_STAGED, (
+                *histories, list(ACTIONS), [b.model_name for b in batches],
+                [b.model_sha256 for b in batches], [_opt_str(k) for k in keys],
+                [b.source for b in batches], [_opt_str(f) for f in flags],
+                [bool(b.shadow) for b in batches])),
+            _SIGNAL_UPSERT)
 
     @staticmethod
     def _signal_step(batch: SignalBatch) -> _MergeStep:
