@@ -137,7 +137,16 @@ NATS = os.environ.get("SIGSERVE_BENCH_NATS", "nats://127.0.0.1:4222")
 PG = os.environ.get("SIGSERVE_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 INTERVAL = "1m"
 SIGNAL = "bench-stream"
-SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT")
+SYMBOLS: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT")
+
+
+def use_symbols(n: int) -> None:
+    """``--symbols N``: the feed spreads its messages over N symbols (4: the four of every run
+    before stop 25) and the worker serves a signal of their own (``bench-stream-Ns``), registered
+    next to the 4-symbol one in the same bench home."""
+    global SIGNAL, SYMBOLS
+    if n != 4:
+        SIGNAL, SYMBOLS = f"bench-stream-{n}s", tuple(f"SYM{i:03d}" for i in range(n))
 DATA_ROWS = 250_000
 DUMP_STORE = [""]  # the store being measured, for SIGSERVE_BENCH_DUMP's file names
 
@@ -268,6 +277,10 @@ async def prepare(home: Path, store_url: str, names: tuple[str, ...],
         if await store.get_signal(SIGNAL) is not None:
             newest = [await store.last_signal_ts(SIGNAL, symbol, INTERVAL) for symbol in SYMBOLS]
             return max((ts for ts in newest if ts is not None), default=None)
+        if await store.get_signal("bench-stream") is not None:  # the model is in: another --symbols
+            await store.create_signal(SignalDefinition(SIGNAL, "bench-stream", "@production", INTERVAL, SYMBOLS,
+                                                       Policy(threshold=0.52, atr_feature="atr_14")))
+            return None
         model = bench_home() / "model-300x32.txt"
         if not model.exists():
             print("training the bench model (once) ...", flush=True)
@@ -278,8 +291,10 @@ async def prepare(home: Path, store_url: str, names: tuple[str, ...],
             print("compiling the bench model with lleaves ...", flush=True)
             await registry.compile(card.name, card.version)
         await store.register_features(list(names))
-        await store.create_signal(SignalDefinition(SIGNAL, "bench-stream", "@production", INTERVAL, SYMBOLS,
-                                                   Policy(threshold=0.52, atr_feature="atr_14")))
+        for signal_id, symbols in {"bench-stream": ("BTCUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT"),
+                                   SIGNAL: SYMBOLS}.items():
+            await store.create_signal(SignalDefinition(signal_id, "bench-stream", "@production", INTERVAL,
+                                                       symbols, Policy(threshold=0.52, atr_feature="atr_14")))
     return None
 
 
@@ -301,7 +316,7 @@ class Worker:
         wrap = shlex.split(os.environ.get("SIGSERVE_BENCH_WORKER_WRAP", ""))
         cmd = [*pin_cmd(self.pin), *wrap, str(ROOT.parent / ".venv" / "bin" / "sigserve"), "--home", str(self.home),
                "stream", "--nats", NATS, "--store", self.store_url, "--prefix", self.prefix, "--no-catchup",
-               "--log-level", "warning", "--input", self.input]
+               "--log-level", "warning", "--input", self.input, "--signals", SIGNAL]
         if self.group:
             cmd += ["--queue-group", self.group]
         cmd += shlex.split(os.environ.get("SIGSERVE_BENCH_WORKER_ARGS", ""))  # e.g. "--write-linger-ms 0"
@@ -849,6 +864,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--drain", type=int, default=40_000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--symbols", type=int, default=4,
+                        help="spread the messages over this many symbols (a worker's write cycle then"
+                             " holds one batch per symbol); 4 as in every run before stop 25")
     parser.add_argument("--runtime", choices=("lightgbm", "lleaves"), default="lightgbm",
                         help="how the worker serves the model: lightgbm (the default, as before) or lleaves"
                              " (compiled once per bench home, as bench/http.py serves it)")
@@ -893,6 +911,7 @@ def run_bench(args: argparse.Namespace) -> None:
     pin = args.pin if len(CPUS) >= 2 else "none"
     if pin == "split":
         os.sched_setaffinity(0, {MEASURE_CPU})
+    use_symbols(args.symbols)
     feed = Feed()
     suffix = "" if args.runtime == "lightgbm" else f"_{args.runtime}"
     stores = {"duckdb": f"duckdb:///{stream_home(args.runtime) / 'duckdb' / 'sigserve.duckdb'}",
@@ -932,7 +951,8 @@ def run_bench(args: argparse.Namespace) -> None:
                                    "nats_server_version": nats_server_version(NATS),
                                    "nats_gogc": args.nats_gogc, "pin": pin, "client": args.client,
                                    "pacer": PACER if args.client == "python" else "clock_nanosleep",
-                                   "runtime": args.runtime, "load_avg": os.getloadavg(), "runs": runs,
+                                   "runtime": args.runtime, "symbols": len(SYMBOLS),
+                                   "load_avg": os.getloadavg(), "runs": runs,
                                    "summary_medians": summary})
     print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
     print(f"wrote {path}")
