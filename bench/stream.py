@@ -142,8 +142,8 @@ SYMBOLS: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT")
 
 def use_symbols(n: int) -> None:
     """``--symbols N``: the feed spreads its messages over N symbols (4: the four of every run
-    before stop 25) and the worker serves a signal of their own (``bench-stream-Ns``), registered
-    next to the 4-symbol one in the same bench home."""
+    before stop 25) and the worker serves a signal of their own (``bench-stream-Ns``) on the
+    bench home's one model."""
     global SIGNAL, SYMBOLS
     if n != 4:
         SIGNAL, SYMBOLS = f"bench-stream-{n}s", tuple(f"SYM{i:03d}" for i in range(n))
@@ -277,24 +277,19 @@ async def prepare(home: Path, store_url: str, names: tuple[str, ...],
         if await store.get_signal(SIGNAL) is not None:
             newest = [await store.last_signal_ts(SIGNAL, symbol, INTERVAL) for symbol in SYMBOLS]
             return max((ts for ts in newest if ts is not None), default=None)
-        if await store.get_signal("bench-stream") is not None:  # the model is in: another --symbols
-            await store.create_signal(SignalDefinition(SIGNAL, "bench-stream", "@production", INTERVAL, SYMBOLS,
-                                                       Policy(threshold=0.52, atr_feature="atr_14")))
-            return None
-        model = bench_home() / "model-300x32.txt"
-        if not model.exists():
-            print("training the bench model (once) ...", flush=True)
-            train_model(make_data(DATA_ROWS), model)
-        card = await registry.register(model, name="bench-stream")
-        await registry.promote(card.name, card.version, Stage.PRODUCTION, actor="bench")
-        if runtime == "lleaves":  # served compiled, as bench/http.py serves it (once per bench home)
-            print("compiling the bench model with lleaves ...", flush=True)
-            await registry.compile(card.name, card.version)
-        await store.register_features(list(names))
-        for signal_id, symbols in {"bench-stream": ("BTCUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT"),
-                                   SIGNAL: SYMBOLS}.items():
-            await store.create_signal(SignalDefinition(signal_id, "bench-stream", "@production", INTERVAL,
-                                                       symbols, Policy(threshold=0.52, atr_feature="atr_14")))
+        if not await store.list_models("bench-stream"):  # a new bench home: the model first
+            model = bench_home() / "model-300x32.txt"
+            if not model.exists():
+                print("training the bench model (once) ...", flush=True)
+                train_model(make_data(DATA_ROWS), model)
+            card = await registry.register(model, name="bench-stream")
+            await registry.promote(card.name, card.version, Stage.PRODUCTION, actor="bench")
+            if runtime == "lleaves":  # served compiled, as bench/http.py serves it (once per bench home)
+                print("compiling the bench model with lleaves ...", flush=True)
+                await registry.compile(card.name, card.version)
+            await store.register_features(list(names))
+        await store.create_signal(SignalDefinition(SIGNAL, "bench-stream", "@production", INTERVAL, SYMBOLS,
+                                                   Policy(threshold=0.52, atr_feature="atr_14")))
     return None
 
 

@@ -46,7 +46,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, overload
+from typing import Any, Generic, TypeVar, overload
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -305,6 +305,9 @@ _FLOAT8_OID = 701
 _SCALARS = {"i2": ">i2", "i4": ">i4", "f8": ">f8", "ts": ">i8"}
 _ROWS_READ_MAX_TS = 64  # ts lists up to this size read in one statement; larger ones via COPY
 
+_Part = TypeVar("_Part")
+
+
 @dataclass(frozen=True)
 class _MergeStep:
     """One upsert of :meth:`PostgresStore._merge_steps`: COPY ``payload`` into ``staging``,
@@ -319,13 +322,13 @@ class _MergeStep:
     after: tuple[str, Sequence[Any]] | None = None
 
 
-class _StepsAsNeeded(Sequence[_MergeStep]):
+class _StepsAsNeeded(Sequence[_MergeStep], Generic[_Part]):
     """A write's steps (one per batch, or per group of histories), each made when first read: a
     write encodes them one at a time between the transaction's round trips (the caller's loop
     free while each runs), not all at once before them (0.4-0.7 ms of one loop turn for four
     symbols' rows when each symbol was a step)."""
 
-    def __init__(self, make: Callable[[Any], _MergeStep], batches: Sequence[Any]) -> None:
+    def __init__(self, make: Callable[[_Part], _MergeStep], batches: Sequence[_Part]) -> None:
         self._make, self._batches = make, batches
         self._made: dict[int, _MergeStep] = {}
 
@@ -436,6 +439,34 @@ def _history_groups(batches: Sequence[SignalBatch]) -> list[list[SignalBatch]]:
         groups[-1].append(batch)
         seen.add(key)
     return groups
+
+
+def _staged_signals(batches: Sequence[SignalBatch], *,
+                    with_history: bool) -> tuple[memoryview, np.ndarray, list[str], list[str]]:
+    """The batches' rows, checked, as the COPY payload of ``_in_signals`` (or, ``with_history``,
+    of ``_in_histories``: each row's 1-based batch index first); with their ts and the distinct
+    feature keys and flags that the payload's index columns point into."""
+
+    def column(name: str, dtype: Any = np.float64) -> np.ndarray:
+        parts = [np.asarray(getattr(batch, name), dtype=dtype) for batch in batches]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)  # a bulk load: no copy
+
+    sizes = [len(batch) for batch in batches]
+    confidence, actions = column("confidence"), column("action", np.int16)
+    check_signal_batches(batches, confidence, actions)
+    ts = column("ts", TS_DTYPE)
+    raw_parts = [np.asarray(batch.raw_output, dtype=np.float64).reshape(size, -1)
+                 for batch, size in zip(batches, sizes, strict=True)]
+    raw = raw_parts[0] if len(raw_parts) == 1 else np.concatenate(raw_parts)
+    keys, key_idx = _codes(column("feature_keys", object))
+    flags, flags_idx = _codes(column("flags", object))
+    history = [("i4", np.repeat(np.arange(1, len(batches) + 1, dtype=np.int32), sizes))] if with_history else []
+    payload = _copy_payload([
+        *history, ("ts", ts), ("i2", actions), ("f8", confidence), ("f8[]", raw),
+        *(("f8", column(name)) for name in ("entry_price", "stop_loss", "take_profit",
+                                            "recommended_size", "latency_ms")),
+        ("i4", key_idx), ("i4", flags_idx)])
+    return payload, ts, keys, flags
 
 
 def _copy_payload(columns: list[tuple[str, np.ndarray]]) -> memoryview:
@@ -1371,24 +1402,7 @@ class PostgresStore:
         and 28.5; 4 x 12: 0.55-0.76 and 2.5-3.0 against 1.9 and 4.9. A stream's appends conflict
         with nothing, so the DELETE-then-INSERT of a bulk load (cheaper there than ON CONFLICT for
         millions of rows) would be a round trip and an index probe a row for nothing."""
-        sizes = [len(batch) for batch in batches]
-        ts = np.concatenate([np.asarray(batch.ts, dtype=TS_DTYPE) for batch in batches])
-        raw = np.concatenate([np.asarray(batch.raw_output, dtype=np.float64).reshape(size, -1)
-                              for batch, size in zip(batches, sizes, strict=True)])
-        keys, key_idx = _codes(np.concatenate([np.asarray(b.feature_keys, dtype=object) for b in batches]))
-        flags, flags_idx = _codes(np.concatenate([np.asarray(b.flags, dtype=object) for b in batches]))
-
-        def column(name: str, dtype: Any = np.float64) -> np.ndarray:
-            return np.concatenate([np.asarray(getattr(batch, name), dtype=dtype) for batch in batches])
-
-        confidence, actions = column("confidence"), column("action", np.int16)
-        check_signal_batches(batches, confidence, actions)
-        payload = _copy_payload([
-            ("i4", np.repeat(np.arange(1, len(batches) + 1, dtype=np.int32), sizes)),
-            ("ts", ts), ("i2", actions), ("f8", confidence), ("f8[]", raw),
-            *(("f8", column(name)) for name in ("entry_price", "stop_loss", "take_profit",
-                                                "recommended_size", "latency_ms")),
-            ("i4", key_idx), ("i4", flags_idx)])
+        payload, _, keys, flags = _staged_signals(batches, with_history=True)
         histories = ([b.signal_id for b in batches], [int(b.model_version) for b in batches],
                      [b.symbol for b in batches], [b.interval for b in batches])
         return _MergeStep(
@@ -1404,28 +1418,17 @@ class PostgresStore:
     @staticmethod
     def _signal_step(batch: SignalBatch) -> _MergeStep:
         """The upsert of one batch: its one-row statement, or its COPY payload and statements."""
-        n = len(batch)
-        check_signals(batch)
-        ts = np.asarray(batch.ts, dtype=TS_DTYPE)
-        raw = np.asarray(batch.raw_output, dtype=np.float64).reshape(n, -1)
         constants = (batch.signal_id, int(batch.model_version), batch.symbol, batch.interval)
-        if n == 1:
+        if len(batch) == 1:
+            check_signals(batch)
             return _MergeStep("", None, ("", ()), (_INSERT_SIGNAL_ROW, (
-                *constants, _py_ts(ts[0]), ACTIONS[int(batch.action[0])],
-                float(batch.confidence[0]), raw[0].tolist(), float(batch.entry_price[0]),
-                float(batch.stop_loss[0]), float(batch.take_profit[0]),
+                *constants, _py_ts(np.asarray(batch.ts, dtype=TS_DTYPE)[0]), ACTIONS[int(batch.action[0])],
+                float(batch.confidence[0]), np.asarray(batch.raw_output, dtype=np.float64).reshape(-1).tolist(),
+                float(batch.entry_price[0]), float(batch.stop_loss[0]), float(batch.take_profit[0]),
                 float(batch.recommended_size[0]), batch.model_name, batch.model_sha256,
                 _opt_str(batch.feature_keys[0]), batch.source, float(batch.latency_ms[0]),
                 _opt_str(batch.flags[0]), bool(batch.shadow))), "")
-        keys, key_idx = _codes(np.asarray(batch.feature_keys, dtype=object))
-        flags, flags_idx = _codes(np.asarray(batch.flags, dtype=object))
-        payload = _copy_payload([
-            ("ts", ts), ("i2", np.asarray(batch.action, dtype=np.int16)),
-            ("f8", np.asarray(batch.confidence, dtype=np.float64)), ("f8[]", raw),
-            *(("f8", np.asarray(column, dtype=np.float64)) for column in (
-                batch.entry_price, batch.stop_loss, batch.take_profit, batch.recommended_size,
-                batch.latency_ms)),
-            ("i4", key_idx), ("i4", flags_idx)])
+        payload, ts, keys, flags = _staged_signals([batch], with_history=False)
         return _MergeStep(
             "_in_signals", payload,
             (_DELETE_STAGED_SIGNALS, (*constants, _py_ts(ts.min()), _py_ts(ts.max()))),
