@@ -319,6 +319,8 @@ class Worker:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
+        while wrap and line and "streaming" not in line:  # a wrapping profiler's own banner first
+            line = self.proc.stdout.readline()
         if "streaming" not in line:
             err = self.proc.stderr.read() if self.proc.stderr else ""
             raise RuntimeError(f"the worker did not start: {line}{err[-3000:]}")
@@ -676,8 +678,11 @@ async def run_rate(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: fl
     if trace is not None:
         slices = parse(timehist, worker_pid, os.getpid(), family)
         sched["sched"] = analyze(slices, np.array(matched_sent), np.array(latency))
+    if len(latency) < total:  # a stalled worker: its p99 covers only the messages it answered
+        print(f"warning: {phase}: {total - len(latency)} of {total} messages got no signal", file=sys.stderr)
     return {"phase": phase, "rate_target": rate, "published": total,
             "publish_rate": round(total / published_s, 1), "received": receiver.count,
+            "unanswered": total - len(latency),
             "answered_rate": round(receiver.count / max(1e-9, receiver.last - began), 1),
             "latency_ms": rounded(percentiles(latency)) if latency else {},
             "worker_receipt_to_publish_ms": rounded(percentiles(worker or [0.0])),
@@ -933,7 +938,8 @@ def run_bench(args: argparse.Namespace) -> None:
                 "p99_range_ms": [min(r["latency_ms"]["p99"] for r in same if r["latency_ms"]),
                                  max(r["latency_ms"]["p99"] for r in same if r["latency_ms"])],
                 "worker_p50_ms": statistics.median(r["worker_receipt_to_publish_ms"]["p50"] for r in same),
-                "worker_p99_ms": statistics.median(r["worker_receipt_to_publish_ms"]["p99"] for r in same)}
+                "worker_p99_ms": statistics.median(r["worker_receipt_to_publish_ms"]["p99"] for r in same),
+                "unanswered": sum(r.get("unanswered", 0) for r in same)}
             for name in ("worker_cpu_us_per_msg", "client_cpu_us_per_msg"):
                 cpu = [r[name] for r in same if name in r]
                 if cpu:

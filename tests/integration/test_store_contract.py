@@ -822,6 +822,23 @@ async def test_small_and_bulk_writes_store_the_same_rows(store: Store, part_rows
         [*list(r["raw_output"]), r["confidence"]] for r in bulk_rows]
 
 
+@pytest.mark.parametrize("width", [0, 1, 3])
+async def test_raw_outputs_of_any_width_store_alike_in_small_and_bulk_writes(store: Store, width: int) -> None:
+    # A regressor's one output, a classifier's three, or none: the few rows of a write cycle and
+    # a bulk chunk keep each row's raw output whole and in order.
+    n = 300
+    chunk = batch(list(range(n)), ["buy", "hold", "sell"] * (n // 3))
+    chunk.raw_output = np.arange(n * width, dtype=np.float64).reshape(n, width) / 7.0
+    await store.write_signals(replace(chunk, signal_id="bulk"))
+    for lo in range(0, n, 20):
+        part = replace(chunk, signal_id="small").take(np.arange(lo, lo + 20))
+        await store.write_signal_batches([part, replace(part, signal_id="small2")])
+    bulk = await store.read_signals("bulk")
+    assert [list(r["raw_output"]) for r in bulk] == chunk.raw_output.tolist()
+    assert_same_rows(bulk, await store.read_signals("small"))
+    assert_same_rows(bulk, await store.read_signals("small2"))
+
+
 async def test_one_call_for_many_histories_stores_what_a_call_each_stores(store: Store) -> None:
     # A stream's write cycle: many symbols' batches in one call, one-row ones among chunks, a
     # shadow version's, and a history met twice (its later rows win); a bad batch refuses all.

@@ -322,7 +322,7 @@ def _list_array(values: np.ndarray) -> pa.Array:
 
     n, k = values.shape
     flat = pa.array(np.ascontiguousarray(values, dtype=np.float64).ravel())
-    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32)) if n else pa.array([0], pa.int32())
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * k)  # k = 0: n empty lists
     return pa.ListArray.from_arrays(offsets, flat)
 
 
