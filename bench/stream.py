@@ -756,6 +756,7 @@ async def run_floor(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: f
     proc.wait(10)
     latency, echo, _ = receiver.latencies([m[2] for m in messages], sent, echo_key, phase)
     return {"phase": phase, "rate_target": rate, "published": total, "received": receiver.count,
+            "unanswered": total - len(latency),
             "latency_ms": rounded(percentiles(latency)) if latency else {},
             "worker_receipt_to_publish_ms": rounded(percentiles(echo or [0.0])),
             "send_late_ms": rounded(percentiles(late)), **cpu,
