@@ -678,8 +678,6 @@ async def run_rate(bus: NatsBus, feed: Feed, prefix: str, rate: int, seconds: fl
     if trace is not None:
         slices = parse(timehist, worker_pid, os.getpid(), family)
         sched["sched"] = analyze(slices, np.array(matched_sent), np.array(latency))
-    if len(latency) < total:  # a stalled worker: its p99 covers only the messages it answered
-        print(f"warning: {phase}: {total - len(latency)} of {total} messages got no signal", file=sys.stderr)
     return {"phase": phase, "rate_target": rate, "published": total,
             "publish_rate": round(total / published_s, 1), "received": receiver.count,
             "unanswered": total - len(latency),
@@ -924,6 +922,9 @@ def run_bench(args: argparse.Namespace) -> None:
             for result in uvloop.run(bench_store(kind, stores[kind], phases, feed, args.drain, args.workers,
                                                  args.seconds, pin, args.runtime)):
                 result["run"] = run
+                if result.get("unanswered"):  # a stalled worker: its p99 covers only what it answered
+                    print(f"warning: {kind} {result['phase']}: {result['unanswered']} of {result['published']}"
+                          " messages got no signal", file=sys.stderr)
                 runs.append(result)
     summary: dict[str, Any] = {}
     for key in sorted({(r["store"], r["phase"]) for r in runs}):

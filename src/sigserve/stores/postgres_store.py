@@ -279,31 +279,28 @@ _DELETE_STAGED_SIGNALS = (
     " AND h.model_version = $2 AND h.symbol = $3 AND h.interval = $4"
     " AND h.ts BETWEEN $5 AND $6 AND h.ts = i.ts"
 )
-# Several histories' rows staged together (``_in_histories.hist``: a 1-based index into the
-# per-history arrays $1-$4, $6, $7, $9 and $11), upserted with ON CONFLICT straight away
-_INSERT_HISTORIES_STAGED = (
+# Several histories' rows upserted by one statement: ``hist`` is a row's 1-based index into the
+# per-history arrays $1-$4, $6, $7, $9 and $11 (:func:`_history_params`); the rows come from
+# ``{rows}`` and each row's raw output is ``{raw}``.
+_INSERT_HISTORIES = (
     f"INSERT INTO signal_history ({_SIGNAL_COLUMNS}) SELECT ($1::text[])[hist],"
     " ($2::int4[])[hist], ($3::text[])[hist], ($4::text[])[hist], ts, ($5::text[])[action + 1],"
-    " confidence, raw_output, NULLIF(entry_price, 'NaN'), NULLIF(stop_loss, 'NaN'),"
+    " confidence, {raw}, NULLIF(entry_price, 'NaN'), NULLIF(stop_loss, 'NaN'),"
     " NULLIF(take_profit, 'NaN'), NULLIF(recommended_size, 'NaN'), ($6::text[])[hist],"
     " ($7::text[])[hist], ($8::text[])[key_idx], ($9::text[])[hist], latency_ms,"
-    f" ($10::text[])[flags_idx], ($11::bool[])[hist], {_NOW} FROM _in_histories"
+    f" ($10::text[])[flags_idx], ($11::bool[])[hist], {_NOW} FROM {{rows}}"
 )
-# The same rows as parameters (a write cycle's few dozen): one statement, one round trip, no
+# ... staged in ``_in_histories`` by a COPY (ON CONFLICT is added when it runs)
+_INSERT_HISTORIES_STAGED = _INSERT_HISTORIES.format(raw="raw_output", rows="_in_histories")
+# ... or the rows as parameters (a write cycle's few dozen): one statement, one round trip, no
 # staging table and no transaction block. ``$12`` holds every row's raw output end to end, ``$13``
 # wide each; ``n`` is a row's 1-based place.
-_INSERT_HISTORIES_ARRAYS = (
-    f"INSERT INTO signal_history ({_SIGNAL_COLUMNS}) SELECT ($1::text[])[hist],"
-    " ($2::int4[])[hist], ($3::text[])[hist], ($4::text[])[hist], ts, ($5::text[])[action + 1],"
-    " confidence, ($12::float8[])[(n - 1) * $13::int4 + 1 : n * $13::int4],"
-    " NULLIF(entry_price, 'NaN'), NULLIF(stop_loss, 'NaN'), NULLIF(take_profit, 'NaN'),"
-    " NULLIF(recommended_size, 'NaN'), ($6::text[])[hist], ($7::text[])[hist],"
-    " ($8::text[])[key_idx], ($9::text[])[hist], latency_ms, ($10::text[])[flags_idx],"
-    f" ($11::bool[])[hist], {_NOW} FROM unnest($14::int4[], $15::timestamp[], $16::int2[],"
-    " $17::float8[], $18::float8[], $19::float8[], $20::float8[], $21::float8[], $22::float8[],"
-    " $23::int4[], $24::int4[]) WITH ORDINALITY AS r(hist, ts, action, confidence, entry_price,"
-    " stop_loss, take_profit, recommended_size, latency_ms, key_idx, flags_idx, n)" + _SIGNAL_UPSERT
-)
+_INSERT_HISTORIES_ARRAYS = _INSERT_HISTORIES.format(
+    raw="($12::float8[])[(n - 1) * $13::int4 + 1 : n * $13::int4]",
+    rows="unnest($14::int4[], $15::timestamp[], $16::int2[], $17::float8[], $18::float8[],"
+         " $19::float8[], $20::float8[], $21::float8[], $22::float8[], $23::int4[], $24::int4[])"
+         " WITH ORDINALITY AS r(hist, ts, action, confidence, entry_price, stop_loss, take_profit,"
+         " recommended_size, latency_ms, key_idx, flags_idx, n)") + _SIGNAL_UPSERT
 _ARRAY_ROWS_MAX = 100  # a write of more rows goes through COPY (cheaper for the caller from ~100 rows on)
 _SIDE_SQL = "(CASE action WHEN 'buy' THEN 1 WHEN 'sell' THEN -1 ELSE 0 END)::int2"
 _POSITION_EVENTS = (
@@ -471,6 +468,10 @@ class _SignalColumns(NamedTuple):
     flags: list[str]
     flags_idx: np.ndarray
 
+    def hist(self) -> np.ndarray:
+        """Each row's 1-based batch (history) index."""
+        return np.repeat(np.arange(1, len(self.sizes) + 1, dtype=np.int32), self.sizes)
+
 
 def _signal_columns(batches: Sequence[SignalBatch]) -> _SignalColumns:
     def column(name: str, dtype: Any = np.float64) -> np.ndarray:
@@ -492,17 +493,27 @@ def _signal_columns(batches: Sequence[SignalBatch]) -> _SignalColumns:
 
 
 def _staged_signals(batches: Sequence[SignalBatch], *,
-                    with_history: bool) -> tuple[memoryview, np.ndarray, list[str], list[str]]:
+                    with_history: bool) -> tuple[memoryview, _SignalColumns]:
     """The batches' rows, checked, as the COPY payload of ``_in_signals`` (or, ``with_history``,
-    of ``_in_histories``: each row's 1-based batch index first); with their ts and the distinct
-    feature keys and flags that the payload's index columns point into."""
+    of ``_in_histories``: each row's 1-based batch index first); with the columns it was made
+    of (their ts, and the distinct feature keys and flags its index columns point into)."""
     c = _signal_columns(batches)
-    history = ([("i4", np.repeat(np.arange(1, len(batches) + 1, dtype=np.int32), c.sizes))]
-               if with_history else [])
+    history = [("i4", c.hist())] if with_history else []
     payload = _copy_payload([
         *history, ("ts", c.ts), ("i2", c.actions), ("f8", c.confidence), ("f8[]", c.raw),
         *(("f8", level) for level in c.levels), ("i4", c.key_idx), ("i4", c.flags_idx)])
-    return payload, c.ts, c.keys, c.flags
+    return payload, c
+
+
+def _history_params(batches: Sequence[SignalBatch], c: _SignalColumns) -> tuple[Any, ...]:
+    """$1-$11 of :data:`_INSERT_HISTORIES`: each history's constants, and the distinct feature
+    keys and flags that the rows' index columns point into."""
+    return (
+        [b.signal_id for b in batches], [int(b.model_version) for b in batches],
+        [b.symbol for b in batches], [b.interval for b in batches], list(ACTIONS),
+        [b.model_name for b in batches], [b.model_sha256 for b in batches],
+        [_opt_str(k) for k in c.keys], [b.source for b in batches], [_opt_str(f) for f in c.flags],
+        [bool(b.shadow) for b in batches])
 
 
 def _history_arrays(batches: Sequence[SignalBatch]) -> tuple[Any, ...]:
@@ -510,15 +521,9 @@ def _history_arrays(batches: Sequence[SignalBatch]) -> tuple[Any, ...]:
     one raw-output width), checked."""
     c = _signal_columns(batches)
     return (
-        [b.signal_id for b in batches], [int(b.model_version) for b in batches],
-        [b.symbol for b in batches], [b.interval for b in batches], list(ACTIONS),
-        [b.model_name for b in batches], [b.model_sha256 for b in batches],
-        [_opt_str(k) for k in c.keys], [b.source for b in batches], [_opt_str(f) for f in c.flags],
-        [bool(b.shadow) for b in batches],
-        c.raw.reshape(-1).tolist(), int(c.raw.shape[1]),
-        np.repeat(np.arange(1, len(batches) + 1), c.sizes).tolist(), _py_ts_list(c.ts),
-        c.actions.tolist(), c.confidence.tolist(), *(level.tolist() for level in c.levels),
-        c.key_idx.tolist(), c.flags_idx.tolist())
+        *_history_params(batches, c), c.raw.reshape(-1).tolist(), int(c.raw.shape[1]),
+        c.hist().tolist(), _py_ts_list(c.ts), c.actions.tolist(), c.confidence.tolist(),
+        *(level.tolist() for level in c.levels), c.key_idx.tolist(), c.flags_idx.tolist())
 
 
 def _copy_payload(columns: list[tuple[str, np.ndarray]]) -> memoryview:
@@ -1463,17 +1468,11 @@ class PostgresStore:
         and 28.5; 4 x 12: 0.55-0.76 and 2.5-3.0 against 1.9 and 4.9. A stream's appends conflict
         with nothing, so the DELETE-then-INSERT of a bulk load (cheaper there than ON CONFLICT for
         millions of rows) would be a round trip and an index probe a row for nothing."""
-        payload, _, keys, flags = _staged_signals(batches, with_history=True)
-        histories = ([b.signal_id for b in batches], [int(b.model_version) for b in batches],
-                     [b.symbol for b in batches], [b.interval for b in batches])
+        payload, columns = _staged_signals(batches, with_history=True)
         return _MergeStep(
             "_in_histories", payload,
             None,  # no DELETE: ON CONFLICT at once
-            (_INSERT_HISTORIES_STAGED, (
-                *histories, list(ACTIONS), [b.model_name for b in batches],
-                [b.model_sha256 for b in batches], [_opt_str(k) for k in keys],
-                [b.source for b in batches], [_opt_str(f) for f in flags],
-                [bool(b.shadow) for b in batches])),
+            (_INSERT_HISTORIES_STAGED, _history_params(batches, columns)),
             _SIGNAL_UPSERT)
 
     @staticmethod
@@ -1489,13 +1488,13 @@ class PostgresStore:
                 float(batch.recommended_size[0]), batch.model_name, batch.model_sha256,
                 _opt_str(batch.feature_keys[0]), batch.source, float(batch.latency_ms[0]),
                 _opt_str(batch.flags[0]), bool(batch.shadow))), "")
-        payload, ts, keys, flags = _staged_signals([batch], with_history=False)
+        payload, c = _staged_signals([batch], with_history=False)
         return _MergeStep(
             "_in_signals", payload,
-            (_DELETE_STAGED_SIGNALS, (*constants, _py_ts(ts.min()), _py_ts(ts.max()))),
+            (_DELETE_STAGED_SIGNALS, (*constants, _py_ts(c.ts.min()), _py_ts(c.ts.max()))),
             (_INSERT_SIGNALS_STAGED, (
                 *constants, list(ACTIONS), batch.model_name, batch.model_sha256,
-                [_opt_str(k) for k in keys], batch.source, [_opt_str(f) for f in flags],
+                [_opt_str(k) for k in c.keys], batch.source, [_opt_str(f) for f in c.flags],
                 bool(batch.shadow))),
             _SIGNAL_UPSERT)
 
